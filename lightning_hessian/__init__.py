@@ -1,0 +1,32 @@
+"""lightning_hessian: per-block Hessian curvature of Transformers, measured while they train.
+
+Quick start without Lightning::
+
+    from lightning_hessian import analyze
+    report = analyze(model, loss_fn, batch)     # loss_fn(model, batch) -> scalar tensor
+    print(report.table())
+"""
+
+from lightning_hessian import estimators
+from lightning_hessian.analysis import analyze
+from lightning_hessian.blocks import KINDS, Block, BlockPart, FusedLayout, find_blocks, model_block
+from lightning_hessian.operators import Batches, CurvatureOperator
+from lightning_hessian.report import BlockCurvature, CurvatureReport
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "KINDS",
+    "Batches",
+    "Block",
+    "BlockCurvature",
+    "BlockPart",
+    "CurvatureOperator",
+    "CurvatureReport",
+    "FusedLayout",
+    "__version__",
+    "analyze",
+    "estimators",
+    "find_blocks",
+    "model_block",
+]

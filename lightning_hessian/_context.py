@@ -1,0 +1,56 @@
+"""The environment a curvature pass runs in, and the promise that it leaves the model as it found it.
+
+A curvature pass needs second derivatives, so it must run with gradients on, outside inference mode, with
+autocast off and with the scaled-dot-product-attention math kernel (the fused flash / memory-efficient /
+CPU-flash kernels have no double backward). It must also never disturb training: no change to weights,
+``.grad``, buffers, random number streams or train/eval flags. The operators achieve the first three by
+working on detached copies of the parameters and buffers (``torch.func.functional_call``); this module
+restores the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+_MODES = ("eval", "train", "keep")
+
+
+@contextlib.contextmanager
+def curvature_context(model: nn.Module, mode: str = "eval") -> Iterator[None]:
+    """Run a curvature pass on ``model`` and restore everything it could have changed.
+
+    Args:
+        model: the model whose curvature is measured.
+        mode: ``"eval"`` (default) puts every module in eval mode so dropout is off and normalisation layers
+            use their running statistics: the curvature is that of a deterministic function. ``"train"``
+            measures the training-mode function (one fixed dropout draw per pass), ``"keep"`` leaves the
+            flags as they are. The original flags of every submodule are restored afterwards.
+
+    Inside the context: gradients enabled, inference mode off, autocast off on CPU and CUDA, the math
+    attention kernel selected, and the random number generators (torch, CUDA, numpy, python) isolated so
+    that random draws inside the pass do not shift the user's streams.
+    """
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(isolate_rng(include_cuda=torch.cuda.is_available()))
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(torch.autocast("cpu", enabled=False))
+            if torch.cuda.is_available():
+                stack.enter_context(torch.autocast("cuda", enabled=False))
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            if mode != "keep":
+                model.train(mode == "train")
+            yield
+    finally:
+        for module, training in flags:
+            module.training = training

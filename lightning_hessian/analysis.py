@@ -1,0 +1,225 @@
+"""``analyze()``: the per-block curvature report of a model on some data, without Lightning."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_hessian._context import curvature_context
+from lightning_hessian.blocks import Block, FusedLayout, find_blocks, model_block
+from lightning_hessian.estimators import hutchpp, lanczos, slq
+from lightning_hessian.operators import CURVATURES, CurvatureOperator, LossFn
+from lightning_hessian.report import BlockCurvature, CurvatureReport
+
+__all__ = ["analyze"]
+
+
+def _select_blocks(
+    model: nn.Module,
+    blocks: str | Sequence[Block | str] | None,
+    rules: Mapping[str, str | FusedLayout] | None,
+) -> list[Block]:
+    if blocks is None:
+        return []
+    if isinstance(blocks, str):
+        if blocks != "auto":
+            raise ValueError(
+                f'blocks must be "auto", None, or a list of Blocks / block names; got {blocks!r}.'
+            )
+        return find_blocks(model, rules)
+    found: dict[str, Block] | None = None
+    selected = []
+    for item in blocks:
+        if isinstance(item, Block):
+            selected.append(item)
+            continue
+        if found is None:
+            found = {b.name: b for b in find_blocks(model, rules)}
+        if item not in found:
+            raise ValueError(f"No block named {item!r}. Known blocks: {', '.join(found)}.")
+        selected.append(found[item])
+    return selected
+
+
+def _check_positive(name: str, value: Any, kind: type = int) -> None:
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}.")
+
+
+def analyze(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    *,
+    blocks: str | Sequence[Block | str] | None = "auto",
+    rules: Mapping[str, str | FusedLayout] | None = None,
+    full: bool = False,
+    curvature: str = "hessian",
+    top_k: int = 1,
+    smallest: bool = True,
+    trace: bool = True,
+    density: bool = False,
+    split: bool = False,
+    tol: float = 1e-4,
+    max_iter: int = 100,
+    trace_matvecs: int = 30,
+    density_probes: int = 4,
+    density_steps: int = 40,
+    density_width: float = 0.02,
+    dtype: torch.dtype | None = None,
+    mode: str = "eval",
+    batching: str = "auto",
+    seed: int = 0,
+    init: CurvatureReport | Mapping[str, Tensor] | None = None,
+) -> CurvatureReport:
+    r"""Measure the curvature of ``loss_fn`` per parameter block of ``model``.
+
+    For every block :math:`b` the diagonal block :math:`H_{bb}` of the loss Hessian is probed with
+    matrix-vector products on one retained gradient graph (see :mod:`lightning_hessian.operators`):
+
+    * top-``k`` and smallest eigenvalues by Lanczos with full reorthogonalisation, stopped when every
+      requested Ritz pair has residual :math:`\|H_{bb} y - \theta y\| \le` ``tol`` :math:`\cdot \max|\theta|`
+      (an eigenvalue then lies within that distance; the eigenvalue error is usually far smaller);
+    * the trace by Hutch++ (Meyer et al., 2021) with ``trace_matvecs`` products, exact for small blocks;
+    * the spectral density by stochastic Lanczos quadrature (Ghorbani, Krishnan & Xiao, 2019), smoothed
+      with Gaussians of width ``density_width`` times the block's spectral range;
+    * with ``split=True``, the Gauss-Newton and functional parts of Ormaniec, Dangel & Singh (2025).
+
+    Args:
+        model: any ``nn.Module``. It is left exactly as found: weights, ``.grad``, buffers, train/eval
+            flags and random number streams.
+        loss_fn: ``loss_fn(model, batch)`` returning the scalar loss, or ``(loss, output)`` with the tensor
+            the loss is computed from (needed for ``split=True`` and the Gauss-Newton curvatures).
+        data: one batch, or several as a :class:`~lightning_hessian.Batches`, a ``DataLoader`` or an
+            iterator; then the curvature is that of the batch-size weighted mean loss.
+        blocks: ``"auto"`` (:func:`~lightning_hessian.find_blocks`), a list of blocks or block names, or
+            ``None`` for none (with ``full=True``: the whole model only).
+        rules: extra block rules for :func:`~lightning_hessian.find_blocks`.
+        full: also analyse the whole model as one block (``report.full``).
+        curvature: ``"hessian"`` (default), ``"gauss_newton"`` or ``"functional"``.
+        top_k: how many of the largest eigenvalues to compute.
+        smallest: also compute the smallest eigenvalue (negative curvature).
+        trace: estimate the trace.
+        density: estimate the spectral density.
+        split: also compute the Gauss-Newton top eigenvalue and the functional part's extreme eigenvalues
+            (only with ``curvature="hessian"``).
+        tol: relative Ritz-residual tolerance of Lanczos.
+        max_iter: Lanczos step limit per block; blocks that stop there are reported as not converged.
+        trace_matvecs: Hutch++ budget per block.
+        density_probes, density_steps: stochastic Lanczos quadrature probes and steps per block.
+        density_width: Gaussian smoothing width relative to the block's spectral range.
+        dtype: compute dtype, e.g. ``torch.float64``; ``None`` keeps the model's.
+        mode: ``"eval"`` (default: dropout off, running statistics), ``"train"`` or ``"keep"``.
+        batching: ``"auto"``, ``"loop"`` or ``"vmap"`` (see :class:`~lightning_hessian.CurvatureOperator`).
+        seed: seed of every random draw; equal seeds give identical reports.
+        init: a previous report (or block name -> vectors) whose Ritz vectors start Lanczos: a warm start.
+
+    Returns:
+        A :class:`~lightning_hessian.CurvatureReport`; ``print(report.table())`` shows it.
+    """
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
+    if split and curvature != "hessian":
+        raise ValueError('split=True decomposes the Hessian: use it with curvature="hessian".')
+    for name, value in [
+        ("top_k", top_k),
+        ("max_iter", max_iter),
+        ("trace_matvecs", trace_matvecs),
+        ("density_probes", density_probes),
+        ("density_steps", density_steps),
+    ]:
+        _check_positive(name, value)
+    _check_positive("tol", float(tol) if isinstance(tol, int | float) else tol, float)
+    _check_positive(
+        "density_width",
+        float(density_width) if isinstance(density_width, int | float) else density_width,
+        float,
+    )
+
+    selected = _select_blocks(model, blocks, rules)
+    if full:
+        selected.append(model_block(model))
+    if not selected:
+        raise ValueError("Nothing to analyse: pass blocks='auto' (or a list of blocks) and/or full=True.")
+    if isinstance(init, CurvatureReport):
+        init = {b.name: b.ritz_vectors for b in init if b.ritz_vectors is not None}
+    starts = [None if init is None else init.get(b.name) for b in selected]
+    if all(s is None for s in starts):
+        starts = None
+
+    results = [BlockCurvature(b.name, b.kind, b.layer, b.numel) for b in selected]
+    start = time.perf_counter()
+    with curvature_context(model, mode):
+        op = CurvatureOperator(
+            model, loss_fn, data, selected, curvature=curvature, dtype=dtype, batching=batching, split=split
+        )
+        for r, eig in zip(
+            results, lanczos(op, top_k, smallest=smallest, tol=tol, max_iter=max_iter, init=starts, seed=seed)
+        ):
+            r.top_eigenvalues = eig.eigenvalues.tolist()
+            r.top_residuals = eig.residuals.tolist()
+            r.converged = eig.converged
+            r.min_eigenvalue, r.min_residual, r.min_converged = (
+                eig.min_eigenvalue,
+                eig.min_residual,
+                eig.min_converged,
+            )
+            r.ritz_vectors = eig.eigenvectors
+        if trace:
+            for r, tr in zip(results, hutchpp(op, matvecs=trace_matvecs, seed=seed)):
+                r.trace, r.trace_stderr = tr.trace, tr.stderr
+        if density:
+            for r, d in zip(results, slq(op, probes=density_probes, steps=density_steps, seed=seed)):
+                r.density = d.smoothed(width=density_width)
+                r.density_nodes, r.density_weights = d.nodes.numpy(), d.weights.numpy()
+        matvecs = op.matvecs
+        for r, n, s in zip(results, op.block_matvecs, op.block_seconds):
+            r.matvecs, r.seconds = n, s
+        if split:
+            gauss_newton = op.using("gauss_newton")
+            for r, eig in zip(
+                results, lanczos(gauss_newton, 1, smallest=False, tol=tol, max_iter=max_iter, seed=seed)
+            ):
+                r.gauss_newton_top = eig.eigenvalues[0].item()
+            functional = op.using("functional")
+            for r, eig in zip(results, lanczos(functional, 1, tol=tol, max_iter=max_iter, seed=seed)):
+                r.functional_top, r.functional_min = eig.eigenvalues[0].item(), eig.min_eigenvalue
+            for r, extra in zip(results, zip(gauss_newton.block_matvecs, functional.block_matvecs)):
+                r.matvecs += sum(extra)
+            matvecs += gauss_newton.matvecs + functional.matvecs
+        loss = op.loss
+        del op
+    seconds = time.perf_counter() - start
+
+    settings = dict(
+        top_k=top_k,
+        smallest=smallest,
+        trace=trace,
+        density=density,
+        split=split,
+        tol=tol,
+        max_iter=max_iter,
+        trace_matvecs=trace_matvecs,
+        density_probes=density_probes,
+        density_steps=density_steps,
+        density_width=density_width,
+        mode=mode,
+        seed=seed,
+        dtype=str(dtype) if dtype is not None else None,
+        batching=batching,
+    )
+    named = {r.name: r for r in results}
+    full_result = named.pop(selected[-1].name) if full else None
+    return CurvatureReport(
+        blocks=named,
+        full=full_result,
+        curvature=curvature,
+        loss=loss,
+        seconds=seconds,
+        matvecs=matvecs,
+        settings=settings,
+    )

@@ -1,0 +1,166 @@
+"""Extreme eigenvalues of every block by the Lanczos method with full reorthogonalisation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_hessian.estimators import _random
+from lightning_hessian.estimators._lanczos_core import LanczosChains, run_lanczos
+from lightning_hessian.estimators._operator import BlockOperator
+
+_WARM_START_NOISE = 1e-3
+
+
+@dataclass
+class LanczosResult:
+    """Ritz approximations of one block's extreme eigenpairs.
+
+    Attributes:
+        eigenvalues: The top-k Ritz values, descending (float64, CPU); fewer than k only if ``max_iter < k``.
+        residuals: Their residual norms ``||A x - theta x||`` (float64, CPU), at least ``eps * scale``.
+        converged: Whether all top-k residuals are ``<= tol * scale`` (or the Krylov space was exhausted).
+        min_eigenvalue: The smallest Ritz value (``smallest=True`` only).
+        min_residual: Its residual norm.
+        min_converged: Whether that residual is ``<= tol * scale``.
+        eigenvectors: ``(n, k)`` unit Ritz vectors matching ``eigenvalues``, in the operator's dtype/device.
+        min_eigenvector: ``(n,)`` unit Ritz vector of ``min_eigenvalue``.
+        steps: Lanczos steps taken (the size of ``T``).
+        matvecs: Products with the block (one per step).
+    """
+
+    eigenvalues: Tensor
+    residuals: Tensor
+    converged: bool
+    min_eigenvalue: float | None
+    min_residual: float | None
+    min_converged: bool | None
+    eigenvectors: Tensor | None
+    min_eigenvector: Tensor | None
+    steps: int
+    matvecs: int
+
+
+def lanczos(
+    op: BlockOperator,
+    k: int = 1,
+    *,
+    smallest: bool = True,
+    tol: float = 1e-4,
+    max_iter: int = 100,
+    init: Sequence[Tensor | None] | Mapping[int, Tensor | None] | None = None,
+    seed: int = 0,
+    return_eigenvectors: bool = True,
+    blocks: Sequence[int] | None = None,
+) -> list[LanczosResult | None]:
+    """The k largest (and the smallest) eigenvalues of every block, by single-vector Lanczos.
+
+    Each block runs the Lanczos recurrence ``A Q_L = Q_L T_L + beta_L q_{L+1} e_L^T`` (Lanczos 1950) with full
+    reorthogonalisation (classical Gram-Schmidt twice); the eigenvalues ``theta`` of the float64 tridiagonal
+    ``T_L`` are the Ritz values. With ``T_L = S diag(theta) S^T``, the Ritz pair ``(theta_i, Q_L s_i)`` has
+    residual norm ``r_i = beta_L |s_{L,i}|`` (Parlett 1998, Sec. 13.1) and its Ritz value lies within ``r_i``
+    of an eigenvalue of the block (within ``r_i^2 / gap`` once isolated). A block stops when its top-k (and,
+    with ``smallest``, its smallest) Ritz pairs satisfy ``r_i <= tol * max_i |theta_i|``, at ``max_iter``
+    steps, or when the Krylov space is invariant (breakdown, or ``L = n``), where the Ritz values are exact.
+    A breakdown with fewer than k Ritz values restarts from a random vector orthogonal to the basis.
+
+    All blocks run together: every step makes one ``op.matmat`` call carrying the current vector of every
+    block still running (``None`` for the others).
+
+    The computed Lanczos relation holds only to the rounding level of the vectors' dtype, so reported
+    residuals are floored at ``eps * scale`` (``eps`` of ``op.dtype``): in float32 a ``tol`` below about
+    ``1e-7`` cannot be met (except where the Krylov space is invariant) and ``converged`` stays ``False``.
+
+    Limitations: a single Krylov sequence sees an eigenvalue of multiplicity > 1 once (its copies show up,
+    if at all, only through rounding or a restart), so exactly repeated eigenvalues among the top k may be
+    missed. A start vector (nearly) orthogonal to the top eigenvector can converge to the wrong eigenvalue;
+    random starts and the warm-start perturbation make this unlikely.
+
+    Args:
+        op: The block-diagonal symmetric operator.
+        k: Number of largest eigenvalues per block; truncated to the block size.
+        smallest: Also compute the smallest eigenvalue (it then takes part in the stopping rule).
+        tol: Relative residual tolerance.
+        max_iter: Maximum number of steps (= matvecs) per block.
+        init: Optional warm start per block (indexable by block): a ``(n,)`` or ``(n, j)`` tensor, e.g. the
+            previous pass's Ritz vectors. The start vector is the normalised sum of its columns plus a seeded
+            random unit vector times ``1e-3``, so it is never exactly deficient in any eigenvector.
+        seed: Seed of the random start vectors (drawn per block on the CPU in float64).
+        return_eigenvectors: Whether to form the Ritz vectors.
+        blocks: Indices of the blocks to run; the others get ``None``. Default: all.
+
+    Returns:
+        One :class:`LanczosResult` per block (``None`` for blocks not selected).
+    """
+    if k < 1 or max_iter < 1 or tol < 0:
+        raise ValueError(f"Need k >= 1, max_iter >= 1, tol >= 0; got k={k}, max_iter={max_iter}, tol={tol}.")
+    num_blocks = len(op.sizes)
+    selected = range(num_blocks) if blocks is None else sorted({int(b) for b in blocks})
+    if any(not 0 <= b < num_blocks for b in selected):
+        raise ValueError(f"Block indices must lie in [0, {num_blocks}); got {list(selected)}.")
+
+    generators = {b: _random.generator(seed, _random.LANCZOS, b) for b in selected}
+    starts = {b: _start_vector(op, b, _warm_start(init, b), generators[b]) for b in selected}
+    chains = {b: LanczosChains(starts[b][None], capacity=min(max_iter + 1, 33)) for b in selected}
+    results: list[LanczosResult | None] = [None] * num_blocks
+    rounding = torch.finfo(op.dtype).eps
+
+    def on_step(b: int, chain: LanczosChains) -> None:
+        n, steps = op.sizes[b], chain.lengths[0]
+        top_k = min(k, n)
+        if chain.broken[0] and steps < top_k and steps < max_iter:
+            if chain.restart(0, _random.to_operator(_random.unit(n, generators[b]), op)):
+                return
+        theta, s, residuals = chain.ritz(0)
+        scale = float(theta.abs().max())
+        residuals = residuals.clamp(min=rounding * scale)
+        threshold = tol * max(scale, torch.finfo(torch.float64).tiny)
+        invariant = chain.broken[0]  # the Krylov space is invariant: the Ritz pairs are exact
+        top = torch.arange(steps - 1, steps - 1 - min(top_k, steps), -1)
+        top_converged = steps >= top_k and (invariant or bool((residuals[top] <= threshold).all()))
+        min_converged = invariant or bool(residuals[0] <= threshold)
+        done = top_converged and (min_converged or not smallest)
+        if not (done or steps >= max_iter or not chain.running):
+            return
+        chain.stop()
+        vectors = chain.ritz_vectors(0, torch.cat([s[:, top], s[:, :1]], 1)) if return_eigenvectors else None
+        results[b] = LanczosResult(
+            eigenvalues=theta[top],
+            residuals=residuals[top],
+            converged=top_converged,
+            min_eigenvalue=float(theta[0]) if smallest else None,
+            min_residual=float(residuals[0]) if smallest else None,
+            min_converged=min_converged if smallest else None,
+            eigenvectors=None if vectors is None else vectors[:, :-1],
+            min_eigenvector=None if vectors is None or not smallest else vectors[:, -1],
+            steps=steps,
+            matvecs=steps,
+        )
+
+    run_lanczos(op, chains, on_step)
+    return results
+
+
+def _warm_start(init: Sequence[Tensor | None] | Mapping[int, Tensor | None] | None, b: int) -> Tensor | None:
+    if init is None:
+        return None
+    return init.get(b) if isinstance(init, Mapping) else init[b]
+
+
+def _start_vector(op: BlockOperator, b: int, guess: Tensor | None, gen: torch.Generator) -> Tensor:
+    """A unit start vector: random, or the normalised column sum of ``guess`` plus a ``1e-3`` random part."""
+    n = op.sizes[b]
+    noise = _random.unit(n, gen)
+    if guess is None:
+        return _random.to_operator(noise, op)
+    if guess.shape[0] != n or guess.ndim not in (1, 2):
+        raise ValueError(f"init[{b}] must have shape ({n},) or ({n}, j); got {tuple(guess.shape)}.")
+    direction = guess.detach().to(device="cpu", dtype=torch.float64).reshape(n, -1).sum(1)
+    norm = direction.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        return _random.to_operator(noise, op)
+    start = direction / norm + _WARM_START_NOISE * noise
+    return _random.to_operator(start / start.norm(), op)

@@ -1,0 +1,143 @@
+"""Trace of every block by Hutchinson's estimator and by Hutch++."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_hessian.estimators import _random
+from lightning_hessian.estimators._operator import BlockOperator
+
+_DISTRIBUTIONS = {"rademacher": _random.rademacher, "gaussian": _random.gaussian}
+
+
+@dataclass
+class TraceResult:
+    """A trace estimate of one block.
+
+    Attributes:
+        trace: The estimate of ``tr(A)``.
+        stderr: Its standard error (0 when exact, NaN when it cannot be estimated from one probe).
+        matvecs: Products with the block.
+    """
+
+    trace: float
+    stderr: float
+    matvecs: int
+
+
+def hutchinson(
+    op: BlockOperator,
+    *,
+    probes: int = 32,
+    seed: int = 0,
+    distribution: str = "rademacher",
+    chunk: int | None = None,
+) -> list[TraceResult]:
+    """Trace of every block by Hutchinson's estimator (Hutchinson 1989).
+
+    ``tr(A) ~= (1/N) sum_{j=1}^N z_j^T A z_j`` with i.i.d. probes of zero mean and identity covariance
+    (``E[z^T A z] = tr(A)``), reported with the standard error ``std(z_j^T A z_j) / sqrt(N)``. Rademacher
+    probes give the smallest variance, ``2 sum_{i != j} A_ij^2`` per probe (Avron & Toledo 2011).
+
+    Probe j of block b is drawn from its own seeded generator, so the result does not depend on ``chunk``.
+
+    Args:
+        op: The block-diagonal symmetric operator.
+        probes: Number of probes ``N`` per block.
+        seed: Seed of the probes (drawn on the CPU in float64).
+        distribution: ``"rademacher"`` or ``"gaussian"``.
+        chunk: Maximum number of probes per block in one ``op.matmat`` call (default: all at once).
+
+    Returns:
+        One :class:`TraceResult` per block.
+    """
+    if distribution not in _DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {sorted(_DISTRIBUTIONS)}, got {distribution!r}.")
+    if probes < 1 or (chunk is not None and chunk < 1):
+        raise ValueError(f"Need probes >= 1 and chunk >= 1; got probes={probes}, chunk={chunk}.")
+    draw = _DISTRIBUTIONS[distribution]
+    chunk = probes if chunk is None else chunk
+    samples: list[list[Tensor]] = [[] for _ in op.sizes]
+    for first in range(0, probes, chunk):
+        columns = range(first, min(first + chunk, probes))
+        vectors = [
+            _random.to_operator(_probe_matrix(draw, n, seed, b, columns), op) for b, n in enumerate(op.sizes)
+        ]
+        products = op.matmat(vectors)
+        for b, z in enumerate(vectors):
+            samples[b].append(_random.column_dots(z, products[b]))
+    results = []
+    for per_chunk in samples:
+        estimates = torch.cat(per_chunk)
+        results.append(TraceResult(float(estimates.mean()), _random.sample_stderr(estimates), probes))
+    return results
+
+
+def _probe_matrix(draw: Callable[..., Tensor], n: int, seed: int, block: int, columns: range) -> Tensor:
+    """``(n, len(columns))`` probes; probe j of a block has its own generator, so chunking changes nothing."""
+    probes = [draw((n,), _random.generator(seed, _random.HUTCHINSON, block, j)) for j in columns]
+    return torch.stack(probes, dim=1)
+
+
+def hutchpp(op: BlockOperator, *, matvecs: int = 33, seed: int = 0) -> list[TraceResult]:
+    """Trace of every block by Hutch++ (Meyer, Musco, Musco & Woodruff 2021).
+
+    With ``s = matvecs // 3`` and ``g = matvecs - 2 s``: a Rademacher sketch ``S`` (n x s) gives an
+    orthonormal basis ``Q = orth(A S)`` of the dominant range of ``A``; the trace splits into an exact part
+    and a Hutchinson estimate of the small remainder::
+
+        tr(A) ~= tr(Q^T A Q) + (1/g) sum_j g_j^T (I - Q Q^T) A (I - Q Q^T) g_j,
+
+    with Rademacher ``g_j``. The error falls as ``1/matvecs`` instead of Hutchinson's ``1/sqrt(matvecs)`` on
+    spectra that decay; ``stderr`` is the standard error of the remainder's probes. A block with
+    ``n <= s`` is computed exactly as ``sum_i e_i^T A e_i`` (``n`` matvecs, ``stderr = 0``), and a block of
+    rank ``<= s`` is exact up to rounding because ``Q`` spans its range.
+
+    All blocks run together in two ``op.matmat`` calls: ``A S``, then ``[A Q, A (I - Q Q^T) G]``.
+
+    Args:
+        op: The block-diagonal symmetric operator.
+        matvecs: Total products per block (at least 3).
+        seed: Seed of the sketch and the probes (drawn per block on the CPU in float64).
+
+    Returns:
+        One :class:`TraceResult` per block.
+    """
+    if matvecs < 3:
+        raise ValueError(f"Hutch++ needs matvecs >= 3, got {matvecs}.")
+    sketch, probes = matvecs // 3, matvecs - 2 * (matvecs // 3)
+    generators = [_random.generator(seed, _random.HUTCHPP, b) for b in range(len(op.sizes))]
+    exact = [n <= sketch for n in op.sizes]
+
+    first = [
+        torch.eye(n, dtype=op.dtype, device=op.device)
+        if exact[b]
+        else _random.to_operator(_random.rademacher((n, sketch), generators[b]), op)
+        for b, n in enumerate(op.sizes)
+    ]
+    sketched = op.matmat(first)
+
+    bases: list[Tensor | None] = [None] * len(op.sizes)
+    second: list[Tensor | None] = [None] * len(op.sizes)
+    for b, n in enumerate(op.sizes):
+        if exact[b]:
+            continue
+        q = torch.linalg.qr(sketched[b]).Q
+        g = _random.to_operator(_random.rademacher((n, probes), generators[b]), op)
+        g = g - q @ (q.T @ g)
+        bases[b], second[b] = q, torch.cat([q, g], dim=1)
+    products = op.matmat(second) if not all(exact) else second
+
+    results = []
+    for b, n in enumerate(op.sizes):
+        if exact[b]:
+            results.append(TraceResult(float(torch.diagonal(sketched[b]).double().sum()), 0.0, n))
+            continue
+        columns = _random.column_dots(second[b], products[b])
+        head, tail = columns[:sketch].sum(), columns[sketch:]
+        results.append(TraceResult(float(head + tail.mean()), _random.sample_stderr(tail), matvecs))
+    return results

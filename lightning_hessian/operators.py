@@ -1,0 +1,397 @@
+r"""Curvature operators restricted to parameter blocks, with batched matrix-vector products.
+
+For a loss :math:`\mathcal L(\theta) = \sum_i w_i\, \ell(f(\theta, x_i), y_i)` over batches :math:`i` (weights
+:math:`w_i = n_i / \sum_j n_j`, the batch sizes), and a block :math:`b` of parameters selected by
+:math:`P_b`, this module multiplies vectors by the diagonal blocks
+
+* Hessian :math:`H_{bb} = P_b \nabla^2_\theta \mathcal L\, P_b^\top`,
+* Gauss-Newton (outer-product part) :math:`G_{bb} = P_b J^\top (\nabla^2_f \ell) J P_b^\top`,
+  with :math:`J = \partial f / \partial \theta`,
+* functional part :math:`H_{bb} - G_{bb}` (:math:`\sum_k (\partial \ell / \partial f_k) \nabla^2 f_k`),
+
+following the split of Ormaniec, Dangel & Singh, "What Does It Mean to Be a Transformer? Insights from a
+Theoretical Hessian Analysis", ICLR 2025 (arXiv:2410.10986), eq. (3).
+
+How the products are computed:
+
+* The gradient graph is built once per batch (``create_graph=True``) and reused for every product: a
+  Hessian-vector product is then one backward pass through that graph,
+  :math:`H_{bb} v = P_b \nabla_\theta \langle g, P_b^\top v\rangle`, and restricting the inputs of that
+  backward to the block's parameters lets autograd prune the rest of the graph.
+* Gauss-Newton products use the same retained graph: :math:`J v` by the double-backward trick
+  (:math:`J v = \nabla_u \langle J^\top u, v\rangle`, with :math:`J^\top u` built once for a dummy
+  :math:`u`), :math:`\nabla^2_f \ell` by a backward through the loss, and :math:`J^\top w` by a plain
+  backward.
+* The operators work on detached copies of the parameters and buffers, passed to the model with
+  :func:`torch.func.functional_call`, so the model's weights, ``.grad`` and buffers are never touched.
+
+The class implements :class:`lightning_hessian.estimators.BlockOperator`, so every estimator runs on it.
+Build it inside :func:`lightning_hessian._context.curvature_context` (``analyze`` does this).
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import copy
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader
+
+from lightning_hessian.blocks import Block
+
+__all__ = ["BATCHING", "CURVATURES", "Batches", "CurvatureOperator"]
+
+CURVATURES = ("hessian", "gauss_newton", "functional")
+BATCHING = ("auto", "loop", "vmap")
+
+LossFn = Callable[[nn.Module, Any], "Tensor | tuple[Tensor, Tensor]"]
+
+
+class Batches(tuple):
+    """Marks a sequence of batches, so that ``analyze(model, loss_fn, Batches([b1, b2]))`` uses all of them.
+
+    A plain tuple or list is taken as *one* batch (``(inputs, targets)`` is a tuple too). A
+    :class:`~torch.utils.data.DataLoader` or any iterator is taken as several batches without marking.
+    """
+
+    __slots__ = ()
+
+
+def as_batches(data: Any) -> list[Any]:
+    """Return the list of batches that ``data`` stands for (see :class:`Batches`)."""
+    if isinstance(data, Batches | DataLoader | collections.abc.Iterator):
+        batches = list(data)
+        if not batches:
+            raise ValueError("data holds no batches: pass at least one batch.")
+        return batches
+    return [data]
+
+
+def batch_size(batch: Any) -> int:
+    """Size of a batch: the leading dimension of its first tensor (1 if it holds no tensor with a dim)."""
+    found: list[int] = []
+
+    def visit(t: Tensor) -> Tensor:
+        if not found and t.ndim > 0:
+            found.append(t.shape[0])
+        return t
+
+    apply_to_collection(batch, Tensor, visit)
+    return found[0] if found else 1
+
+
+class _LossCall(nn.Module):
+    """Calls ``loss_fn(model, batch)``; a module so that ``functional_call`` can swap the model's tensors."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Any:
+        return self.loss_fn(self.model, batch)
+
+
+def _check_loss(value: Any, index: int, need_output: bool) -> tuple[Tensor, Tensor | None]:
+    """Validate what ``loss_fn`` returned and split it into ``(loss, output)``."""
+    output = None
+    if isinstance(value, tuple | list) and len(value) == 2:
+        value, output = value
+    elif need_output:
+        raise TypeError(
+            "The Gauss-Newton / functional split needs the model output: make loss_fn return "
+            "(loss, output), where output is the tensor the loss is computed from (e.g. the logits)."
+        )
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            f"loss_fn must return a scalar tensor (or a pair (loss, output)); got {type(value).__name__}."
+        )
+    if value.numel() != 1:
+        raise ValueError(
+            f"loss_fn returned a tensor of shape {tuple(value.shape)} on batch {index}; the curvature is "
+            "defined for a scalar loss: reduce it (e.g. .mean()) inside loss_fn."
+        )
+    if not torch.isfinite(value).all():
+        raise ValueError(
+            f"loss_fn returned {value.item()} on batch {index}; the curvature of a non-finite loss is "
+            "undefined."
+            " Check the batch and the model, or analyse another batch."
+        )
+    if not value.requires_grad:
+        raise ValueError(
+            "The loss does not depend on the parameters being analysed (it has no grad_fn). Make sure "
+            "loss_fn computes the loss from model(...) without .detach(), torch.no_grad() or .item(), and "
+            "that the analysed parameters are trainable."
+        )
+    if need_output and (not isinstance(output, Tensor) or not output.requires_grad):
+        raise TypeError(
+            "The second element returned by loss_fn must be the model output tensor the loss is computed "
+            "from (with a grad_fn)."
+        )
+    return value.reshape(()), output
+
+
+def _grad(
+    outputs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    grad_outputs: Sequence[Tensor] | None = None,
+    *,
+    create_graph: bool = False,
+    batched: bool = False,
+) -> list[Tensor]:
+    """``torch.autograd.grad`` that keeps graphs alive and gives zeros where an output has no graph."""
+    pairs = [
+        (o, g)
+        for o, g in zip(outputs, grad_outputs if grad_outputs is not None else [None] * len(outputs))
+        if o.requires_grad
+    ]
+    shape_of = (lambda t: (grad_outputs[0].shape[0], *t.shape)) if batched else (lambda t: t.shape)
+    if not pairs:
+        return [torch.zeros(shape_of(x), dtype=x.dtype, device=x.device) for x in inputs]
+    outs, gouts = zip(*pairs)
+    grads = torch.autograd.grad(
+        outs,
+        inputs,
+        grad_outputs=None if grad_outputs is None else gouts,
+        retain_graph=True,
+        create_graph=create_graph,
+        allow_unused=True,
+        materialize_grads=True,
+        is_grads_batched=batched,
+    )
+    if batched:
+        # Inputs the outputs do not reach come back as unbatched zeros: give them the batch dimension.
+        grads = tuple(
+            g if g.shape == shape_of(x) else g.new_zeros(shape_of(x)) for g, x in zip(grads, inputs)
+        )
+    return list(grads)
+
+
+class CurvatureOperator:
+    """The block-diagonal of a curvature matrix of ``loss_fn`` over ``data``, as a batched linear operator.
+
+    Args:
+        model: the model. Its parameters, ``.grad`` and buffers are left untouched.
+        loss_fn: ``loss_fn(model, batch)`` returns the scalar loss, or ``(loss, output)`` where ``output`` is
+            the tensor the loss is computed from (required for ``"gauss_newton"`` and ``"functional"``).
+        data: one batch, or several (a :class:`Batches`, a ``DataLoader`` or an iterator): the operator is
+            then the curvature of the batch-size-weighted mean loss. Every batch's graph is kept in memory.
+        blocks: the parameter blocks (from :func:`~lightning_hessian.find_blocks` or
+            :func:`~lightning_hessian.blocks.model_block`); block ``b`` acts on vectors of size
+            ``blocks[b].numel`` ordered as the block's parts.
+        curvature: ``"hessian"``, ``"gauss_newton"`` or ``"functional"`` (Hessian minus Gauss-Newton).
+        dtype: compute dtype (e.g. ``torch.float64``); ``None`` keeps the parameters' dtype. Floating inputs
+            in the batches are cast to it.
+        batching: how several vectors of one block are multiplied: ``"loop"`` (one backward per vector) or
+            ``"vmap"`` (one ``is_grads_batched`` backward for all). ``"auto"`` picks ``"loop"``, the faster on
+            CPU in ``benchmarks/bench_operators.py``. Gauss-Newton products always loop.
+        split: also prepare the Gauss-Newton graphs, so that :meth:`using` can switch between all three
+            curvatures on one forward pass (``loss_fn`` must then return ``(loss, output)``).
+
+    Attributes:
+        sizes: the block sizes. ``block_matvecs`` / ``block_seconds``: products computed so far and the
+            time they took, per block (``matvecs``: their total). ``loss``: the weighted mean loss.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Any,
+        blocks: Sequence[Block],
+        *,
+        curvature: str = "hessian",
+        dtype: torch.dtype | None = None,
+        batching: str = "auto",
+        split: bool = False,
+    ) -> None:
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
+        if not blocks:
+            raise ValueError(
+                "No parameter blocks to analyse: the model has no trainable parameters selected."
+            )
+        self.blocks = tuple(blocks)
+        self.curvature = curvature
+        self.batching = "loop" if batching == "auto" else batching
+        self.sizes = tuple(block.numel for block in self.blocks)
+        self.block_matvecs = [0] * len(self.blocks)
+        self.block_seconds = [0.0] * len(self.blocks)
+
+        params = dict(model.named_parameters())
+        needed = list(dict.fromkeys(name for block in self.blocks for name in block.params))
+        for name in needed:
+            if name not in params:
+                raise ValueError(f"Block parameter {name!r} is not a parameter of the model.")
+            if not params[name].requires_grad:
+                raise ValueError(f"Block parameter {name!r} is frozen (requires_grad=False).")
+        devices = {params[name].device for name in needed}
+        if len(devices) > 1:
+            raise ValueError(f"The analysed parameters live on several devices {devices}; move them to one.")
+        self.device = devices.pop()
+        self.dtype = dtype if dtype is not None else params[needed[0]].dtype
+
+        def detached(t: Tensor) -> Tensor:
+            t = t.detach()
+            return t.to(self.dtype) if dtype is not None and t.is_floating_point() else t
+
+        # Our own leaves: autograd only ever touches these copies, never the model's tensors.
+        # Every trainable copy requires grad (not only the analysed ones), so that a loss without a graph
+        # means a broken loss_fn rather than blocks the loss happens not to use.
+        self._leaves = {name: detached(p).requires_grad_(p.requires_grad) for name, p in params.items()}
+        tensors = {f"model.{name}": t for name, t in self._leaves.items()}
+        tensors.update({f"model.{name}": detached(b).clone() for name, b in model.named_buffers()})
+        self._shapes = {name: self._leaves[name].shape for name in needed}
+
+        batches = as_batches(data)
+        sizes = [batch_size(batch) for batch in batches]
+        weights = [n / sum(sizes) for n in sizes]
+        need_output = split or curvature != "hessian"
+        call = _LossCall(model, loss_fn)
+        leaves = [self._leaves[name] for name in needed]
+        grads = [torch.zeros_like(leaf) for leaf in leaves]
+        self._outputs: list[Tensor] = []
+        self._output_grads: list[Tensor] = []
+        losses = []
+        for index, (batch, weight) in enumerate(zip(batches, weights)):
+            batch = self._move(batch)
+            loss, output = _check_loss(functional_call(call, tensors, (batch,)), index, need_output)
+            loss = weight * loss
+            losses.append(loss.detach())
+            grads = [total + g for total, g in zip(grads, _grad([loss], leaves, create_graph=True))]
+            if need_output:
+                self._outputs.append(output)
+                self._output_grads.append(_grad([loss], [output], create_graph=True)[0])
+        self.loss = float(sum(losses))
+        self._grads = dict(zip(needed, grads))
+
+        if need_output:
+            # J^T u for a dummy u: linear in u, so one graph serves every J v = d<J^T u, v>/du.
+            self._dummies = [torch.zeros_like(o, requires_grad=True) for o in self._outputs]
+            self._jtu = dict(zip(needed, _grad(self._outputs, leaves, self._dummies, create_graph=True)))
+
+    def _move(self, batch: Any) -> Any:
+        def move(t: Tensor) -> Tensor:
+            dtype = self.dtype if t.is_floating_point() else t.dtype
+            return t.to(device=self.device, dtype=dtype)
+
+        return apply_to_collection(batch, Tensor, move)
+
+    # --- block vectors <-> parameter-shaped tensors -----------------------------------------------------
+
+    def _scatter(self, block: Block, columns: Tensor) -> dict[str, Tensor]:
+        """(numel, m) block vectors -> per parameter (m, *shape) tensors, zero outside the block."""
+        m = columns.shape[1]
+        out: dict[str, Tensor] = {}
+        offset = 0
+        for part in block.parts:
+            shape = self._shapes[part.param]
+            if part.param not in out:
+                out[part.param] = columns.new_zeros((m, *shape))
+            target = out[part.param]
+            if part.dim is not None:
+                target = target.narrow(part.dim + 1, part.start, part.stop - part.start)
+            n = target[0].numel()
+            target.copy_(columns[offset : offset + n].T.reshape(target.shape))
+            offset += n
+        return out
+
+    @staticmethod
+    def _gather(block: Block, tensors: dict[str, Tensor]) -> Tensor:
+        """Inverse of :meth:`_scatter`: per parameter (m, *shape) tensors -> (numel, m) block vectors."""
+        pieces = []
+        for part in block.parts:
+            t = tensors[part.param]
+            if part.dim is not None:
+                t = t.narrow(part.dim + 1, part.start, part.stop - part.start)
+            pieces.append(t.reshape(t.shape[0], -1))
+        return torch.cat(pieces, dim=1).T
+
+    # --- products ---------------------------------------------------------------------------------------
+
+    def _hessian(self, block: Block, columns: Tensor) -> Tensor:
+        names = block.params
+        leaves = [self._leaves[n] for n in names]
+        grads = [self._grads[n] for n in names]
+        vectors = self._scatter(block, columns)
+        if self.batching == "vmap":
+            result = _grad(grads, leaves, [vectors[n] for n in names], batched=True)
+            return self._gather(block, dict(zip(names, result)))
+        products = []
+        for j in range(columns.shape[1]):
+            dot = sum((g * vectors[n][j]).sum() for n, g in zip(names, grads))
+            result = _grad([dot], leaves)
+            products.append(self._gather(block, {n: r.unsqueeze(0) for n, r in zip(names, result)}))
+        return torch.cat(products, dim=1)
+
+    def _gauss_newton(self, block: Block, columns: Tensor) -> Tensor:
+        names = block.params
+        leaves = [self._leaves[n] for n in names]
+        vectors = self._scatter(block, columns)
+        products = []
+        for j in range(columns.shape[1]):
+            dot = sum((self._jtu[n] * vectors[n][j]).sum() for n in names)
+            jv = _grad([dot], self._dummies)
+            curvature = sum((g * u).sum() for g, u in zip(self._output_grads, jv))
+            hjv = _grad([curvature], self._outputs)
+            result = _grad(self._outputs, leaves, hjv)
+            products.append(self._gather(block, {n: r.unsqueeze(0) for n, r in zip(names, result)}))
+        return torch.cat(products, dim=1)
+
+    @property
+    def matvecs(self) -> int:
+        """Total number of vectors multiplied so far, over all blocks."""
+        return sum(self.block_matvecs)
+
+    def using(self, curvature: str) -> CurvatureOperator:
+        """The same blocks and graphs with another curvature (built with ``split=True``), fresh counters."""
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        if curvature != "hessian" and not hasattr(self, "_jtu"):
+            raise ValueError("This operator was built without the Gauss-Newton graphs: pass split=True.")
+        other = copy.copy(self)
+        other.curvature = curvature
+        other.block_matvecs = [0] * len(self.blocks)
+        other.block_seconds = [0.0] * len(self.blocks)
+        return other
+
+    def matmat(self, vectors: Sequence[Tensor | None]) -> list[Tensor | None]:
+        """Multiply block ``b``'s curvature by ``vectors[b]`` (a ``(sizes[b], m)`` tensor), skipping ``None``.
+
+        Implements :class:`lightning_hessian.estimators.BlockOperator`.
+        """
+        if len(vectors) != len(self.blocks):
+            raise ValueError(f"Expected {len(self.blocks)} entries (one per block), got {len(vectors)}.")
+        results: list[Tensor | None] = []
+        with torch.enable_grad():
+            for index, (block, columns) in enumerate(zip(self.blocks, vectors)):
+                if columns is None:
+                    results.append(None)
+                    continue
+                if columns.ndim == 1:
+                    columns = columns.unsqueeze(1)
+                columns = columns.to(device=self.device, dtype=self.dtype)
+                start = time.perf_counter()
+                if self.curvature == "hessian":
+                    product = self._hessian(block, columns)
+                elif self.curvature == "gauss_newton":
+                    product = self._gauss_newton(block, columns)
+                else:
+                    product = self._hessian(block, columns) - self._gauss_newton(block, columns)
+                self.block_matvecs[index] += columns.shape[1]
+                self.block_seconds[index] += time.perf_counter() - start
+                results.append(product.detach())
+        return results
+
+    def gradient(self, index: int) -> Tensor:
+        """The gradient of the loss restricted to block ``index`` (detached), as a block vector."""
+        block = self.blocks[index]
+        return self._gather(block, {n: self._grads[n].detach().unsqueeze(0) for n in block.params})[:, 0]

@@ -1,0 +1,158 @@
+"""The result of a curvature pass: per-block :class:`BlockCurvature` results in a :class:`CurvatureReport`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+__all__ = ["BlockCurvature", "CurvatureReport"]
+
+
+@dataclass
+class BlockCurvature:
+    """Curvature statistics of one parameter block (or of the whole model).
+
+    Attributes:
+        name, kind, layer, numel: the block (see :class:`lightning_hessian.Block`).
+        top_eigenvalues: the largest eigenvalues, descending (Lanczos Ritz values).
+        top_residuals: their Ritz residuals :math:`\\|H y - \\theta y\\|`; an eigenvalue of the block lies
+            within this distance of each value.
+        converged: whether every requested top eigenvalue met the tolerance.
+        min_eigenvalue, min_residual, min_converged: the smallest eigenvalue, if requested.
+        trace, trace_stderr: the trace estimate (Hutch++) and its standard error (0 when exact).
+        density: ``(grid, values)`` of the smoothed spectral density (stochastic Lanczos quadrature), if
+            requested; ``density_nodes`` / ``density_weights`` hold the raw quadrature.
+        gauss_newton_top, functional_top, functional_min: with ``split=True``, the top eigenvalue of the
+            Gauss-Newton part and the extreme eigenvalues of the functional part.
+        matvecs: matrix-vector products spent on this block; seconds: wall time spent on it (approximate,
+            shared products are attributed evenly).
+        ritz_vectors: the top Ritz vectors (for warm starts; not part of :meth:`to_dict`).
+    """
+
+    name: str
+    kind: str
+    layer: int | None
+    numel: int
+    top_eigenvalues: list[float] = field(default_factory=list)
+    top_residuals: list[float] = field(default_factory=list)
+    converged: bool | None = None
+    min_eigenvalue: float | None = None
+    min_residual: float | None = None
+    min_converged: bool | None = None
+    trace: float | None = None
+    trace_stderr: float | None = None
+    density: tuple[np.ndarray, np.ndarray] | None = None
+    density_nodes: np.ndarray | None = None
+    density_weights: np.ndarray | None = None
+    gauss_newton_top: float | None = None
+    functional_top: float | None = None
+    functional_min: float | None = None
+    matvecs: int = 0
+    seconds: float = 0.0
+    ritz_vectors: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def top_eigenvalue(self) -> float | None:
+        """The largest eigenvalue, or ``None`` if not computed."""
+        return self.top_eigenvalues[0] if self.top_eigenvalues else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values (lists for arrays), without Ritz vectors: ready for JSON."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name == "ritz_vectors":
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, np.ndarray):
+                value = value.tolist()
+            elif isinstance(value, tuple):
+                value = [v.tolist() for v in value]
+            out[f.name] = value
+        return out
+
+
+def _fmt(value: float | None, ok: bool | None = True) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.4g}" if math.isfinite(value) else str(value)
+    return text if ok in (True, None) else text + "*"
+
+
+@dataclass
+class CurvatureReport:
+    """Per-block curvature of a model, as returned by :func:`lightning_hessian.analyze`.
+
+    Attributes:
+        blocks: block name -> :class:`BlockCurvature`, in model order.
+        full: the whole model's curvature, when ``full=True`` was asked.
+        curvature: ``"hessian"``, ``"gauss_newton"`` or ``"functional"``.
+        loss: the (batch-size weighted mean) loss on the data.
+        seconds: wall time of the pass. matvecs: all matrix-vector products of the pass.
+        settings: the estimator settings used.
+    """
+
+    blocks: dict[str, BlockCurvature]
+    full: BlockCurvature | None = None
+    curvature: str = "hessian"
+    loss: float = math.nan
+    seconds: float = 0.0
+    matvecs: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def __iter__(self):
+        """Iterate over the blocks' results, then the whole model's (if any)."""
+        yield from self.blocks.values()
+        if self.full is not None:
+            yield self.full
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values, ready for JSON."""
+        return {
+            "curvature": self.curvature,
+            "loss": self.loss,
+            "seconds": self.seconds,
+            "matvecs": self.matvecs,
+            "settings": dict(self.settings),
+            "blocks": {name: block.to_dict() for name, block in self.blocks.items()},
+            "full": None if self.full is None else self.full.to_dict(),
+        }
+
+    def table(self) -> str:
+        """A fixed-width text table, one row per block (and one for the model); ``*`` marks non-converged."""
+        header = ["block", "kind", "layer", "params", "λ_max", "λ_min", "trace", "matvecs"]
+        split = any(b.gauss_newton_top is not None for b in self)
+        if split:
+            header[6:6] = ["GN λ_max", "func λ_max", "func λ_min"]
+        rows = [header]
+        for b in self:
+            row = [
+                b.name,
+                b.kind,
+                "-" if b.layer is None else str(b.layer),
+                str(b.numel),
+                _fmt(b.top_eigenvalue, b.converged),
+                _fmt(b.min_eigenvalue, b.min_converged),
+                _fmt(b.trace),
+                str(b.matvecs),
+            ]
+            if split:
+                row[6:6] = [_fmt(b.gauss_newton_top), _fmt(b.functional_top), _fmt(b.functional_min)]
+            rows.append(row)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = [
+            "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            for r in rows
+        ]
+        lines.insert(1, "-" * len(lines[0]))
+        footer = f"{self.curvature}, loss {self.loss:.4g}, {self.matvecs} matvecs, {self.seconds:.2f} s"
+        if any(b.converged is False or b.min_converged is False for b in self):
+            footer += "  (* not converged within max_iter)"
+        return "\n".join([*lines, footer])
+
+    def __str__(self) -> str:
+        return self.table()

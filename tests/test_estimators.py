@@ -1,0 +1,314 @@
+"""Estimators against dense float64 ground truth on random symmetric matrices with known spectra."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from lightning_hessian.estimators import (
+    BlockOperator,
+    DenseBlockOperator,
+    hutchinson,
+    hutchpp,
+    lanczos,
+    power_iteration,
+    slq,
+)
+
+
+def symmetric(eigenvalues: Tensor | list[float], seed: int = 0, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``Q diag(eigenvalues) Q^T`` with a random orthogonal ``Q``."""
+    eigenvalues = torch.as_tensor(eigenvalues, dtype=torch.float64)
+    n = eigenvalues.numel()
+    g = torch.Generator().manual_seed(1000 + seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    a = (q * eigenvalues) @ q.T
+    return ((a + a.T) / 2).to(dtype)
+
+
+def hessian_like(n: int = 500, seed: int = 0) -> Tensor:
+    """A few large outliers and a bulk near 0, as in neural-network Hessians."""
+    g = torch.Generator().manual_seed(seed)
+    bulk = 0.05 * torch.randn(n - 4, generator=g, dtype=torch.float64)
+    return symmetric(torch.cat([torch.tensor([40.0, 17.0, 9.0, -2.0]), bulk]), seed)
+
+
+class CountingOperator:
+    """Wraps an operator and records which blocks every ``matmat`` call carried, and with how many columns."""
+
+    def __init__(self, inner: BlockOperator) -> None:
+        self.inner = inner
+        self.sizes, self.dtype, self.device = inner.sizes, inner.dtype, inner.device
+        self.calls: list[dict[int, int]] = []
+
+    def matmat(self, vectors: list[Tensor | None]) -> list[Tensor | None]:
+        self.calls.append({b: v.shape[1] for b, v in enumerate(vectors) if v is not None})
+        return self.inner.matmat(vectors)
+
+
+# A mixed operator: indefinite, clustered, size 1, size 3, rank-deficient, each with a known spectrum.
+SPECTRA = {
+    "indefinite": torch.linspace(-3.0, 5.0, 80, dtype=torch.float64),
+    "clustered": torch.cat([torch.tensor([10.0, 9.999, 9.998, 6.0, 5.999]), torch.linspace(-1.0, 1.0, 55)]),
+    "size1": torch.tensor([-2.5]),
+    "size3": torch.tensor([1.0, -2.0, 3.0]),
+    "rank_deficient": torch.cat([torch.linspace(1.0, 4.0, 10), torch.zeros(40)]),
+}
+
+
+def mixed_operator() -> tuple[DenseBlockOperator, list[Tensor]]:
+    matrices = [symmetric(s, seed) for seed, s in enumerate(SPECTRA.values())]
+    return DenseBlockOperator(matrices), matrices
+
+
+# --- operator ---
+
+
+def test_dense_operator_counts_and_skips_none():
+    op = DenseBlockOperator([torch.eye(3, dtype=torch.float64), 2 * torch.eye(2, dtype=torch.float64)])
+    assert isinstance(op, BlockOperator)
+    out = op.matmat([None, torch.ones(2, 4, dtype=torch.float64)])
+    assert out[0] is None and torch.equal(out[1], 2 * torch.ones(2, 4, dtype=torch.float64))
+    assert (op.matvecs, op.block_matvecs, op.calls) == (4, [0, 4], 1)
+    with pytest.raises(ValueError):
+        op.matmat([torch.ones(2, 1, dtype=torch.float64), None])
+
+
+# --- Lanczos ---
+
+
+def test_lanczos_matches_dense_on_mixed_blocks():
+    op, matrices = mixed_operator()
+    results = lanczos(op, 5, tol=1e-8)
+    for name, a, r in zip(SPECTRA, matrices, results, strict=True):
+        exact = torch.linalg.eigvalsh(a)
+        scale = exact.abs().max()
+        top = exact.flip(0)[: min(5, a.shape[0])]
+        assert r.converged and r.min_converged, name
+        assert r.eigenvalues.shape == top.shape, name  # k truncated to the block size
+        assert (r.eigenvalues - top).abs().max() <= 1e-6 * scale, name
+        assert abs(r.min_eigenvalue - exact[0]) <= 1e-6 * scale, name
+        x = torch.cat([r.eigenvectors, r.min_eigenvector[:, None]], 1)
+        theta = torch.cat([r.eigenvalues, torch.tensor([r.min_eigenvalue], dtype=torch.float64)])
+        assert (a @ x - x * theta).norm(dim=0).max() <= 1e-6 * scale, name
+        assert r.eigenvectors.dtype == torch.float64 and r.matvecs == r.steps <= a.shape[0]
+    assert op.block_matvecs == [r.matvecs for r in results]
+
+
+def test_lanczos_reports_unconverged_when_max_iter_too_small():
+    op = DenseBlockOperator([symmetric(torch.linspace(-3.0, 5.0, 200), 3)])
+    (r,) = lanczos(op, 3, tol=1e-8, max_iter=6)
+    assert r.steps == 6 and not r.converged and not r.min_converged
+    assert r.residuals.max() > 1e-8 * r.eigenvalues.abs().max()
+
+
+def test_lanczos_defaults_are_accurate_on_hessian_like_spectrum():
+    a = hessian_like(500)
+    exact = torch.linalg.eigvalsh(a)
+    (r,) = lanczos(DenseBlockOperator([a]))
+    assert r.converged and r.steps < 100
+    assert abs(r.eigenvalues[0] / exact[-1] - 1) <= 1e-3
+    assert abs(r.min_eigenvalue - exact[0]) <= 1e-3 * exact.abs().max()
+
+
+def test_lanczos_repeated_eigenvalue_restarts_after_breakdown():
+    op = DenseBlockOperator([torch.eye(10, dtype=torch.float64), torch.zeros(6, 6, dtype=torch.float64)])
+    for r in lanczos(op, 3):
+        assert r.converged and r.steps == 3
+    assert torch.allclose(lanczos(op, 3)[0].eigenvalues, torch.ones(3, dtype=torch.float64))
+
+
+def test_lanczos_warm_start_needs_fewer_steps():
+    a = hessian_like(300, seed=1)
+    b = symmetric(torch.linspace(-3.0, 5.0, 200), 2)
+    op = DenseBlockOperator([a, b])
+    cold = lanczos(op, 3, smallest=False, tol=1e-8)
+    warm = lanczos(op, 3, smallest=False, tol=1e-8, init=[r.eigenvectors for r in cold])
+    for c, w in zip(cold, warm, strict=True):
+        assert w.converged and w.steps < c.steps
+        assert torch.allclose(w.eigenvalues, c.eigenvalues, rtol=1e-7)
+    # Warm start on a slightly changed operator (the callback's steady state), a mapping and a single vector.
+    drift = DenseBlockOperator([a + 1e-3 * symmetric(torch.linspace(-1.0, 1.0, 300), 7), b])
+    init = {0: cold[0].eigenvectors, 1: cold[1].eigenvectors[:, 0]}
+    warm = lanczos(drift, 3, smallest=False, tol=1e-8, init=init)
+    assert warm[0].converged and warm[0].steps < cold[0].steps
+
+
+def test_lanczos_is_deterministic_and_seeded():
+    op, _ = mixed_operator()
+    first, again, other = lanczos(op, 2), lanczos(op, 2), lanczos(op, 2, seed=1)
+    for r1, r2, r3 in zip(first[:2], again[:2], other[:2], strict=True):
+        assert torch.equal(r1.eigenvalues, r2.eigenvalues) and torch.equal(r1.eigenvectors, r2.eigenvectors)
+        assert not torch.equal(r1.eigenvectors, r3.eigenvectors)
+        assert torch.allclose(r1.eigenvalues, r3.eigenvalues, rtol=1e-3)
+
+
+def test_lanczos_one_matmat_per_step_with_all_active_blocks():
+    op = CountingOperator(mixed_operator()[0])
+    results = lanczos(op, 2, tol=1e-8)
+    steps = [r.steps for r in results]
+    assert len(op.calls) == max(steps)
+    for i, call in enumerate(op.calls):
+        assert call == {b: 1 for b, s in enumerate(steps) if s > i}
+
+
+def test_lanczos_block_subset_and_no_vectors():
+    op = CountingOperator(mixed_operator()[0])
+    results = lanczos(op, 2, blocks=[0, 3], return_eigenvectors=False)
+    assert [r is None for r in results] == [False, True, True, False, True]
+    assert results[0].eigenvectors is None and results[0].min_eigenvector is None
+    assert all(set(call) <= {0, 3} for call in op.calls)
+
+
+def test_lanczos_without_smallest():
+    op, matrices = mixed_operator()
+    for a, r in zip(matrices, lanczos(op, 1, smallest=False, tol=1e-8), strict=True):
+        assert r.min_eigenvalue is None and r.min_residual is None and r.min_converged is None
+        assert abs(r.eigenvalues[0] - torch.linalg.eigvalsh(a)[-1]) <= 1e-6 * a.norm(2)
+
+
+# --- power iteration ---
+
+
+def test_power_iteration_matches_largest_magnitudes():
+    g = torch.Generator().manual_seed(0)
+    bulk = torch.rand(97, generator=g, dtype=torch.float64) * 2 - 1
+    a = symmetric(torch.cat([torch.tensor([10.0, -7.0, 4.0]), bulk]), 4)
+    op = CountingOperator(DenseBlockOperator([a, torch.diag(torch.tensor([3.0, -1.0], dtype=torch.float64))]))
+    results = power_iteration(op, 3, tol=1e-8)
+    expected = [[10.0, -7.0, 4.0], [3.0, -1.0]]
+    for r, values in zip(results, expected, strict=True):
+        assert torch.allclose(r.eigenvalues, torch.tensor(values, dtype=torch.float64), rtol=1e-6)
+    assert all(r.converged for r in results)
+    x = results[0].eigenvectors
+    assert torch.allclose(x.T @ x, torch.eye(3, dtype=torch.float64), atol=1e-6)
+    assert len(op.calls) == max(r.matvecs for r in results)
+    assert all(len(call) >= 1 and set(call.values()) == {1} for call in op.calls)
+    (slow,) = power_iteration(DenseBlockOperator([a]), 3, tol=1e-8, max_iter=5)
+    assert not slow.converged and slow.matvecs == 15
+
+
+# --- SLQ ---
+
+
+def test_slq_density_is_close_to_exact_spectrum():
+    a = symmetric(torch.cat([torch.linspace(-1.0, 1.0, 290), torch.linspace(5.0, 8.0, 10)]), 5)
+    exact = torch.linalg.eigvalsh(a)
+    (d,) = slq(DenseBlockOperator([a]), probes=8, steps=40)
+    assert d.nodes.shape == d.weights.shape == (8, 40) and d.size == 300
+    assert torch.allclose(d.weights.sum(1), torch.ones(8, dtype=torch.float64), atol=1e-12)
+    assert d.wasserstein_to(exact) < 0.05 * float(exact[-1] - exact[0])
+    grid, values = d.smoothed()
+    assert abs(float(torch.trapezoid(values, grid)) - 1) < 1e-3
+    assert abs(d.trace - float(exact.sum())) < 4 * d.trace_stderr
+    assert float(d.cdf(-100.0)) == 0 and abs(float(d.cdf(100.0)) - 1) < 1e-12
+    cdf = d.cdf(grid)
+    assert cdf.shape == grid.shape and bool((cdf.diff() >= 0).all())
+
+
+def test_slq_is_exact_when_krylov_space_is_exhausted():
+    # Diagonal: every Rademacher probe has weight 1/n on every eigenvalue, so the rule is the spectrum itself.
+    diag = torch.linspace(-2.0, 3.0, 12, dtype=torch.float64)
+    low_rank = symmetric(torch.cat([torch.tensor([3.0, 2.0, 1.0]), torch.zeros(97)]), 6)
+    op = CountingOperator(DenseBlockOperator([torch.diag(diag), low_rank]))
+    d_diag, d_low = slq(op, probes=3, steps=40)
+    assert d_diag.nodes.shape == (3, 12) and d_diag.wasserstein_to(diag) < 1e-12
+    assert abs(d_diag.trace - float(diag.sum())) < 1e-12 and d_diag.trace_stderr < 1e-12
+    # Rank 3: the Krylov space breaks down after 4 steps; the padding has zero weight.
+    assert torch.allclose(d_low.weights.sum(1), torch.ones(3, dtype=torch.float64), atol=1e-12)
+    assert (d_low.weights[:, 4:] == 0).all()
+    support = torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=torch.float64)
+    assert ((d_low.nodes[:, :4, None] - support).abs().min(-1).values < 1e-10).all()
+    assert op.calls[0] == {0: 3, 1: 3} and len(op.calls) == 12 and all(c == {0: 3} for c in op.calls[4:])
+
+
+def test_slq_is_deterministic_and_seeded():
+    op = DenseBlockOperator([hessian_like(100)])
+    (a,), (b,), (c,) = slq(op), slq(op), slq(op, seed=3)
+    assert torch.equal(a.nodes, b.nodes) and torch.equal(a.weights, b.weights)
+    assert not torch.equal(a.weights, c.weights)
+
+
+def test_slq_smoothed_width_and_grid():
+    (d,) = slq(DenseBlockOperator([torch.diag(torch.tensor([1.0, 1.0], dtype=torch.float64))]), probes=2)
+    grid, values = d.smoothed(num=101)  # all nodes equal: width relative to |node|
+    assert grid.shape == values.shape == (101,) and abs(float(torch.trapezoid(values, grid)) - 1) < 1e-3
+    custom = torch.linspace(0.0, 2.0, 11, dtype=torch.float64)
+    assert torch.equal(d.smoothed(grid=custom)[0], custom)
+
+
+# --- trace ---
+
+
+def test_hutchinson_unbiased_and_stderr_shrinks():
+    a = hessian_like(200)
+    exact = float(a.trace())
+    op = DenseBlockOperator([a])
+    (few,), (many,) = hutchinson(op, probes=16), hutchinson(op, probes=256)
+    for r in (few, many):
+        assert abs(r.trace - exact) <= 4 * r.stderr
+    assert many.stderr < few.stderr / 2 and many.matvecs == 256
+    (gauss,) = hutchinson(op, probes=256, distribution="gaussian")
+    assert abs(gauss.trace - exact) <= 4 * gauss.stderr
+
+
+def test_hutchinson_chunks_do_not_change_the_result():
+    op = CountingOperator(mixed_operator()[0])
+    whole = hutchinson(op, probes=10)
+    chunked = hutchinson(op, probes=10, chunk=4)
+    assert [r.trace for r in whole] == [r.trace for r in chunked]
+    assert [c[0] for c in op.calls] == [10, 4, 4, 2]
+
+
+def test_hutchpp_exact_for_low_rank_and_small_blocks():
+    low_rank = symmetric(torch.cat([torch.tensor([5.0, -3.0, 2.0, 1.0, 0.5]), torch.zeros(95)]), 8)
+    small = symmetric(torch.tensor([1.0, 2.0, -4.0]), 9)
+    op = CountingOperator(DenseBlockOperator([low_rank, small]))
+    big, tiny = hutchpp(op, matvecs=33)
+    assert abs(big.trace - 5.5) < 1e-10 and big.stderr < 1e-10 and big.matvecs == 33
+    assert abs(tiny.trace + 1.0) < 1e-12 and tiny.stderr == 0 and tiny.matvecs == 3
+    assert op.calls == [{0: 11, 1: 3}, {0: 22}]
+
+
+def test_hutchpp_beats_hutchinson_on_decaying_spectrum():
+    spectrum = 1.0 / torch.arange(1, 201, dtype=torch.float64) ** 2
+    op = DenseBlockOperator([symmetric(spectrum, 10)])
+    exact = float(spectrum.sum())
+    plain = [abs(hutchinson(op, probes=33, seed=s)[0].trace - exact) for s in range(10)]
+    sketched = [abs(hutchpp(op, matvecs=33, seed=s)[0].trace - exact) for s in range(10)]
+    assert sum(sketched) < 0.2 * sum(plain)
+
+
+# --- float32, devices ---
+
+
+def test_float32_operator():
+    a64 = hessian_like(300, seed=2)
+    exact = torch.linalg.eigvalsh(a64)
+    op = DenseBlockOperator([a64.float(), torch.eye(4)])
+    lz = lanczos(op, 2)
+    assert lz[0].converged and lz[0].eigenvectors.dtype == torch.float32
+    assert torch.allclose(lz[0].eigenvalues, exact.flip(0)[:2], rtol=1e-4)
+    assert lz[1].converged and torch.allclose(lz[1].eigenvalues, torch.ones(2, dtype=torch.float64))
+    (tight, _) = lanczos(op, 2, tol=1e-9, max_iter=40)
+    assert not tight.converged  # below float32 rounding: honest
+    pw = power_iteration(op, 1, tol=1e-5)
+    assert pw[0].eigenvectors.dtype == torch.float32 and abs(pw[0].eigenvalues[0] / exact[-1] - 1) < 1e-4
+    d = slq(op, probes=4, steps=30)
+    assert torch.allclose(d[0].weights.sum(1), torch.ones(4, dtype=torch.float64), atol=1e-5)
+    assert d[1].wasserstein_to(torch.ones(4)) < 1e-6
+    assert abs(hutchpp(op)[1].trace - 4) < 1e-5 and math.isfinite(hutchinson(op)[0].trace)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_results_do_not_depend_on_the_device():
+    a = hessian_like(200)
+    cpu, gpu = DenseBlockOperator([a]), DenseBlockOperator([a.cuda()])
+    (lc,), (lg,) = lanczos(cpu, 2, tol=1e-10), lanczos(gpu, 2, tol=1e-10)
+    assert torch.allclose(lc.eigenvalues, lg.eigenvalues, rtol=1e-10) and lg.eigenvectors.is_cuda
+    (sc,), (sg,) = slq(cpu), slq(gpu)
+    assert torch.allclose(sc.nodes, sg.nodes, atol=1e-8)
+    assert abs(hutchpp(cpu)[0].trace - hutchpp(gpu)[0].trace) < 1e-8
