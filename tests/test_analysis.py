@@ -1,0 +1,271 @@
+"""analyze(): per-block eigenvalues, traces and densities against dense float64 Hessians; the report; the
+promise to leave the model alone; clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from _dense import dense_gauss_newton, dense_hessian
+from _models import criterion, forward_fn, loss_fn, make_batch, make_model
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import DataLoader
+
+from lightning_hessian import Batches, analyze, find_blocks, model_block
+
+
+def loss_and_output(model, batch):
+    output = forward_fn(model, batch)
+    return criterion(output, batch), output
+
+
+def exact_spectra(model, batch, blocks, fn=loss_fn):
+    with sdpa_kernel(SDPBackend.MATH):
+        return {b.name: torch.linalg.eigvalsh(dense_hessian(model.eval(), fn, batch, b)) for b in blocks}
+
+
+def relative(a: float, b: float, scale: float | None = None) -> float:
+    return abs(a - b) / (abs(b) if scale is None else scale)
+
+
+@pytest.mark.parametrize("family", ["encoder", "vit", "gpt2", "llama"])
+def test_eigenvalues_and_traces_match_dense(family):
+    model = make_model(family, torch.float64)
+    batch = make_batch(family, dtype=torch.float64)
+    blocks = find_blocks(model)
+    report = analyze(model, loss_fn, batch, top_k=3, tol=1e-10, max_iter=400, trace_matvecs=3300)
+    exact = exact_spectra(model, batch, blocks)
+    assert list(report.blocks) == [b.name for b in blocks]
+    for name, result in report.blocks.items():
+        spectrum = exact[name]
+        scale = spectrum.abs().max().item()
+        assert result.converged and result.min_converged, name
+        for i, value in enumerate(result.top_eigenvalues):
+            # Exact repeats can be missed by single-vector Lanczos; these spectra have none.
+            assert relative(value, spectrum[-1 - i].item(), scale) < 1e-6, (name, i)
+        assert relative(result.min_eigenvalue, spectrum[0].item(), scale) < 1e-6, name
+        # 3300 Hutch++ matvecs span every block of these models: the trace is exact.
+        assert result.trace_stderr == 0
+        assert relative(result.trace, spectrum.sum().item(), scale) < 1e-9, name
+
+
+def test_default_settings_are_accurate():
+    """The defaults (float32 model, tol 1e-4) give each block's top eigenvalue within 1e-3 relative."""
+    model = make_model("nanogpt")
+    batch = make_batch("nanogpt")
+    report = analyze(model, loss_fn, batch, trace=False)
+    model64, batch64 = make_model("nanogpt", torch.float64), make_batch("nanogpt", dtype=torch.float64)
+    exact = exact_spectra(model64, batch64, find_blocks(model64))
+    for name, result in report.blocks.items():
+        assert result.converged
+        assert relative(result.top_eigenvalue, exact[name][-1].item()) < 1e-3, name
+
+
+def test_hutchpp_trace_is_unbiased_within_its_standard_error():
+    model = make_model("llama", torch.float64)
+    batch = make_batch("llama", dtype=torch.float64)
+    report = analyze(model, loss_fn, batch, smallest=False, trace_matvecs=30)
+    exact = exact_spectra(model, batch, find_blocks(model))
+    estimated = [r for r in report.blocks.values() if r.trace_stderr > 0]
+    assert estimated, "some blocks must be larger than the sketch"
+    for r in estimated:
+        assert abs(r.trace - exact[r.name].sum().item()) < 5 * r.trace_stderr + 1e-12, r.name
+
+
+def test_density_is_close_to_the_exact_spectrum():
+    model = make_model("vit", torch.float64)
+    batch = make_batch("vit", dtype=torch.float64)
+    blocks = [b for b in find_blocks(model) if b.kind in ("query", "ffn_in", "value")][:3]
+    report = analyze(model, loss_fn, batch, blocks=blocks, density=True, density_probes=8, density_steps=40)
+    exact = exact_spectra(model, batch, blocks)
+    for name, result in report.blocks.items():
+        grid, values = result.density
+        spectrum = exact[name].numpy()
+        spread = spectrum.max() - spectrum.min()
+        # Wasserstein-1 between the quadrature measure and the eigenvalue distribution.
+        nodes, weights = result.density_nodes.reshape(-1), result.density_weights.reshape(-1)
+        weights = weights / weights.sum()
+        points = np.sort(np.concatenate([nodes, spectrum]))
+        cdf_nodes = np.array([weights[nodes <= x].sum() for x in points[:-1]])
+        cdf_exact = np.array([(spectrum <= x).mean() for x in points[:-1]])
+        w1 = np.sum(np.abs(cdf_nodes - cdf_exact) * np.diff(points))
+        assert w1 < 0.05 * spread, (name, w1 / spread)
+        assert np.trapezoid(values, grid) == pytest.approx(1.0, abs=0.02)
+        assert grid.min() < spectrum.min() and grid.max() > spectrum.max()
+
+
+def test_whole_model_and_split_match_dense():
+    model = make_model("mha", torch.float64)
+    batch = make_batch("mha", dtype=torch.float64)
+    report = analyze(model, loss_and_output, batch, full=True, split=True, tol=1e-10, max_iter=400)
+    whole = model_block(model)
+    with sdpa_kernel(SDPBackend.MATH):
+        hessian = dense_hessian(model.eval(), loss_fn, batch, whole)
+        gauss_newton = dense_gauss_newton(model, forward_fn, criterion, batch, whole)
+    h, g, f = (torch.linalg.eigvalsh(m) for m in (hessian, gauss_newton, hessian - gauss_newton))
+    scale = h.abs().max().item()
+    full = report.full
+    assert full.name == "model" and full.numel == whole.numel
+    assert relative(full.top_eigenvalue, h[-1].item(), scale) < 1e-6
+    assert relative(full.min_eigenvalue, h[0].item(), scale) < 1e-6
+    assert relative(full.gauss_newton_top, g[-1].item(), scale) < 1e-6
+    assert relative(full.functional_top, f[-1].item(), scale) < 1e-6
+    assert relative(full.functional_min, f[0].item(), scale) < 1e-6
+    assert "model" not in report.blocks and len(report.blocks) == len(find_blocks(model))
+    assert "GN λ_max" in report.table()
+
+
+def test_several_batches_and_a_dataloader():
+    model = make_model("encoder", torch.float64)
+    first, second = (
+        make_batch("encoder", 2, torch.float64, seed=1),
+        make_batch("encoder", 6, torch.float64, seed=2),
+    )
+    block = find_blocks(model)[3]
+    report = analyze(model, loss_fn, Batches([first, second]), blocks=[block], tol=1e-10, trace=False)
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = (
+            2 * dense_hessian(model.eval(), loss_fn, first, block)
+            + 6 * dense_hessian(model, loss_fn, second, block)
+        ) / 8
+    spectrum = torch.linalg.eigvalsh(expected)
+    assert relative(report.blocks[block.name].top_eigenvalue, spectrum[-1].item()) < 1e-6
+    assert report.loss == pytest.approx((2 * loss_fn(model, first) + 6 * loss_fn(model, second)).item() / 8)
+    loader = DataLoader([first, second], batch_size=None)
+    from_loader = analyze(model, loss_fn, loader, blocks=[block], tol=1e-10, trace=False)
+    assert from_loader.blocks[block.name].top_eigenvalues == report.blocks[block.name].top_eigenvalues
+
+
+def test_report_table_and_dict():
+    model = make_model("bert")
+    batch = make_batch("bert")
+    report = analyze(model, loss_fn, batch, full=True, density=True, density_steps=10)
+    table = report.table()
+    for name in [*report.blocks, "model"]:
+        assert name in table
+    data = json.loads(json.dumps(report.to_dict()))
+    assert set(data["blocks"]) == set(report.blocks)
+    assert data["full"]["top_eigenvalues"] == report.full.top_eigenvalues
+    assert data["matvecs"] == report.matvecs == sum(b.matvecs for b in report)
+    assert "ritz_vectors" not in data["full"]
+
+
+def test_deterministic_and_warm_start():
+    model = make_model("llama")
+    batch = make_batch("llama")
+    first = analyze(model, loss_fn, batch, trace=False, smallest=False)
+    again = analyze(model, loss_fn, batch, trace=False, smallest=False)
+    for name, result in first.blocks.items():
+        same = again.blocks[name]
+        assert (result.top_eigenvalues, result.top_residuals) == (same.top_eigenvalues, same.top_residuals)
+        assert torch.equal(result.ritz_vectors, same.ritz_vectors)
+    warm = analyze(model, loss_fn, batch, trace=False, smallest=False, init=first)
+    assert warm.matvecs < first.matvecs
+    for name, result in warm.blocks.items():
+        assert result.top_eigenvalue == pytest.approx(first.blocks[name].top_eigenvalue, rel=1e-3)
+
+
+class _NoisyModel(nn.Module):
+    """Dropout, BatchNorm and a submodule left in eval mode: everything a pass could disturb."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2)
+        )
+        self.frozen_eval = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.frozen_eval(self.net(x))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train", "keep"])
+def test_the_model_and_the_random_streams_are_left_alone(mode):
+    torch.manual_seed(0)
+    model = _NoisyModel()
+    model.train()
+    model.frozen_eval.eval()
+    model.net[0].weight.requires_grad_(False)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    requires = [p.requires_grad for p in model.parameters()]
+    rng = torch.get_rng_state()
+    np_state = np.random.get_state()[1].copy()  # noqa: NPY002 (the global stream is the point)
+
+    report = analyze(
+        model, lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), (x, y), full=True, density=True, mode=mode
+    )
+
+    assert math.isfinite(report.full.top_eigenvalue)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert [m.training for m in model.modules()] == flags
+    assert [p.requires_grad for p in model.parameters()] == requires
+    assert all(torch.equal(p.grad, torch.full_like(p, 3.0)) for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert np.array_equal(np.random.get_state()[1], np_state)  # noqa: NPY002
+    # Frozen parameters are not analysed.
+    assert report.full.numel == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_train_mode_differs_from_eval_mode_with_batchnorm():
+    torch.manual_seed(0)
+    model = _NoisyModel()
+    model.net[3].p = 0.0
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+
+    def fn(m, b):
+        return ((m(b[0]) - b[1]) ** 2).mean()
+
+    eval_report = analyze(model, fn, (x, y), blocks=None, full=True, trace=False)
+    train_report = analyze(model, fn, (x, y), blocks=None, full=True, trace=False, mode="train")
+    assert eval_report.full.top_eigenvalue != pytest.approx(train_report.full.top_eigenvalue, rel=1e-3)
+
+
+def test_bad_loss_functions_get_clear_errors():
+    model = make_model("encoder")
+    batch = make_batch("encoder")
+    with pytest.raises(ValueError, match="reduce it"):
+        analyze(model, lambda m, b: forward_fn(m, b).sum(-1), batch)
+    with pytest.raises(ValueError, match="non-finite"):
+        analyze(model, lambda m, b: loss_fn(m, b) * float("nan"), batch)
+    with pytest.raises(ValueError, match="no grad_fn"):
+        analyze(model, lambda m, b: loss_fn(m, b).detach(), batch)
+    with pytest.raises(TypeError, match="scalar tensor"):
+        analyze(model, lambda m, b: loss_fn(m, b).item(), batch)
+    with pytest.raises(TypeError, match=r"return \(loss, output\)"):
+        analyze(model, loss_fn, batch, split=True)
+    with pytest.raises(TypeError, match=r"return \(loss, output\)"):
+        analyze(model, loss_fn, batch, curvature="gauss_newton")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"top_k": 0}, "top_k must be a positive int"),
+        ({"tol": -1.0}, "tol must be a positive float"),
+        ({"max_iter": 2.5}, "max_iter must be a positive int"),
+        ({"curvature": "fisher"}, "curvature must be one of"),
+        ({"split": True, "curvature": "gauss_newton"}, "split=True decomposes the Hessian"),
+        ({"blocks": "all"}, 'blocks must be "auto"'),
+        ({"blocks": ["no.such.block"]}, "No block named 'no.such.block'"),
+        ({"blocks": None}, "Nothing to analyse"),
+        ({"mode": "inference"}, "mode must be one of"),
+        ({"batching": "fast"}, "batching must be one of"),
+    ],
+)
+def test_bad_arguments_get_clear_errors(kwargs, message):
+    model = make_model("encoder")
+    with pytest.raises(ValueError, match=message):
+        analyze(model, loss_fn, make_batch("encoder"), **kwargs)
+
+
+def test_empty_batches_are_refused():
+    with pytest.raises(ValueError, match="no batches"):
+        analyze(make_model("encoder"), loss_fn, Batches([]))
