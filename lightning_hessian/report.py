@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from lightning_hessian import tags
+
 __all__ = ["BlockCurvature", "CurvatureReport"]
 
 
@@ -109,6 +111,28 @@ class CurvatureReport:
         yield from self.blocks.values()
         if self.full is not None:
             yield self.full
+
+    def scalars(self) -> dict[str, float]:
+        """Every scalar statistic, as ``{"curvature/<block>/<stat>": value}`` (:mod:`lightning_hessian.tags`).
+
+        The whole model is the block ``model``. Statistics that were not computed are left out.
+        """
+        out: dict[str, float] = {}
+        for b in self:
+            stats: dict[str, float | None] = {
+                "min_eigenvalue": b.min_eigenvalue,
+                "trace": b.trace,
+                "gauss_newton_top": b.gauss_newton_top,
+                "functional_top": b.functional_top,
+                "functional_min": b.functional_min,
+            }
+            for i, value in enumerate(b.top_eigenvalues):
+                stats["top_eigenvalue" if i == 0 else f"top_eigenvalue_{i + 1}"] = value
+            top, bottom = b.top_eigenvalue, b.min_eigenvalue
+            if top is not None and bottom is not None and top > 0:
+                stats["negative_ratio"] = max(0.0, -bottom) / top
+            out.update({tags.block_tag(b.name, k): float(v) for k, v in stats.items() if v is not None})
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python values, ready for JSON."""

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
-from lightning_hessian import Batches, analyze, find_blocks, model_block
+from lightning_hessian import Batches, analyze, find_blocks, model_block, tags
 
 
 def loss_and_output(model, batch):
@@ -269,3 +269,19 @@ def test_bad_arguments_get_clear_errors(kwargs, message):
 def test_empty_batches_are_refused():
     with pytest.raises(ValueError, match="no batches"):
         analyze(make_model("encoder"), loss_fn, Batches([]))
+
+
+def test_report_scalars_use_the_shared_tags():
+    model = make_model("encoder")
+    report = analyze(model, loss_fn, make_batch("encoder"), full=True, top_k=2)
+    scalars = report.scalars()
+    name = next(iter(report.blocks))
+    assert scalars[tags.block_tag(name, "top_eigenvalue")] == report.blocks[name].top_eigenvalues[0]
+    assert scalars[tags.block_tag(name, "top_eigenvalue_2")] == report.blocks[name].top_eigenvalues[1]
+    assert scalars[tags.block_tag("model", "min_eigenvalue")] == report.full.min_eigenvalue
+    assert tags.block_tag("model", "gauss_newton_top") not in scalars  # not computed
+    expected_ratio = max(0.0, -report.full.min_eigenvalue) / report.full.top_eigenvalue
+    assert scalars[tags.block_tag("model", "negative_ratio")] == pytest.approx(expected_ratio)
+    assert all(tags.parse_block_tag(tag) is not None for tag in scalars)
+    assert tags.parse_block_tag("stability/sharpness") is None
+    assert tags.parse_block_tag(tags.block_tag("a.b.0.q", "trace")) == ("a.b.0.q", "trace")
