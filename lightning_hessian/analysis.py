@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from lightning_hessian._context import curvature_context
 from lightning_hessian.blocks import Block, FusedLayout, find_blocks, model_block
 from lightning_hessian.estimators import hutchpp, lanczos, slq
-from lightning_hessian.operators import CURVATURES, CurvatureOperator, LossFn
+from lightning_hessian.operators import CURVATURES, CurvatureOperator, LossFn, PreconditionedOperator
 from lightning_hessian.report import BlockCurvature, CurvatureReport
 
 __all__ = ["analyze"]
@@ -75,6 +75,7 @@ def analyze(
     batching: str = "auto",
     seed: int = 0,
     init: CurvatureReport | Mapping[str, Tensor] | None = None,
+    preconditioner: Mapping[str, Tensor] | None = None,
 ) -> CurvatureReport:
     r"""Measure the curvature of ``loss_fn`` per parameter block of ``model``.
 
@@ -117,12 +118,17 @@ def analyze(
         batching: ``"auto"``, ``"loop"`` or ``"vmap"`` (see :class:`~lightning_hessian.CurvatureOperator`).
         seed: seed of every random draw; equal seeds give identical reports.
         init: a previous report (or block name -> vectors) whose Ritz vectors start Lanczos: a warm start.
+        preconditioner: a positive diagonal :math:`P` per parameter name (tensors shaped like the
+            parameters), e.g. Adam's; with ``full=True`` the report's ``full.preconditioned_top`` is then
+            :math:`\lambda_{\max}(P^{-1} H)` of the whole model (Cohen et al., arXiv:2207.14484).
 
     Returns:
         A :class:`~lightning_hessian.CurvatureReport`; ``print(report.table())`` shows it.
     """
     if curvature not in CURVATURES:
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
+    if preconditioner is not None and not full:
+        raise ValueError("preconditioner= gives the whole model's preconditioned sharpness: pass full=True.")
     if split and curvature != "hessian":
         raise ValueError('split=True decomposes the Hessian: use it with curvature="hessian".')
     for name, value in [
@@ -191,6 +197,21 @@ def analyze(
             for r, extra in zip(results, zip(gauss_newton.block_matvecs, functional.block_matvecs)):
                 r.matvecs += sum(extra)
             matvecs += gauss_newton.matvecs + functional.matvecs
+        if preconditioner is not None:
+            whole = len(selected) - 1
+            missing = [n for n in selected[whole].params if n not in preconditioner]
+            if missing:
+                raise ValueError(
+                    f"preconditioner has no entry for {missing[:3]}; give one per trainable parameter."
+                )
+            diagonals = [None] * whole + [selected[whole].vector(preconditioner)]
+            preconditioned = PreconditionedOperator(op, diagonals)
+            eig = lanczos(
+                preconditioned, 1, smallest=False, tol=tol, max_iter=max_iter, seed=seed, blocks=[whole]
+            )
+            results[whole].preconditioned_top = eig[whole].eigenvalues[0].item()
+            results[whole].matvecs += eig[whole].matvecs
+            matvecs += eig[whole].matvecs
         loss = op.loss
         del op
     seconds = time.perf_counter() - start

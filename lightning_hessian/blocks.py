@@ -132,6 +132,14 @@ class Block:
             masks[part.param] = mask
         return masks
 
+    def vector(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """This block's entries of parameter-shaped ``tensors`` (by parameter name), as one flat vector.
+
+        The layout is the one every block vector uses: the parts in order, each row-major. For example
+        ``block.vector(dict(model.named_parameters()))`` gives the block's current weights.
+        """
+        return torch.cat([part.narrow(tensors[part.param]).reshape(-1) for part in self.parts])
+
 
 @dataclass(frozen=True)
 class FusedLayout:

@@ -31,6 +31,7 @@ class BlockCurvature:
             requested; ``density_nodes`` / ``density_weights`` hold the raw quadrature.
         gauss_newton_top, functional_top, functional_min: with ``split=True``, the top eigenvalue of the
             Gauss-Newton part and the extreme eigenvalues of the functional part.
+        preconditioned_top: with a ``preconditioner``, the whole model's λ_max(P^-1 H).
         matvecs: matrix-vector products spent on this block; seconds: wall time spent on it (approximate,
             shared products are attributed evenly).
         ritz_vectors: the top Ritz vectors (for warm starts; not part of :meth:`to_dict`).
@@ -54,6 +55,7 @@ class BlockCurvature:
     gauss_newton_top: float | None = None
     functional_top: float | None = None
     functional_min: float | None = None
+    preconditioned_top: float | None = None
     matvecs: int = 0
     seconds: float = 0.0
     ritz_vectors: Tensor | None = field(default=None, repr=False)
@@ -125,6 +127,7 @@ class CurvatureReport:
                 "gauss_newton_top": b.gauss_newton_top,
                 "functional_top": b.functional_top,
                 "functional_min": b.functional_min,
+                "preconditioned_top": b.preconditioned_top,
             }
             for i, value in enumerate(b.top_eigenvalues):
                 stats["top_eigenvalue" if i == 0 else f"top_eigenvalue_{i + 1}"] = value

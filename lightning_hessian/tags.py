@@ -34,6 +34,7 @@ BLOCK_STATS = (
     "gauss_newton_top",
     "functional_top",
     "functional_min",
+    "preconditioned_top",  # λ_max(P^-1 H) with an optimiser's diagonal preconditioner P (whole model)
 )
 
 SHARPNESS = "stability/sharpness"  # the whole model's λ_max

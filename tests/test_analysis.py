@@ -285,3 +285,27 @@ def test_report_scalars_use_the_shared_tags():
     assert all(tags.parse_block_tag(tag) is not None for tag in scalars)
     assert tags.parse_block_tag("stability/sharpness") is None
     assert tags.parse_block_tag(tags.block_tag("a.b.0.q", "trace")) == ("a.b.0.q", "trace")
+
+
+def test_preconditioned_sharpness_matches_dense():
+    model = make_model("mha", torch.float64)
+    batch = make_batch("mha", dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    diagonal = {
+        n: 0.1 + torch.rand(p.shape, dtype=torch.float64, generator=generator)
+        for n, p in model.named_parameters()
+    }
+    report = analyze(
+        model, loss_fn, batch, blocks=None, full=True, tol=1e-10, max_iter=400, preconditioner=diagonal
+    )
+    whole = model_block(model)
+    with sdpa_kernel(SDPBackend.MATH):
+        hessian = dense_hessian(model.eval(), loss_fn, batch, whole)
+    scale = whole.vector(diagonal).rsqrt()
+    expected = torch.linalg.eigvalsh(scale[:, None] * hessian * scale[None, :])[-1].item()
+    assert relative(report.full.preconditioned_top, expected) < 1e-6
+    assert report.scalars()[tags.block_tag("model", "preconditioned_top")] == report.full.preconditioned_top
+    with pytest.raises(ValueError, match="full=True"):
+        analyze(model, loss_fn, batch, preconditioner=diagonal)
+    with pytest.raises(ValueError, match="no entry"):
+        analyze(model, loss_fn, batch, full=True, preconditioner={})
