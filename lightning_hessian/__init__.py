@@ -7,9 +7,10 @@ Quick start without Lightning::
     print(report.table())
 """
 
-from lightning_hessian import estimators
+from lightning_hessian import estimators, formulas, tags
 from lightning_hessian.analysis import analyze
 from lightning_hessian.blocks import KINDS, Block, BlockPart, FusedLayout, find_blocks, model_block
+from lightning_hessian.callback import HessianMonitor
 from lightning_hessian.operators import Batches, CurvatureOperator
 from lightning_hessian.report import BlockCurvature, CurvatureReport
 
@@ -24,9 +25,12 @@ __all__ = [
     "CurvatureOperator",
     "CurvatureReport",
     "FusedLayout",
+    "HessianMonitor",
     "__version__",
     "analyze",
     "estimators",
     "find_blocks",
+    "formulas",
     "model_block",
+    "tags",
 ]

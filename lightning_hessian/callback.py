@@ -1,0 +1,428 @@
+"""``HessianMonitor``: the Lightning callback that measures per-block curvature while a model trains.
+
+The callback is thin: it decides when to measure, on which data and with which loss, calls
+:func:`~lightning_hessian.analyze`, adds the stability thresholds of the live optimiser, and hands the
+numbers to the dashboard (:mod:`lightning_hessian.dashboard`) and the alert rules
+(:mod:`lightning_hessian.alerts`). No mathematics lives here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers.logger import DummyLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor, nn
+
+from lightning_hessian import tags
+from lightning_hessian.alerts import Alert, AlertManager, AlertRule, PassRecord
+from lightning_hessian.analysis import analyze
+from lightning_hessian.blocks import Block, FusedLayout
+from lightning_hessian.dashboard import CurvatureDashboard
+from lightning_hessian.formulas.stability import adam_preconditioner, adam_threshold, sgd_threshold
+from lightning_hessian.operators import Batches
+from lightning_hessian.report import CurvatureReport
+
+__all__ = ["HessianMonitor"]
+
+_DATA_MODES = ("fixed", "current")
+_ON_ERROR = ("warn", "raise")
+_STOP_ON = (None, "warning", "critical")
+_SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
+#: The scalars put into ``trainer.callback_metrics`` (for EarlyStopping / ModelCheckpoint).
+_MONITORED = (
+    tags.SHARPNESS,
+    tags.SHARPNESS_RATIO,
+    tags.PRECONDITIONED_SHARPNESS,
+    tags.PRECONDITIONED_RATIO,
+    tags.HETEROGENEITY,
+)
+
+
+def _detached_copy(batch: Any) -> Any:
+    return apply_to_collection(batch, Tensor, lambda t: t.detach().clone())
+
+
+def _to_cpu(batch: Any) -> Any:
+    return apply_to_collection(batch, Tensor, lambda t: t.detach().cpu())
+
+
+class _SilencedLogging:
+    """Turns ``LightningModule.log`` / ``log_dict`` into no-ops, so a curvature pass logs nothing."""
+
+    def __init__(self, module: pl.LightningModule) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+        self.module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+
+    def __exit__(self, *exc: object) -> None:
+        del self.module.log, self.module.log_dict
+
+
+def training_step_loss(module: nn.Module, batch: Any) -> Tensor:
+    """The loss of ``module.training_step(batch, 0)`` with the module's logging silenced.
+
+    Accepts a ``training_step`` that returns the loss tensor or a dict with a ``"loss"`` entry.
+    """
+    with _SilencedLogging(module):
+        out = module.training_step(batch, 0)
+    if isinstance(out, Mapping):
+        if "loss" not in out:
+            raise ValueError(
+                "training_step returned a dict without a 'loss' key; pass loss_fn= to HessianMonitor."
+            )
+        out = out["loss"]
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"training_step returned {type(out).__name__}, not a loss tensor; pass "
+            "loss_fn=lambda module, batch: ... to HessianMonitor."
+        )
+    return out
+
+
+class HessianMonitor(Callback):
+    r"""Measure the Hessian of the loss per parameter block during training, and raise curvature alerts.
+
+    Every ``every_n_steps`` optimizer steps (and at ``early_steps``, and once at the end of training) the
+    callback runs :func:`~lightning_hessian.analyze` on a fixed set of curvature batches and logs, through
+    every attached logger, ``curvature/<block>/<statistic>`` scalars, the stability ratios, and with
+    TensorBoard the dashboards and figures of :class:`~lightning_hessian.dashboard.CurvatureDashboard`.
+
+    Stability (Cohen et al., ICLR 2021; arXiv:2207.14484): the whole model's top eigenvalue
+    :math:`\lambda_{\max}` is compared with :math:`2/\eta` (``stability/sharpness_ratio``), and for
+    Adam-family optimisers the preconditioned sharpness :math:`\lambda_{\max}(P^{-1}H)` with
+    :math:`(2 + 2\beta_1)/((1 - \beta_1)\eta)` (``stability/preconditioned_ratio``), with the live learning
+    rate and betas of the first optimiser's first parameter group.
+
+    Curvature data: by default (``data="fixed"``) the first ``num_batches`` training batches are captured
+    and reused at every pass, so that curves over time measure the change of the model, not of the batch;
+    they are saved in the callback's checkpoint state so a resumed run continues the same curves.
+    ``data="current"`` uses the batch of the step that triggers the pass; a sequence of batches or a
+    ``DataLoader`` uses those.
+
+    Loss: ``loss_fn(module, batch)`` if given (return ``(loss, output)`` for the Gauss-Newton split);
+    otherwise the module's ``training_step(batch, 0)`` with its ``self.log`` calls silenced, so the
+    metrics the user logs are unchanged.
+
+    A pass never changes training: weights, ``.grad``, optimiser state, random streams, buffers and
+    train/eval flags are left exactly as they were (see :func:`~lightning_hessian.analyze`), and an error
+    inside a pass is reported once as a warning and training goes on (``on_error="raise"`` to re-raise).
+
+    Args:
+        every_n_steps: measure every this many optimizer steps (0: only ``early_steps`` and the end).
+        early_steps: extra optimizer steps to measure at (curvature changes fastest early in training).
+        at_end: measure once more at the end of training.
+        data: ``"fixed"``, ``"current"``, or the curvature batches themselves: a sequence of batches, or a
+            DataLoader whose first ``num_batches`` batches are read afresh at every pass.
+        num_batches: with ``data="fixed"`` (or a DataLoader), how many batches to use.
+        loss_fn: ``loss_fn(module, batch)`` returning the loss or ``(loss, output)``.
+        blocks: ``"auto"`` (:func:`~lightning_hessian.find_blocks`), block names or ``Block`` objects, or
+            ``None`` for the whole model only.
+        rules: extra rules for :func:`~lightning_hessian.find_blocks`.
+        full: also measure the whole model (needed for the stability ratios).
+        top_k, smallest, trace, density, split, tol, max_iter, dtype, mode: as in
+            :func:`~lightning_hessian.analyze`.
+        preconditioned: measure the preconditioned sharpness of Adam-family optimisers.
+        warm_start: start each pass's Lanczos from the previous pass's Ritz vectors.
+        alerts: ``True`` for the default rules, ``False`` for none, a list of rules, or an ``AlertManager``.
+        on_alert: called with every :class:`~lightning_hessian.alerts.Alert` (on rank 0).
+        stop_on: stop training at the first alert of this severity or worse (``"warning"``,
+            ``"critical"``) or never (``None``).
+        figures: draw TensorBoard figures (needs matplotlib).
+        on_error: ``"warn"`` (report a failing pass once, keep training) or ``"raise"``.
+        seed: seed of the estimators' random vectors.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        *,
+        early_steps: Sequence[int] = (),
+        at_end: bool = True,
+        data: str | Sequence[Any] | Iterable[Any] = "fixed",
+        num_batches: int = 1,
+        loss_fn: Callable[[nn.Module, Any], Any] | None = None,
+        blocks: str | Sequence[str | Block] | None = "auto",
+        rules: Mapping[str, str | FusedLayout] | None = None,
+        full: bool = True,
+        top_k: int = 1,
+        smallest: bool = True,
+        trace: bool = True,
+        density: bool = True,
+        split: bool = False,
+        tol: float = 1e-4,
+        max_iter: int = 100,
+        dtype: torch.dtype | None = None,
+        mode: str = "eval",
+        preconditioned: bool = True,
+        warm_start: bool = True,
+        alerts: bool | Sequence[AlertRule] | AlertManager = True,
+        on_alert: Callable[[Alert], None] | None = None,
+        stop_on: str | None = None,
+        figures: bool = True,
+        on_error: str = "warn",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
+            raise ValueError(
+                f"every_n_steps must be an int >= 0 (0: only early_steps and the end), got {every_n_steps!r}."
+            )
+        early = list(early_steps)
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in early):
+            raise ValueError(f"early_steps must be optimizer steps >= 1, got {early_steps!r}.")
+        if every_n_steps == 0 and not early and not at_end:
+            raise ValueError("Nothing scheduled: set every_n_steps > 0, early_steps, or at_end=True.")
+        if isinstance(data, str) and data not in _DATA_MODES:
+            raise ValueError(f'data must be "fixed", "current", or the curvature batches; got {data!r}.')
+        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+            raise ValueError(f"num_batches must be a positive int, got {num_batches!r}.")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError("loss_fn must be a callable loss_fn(module, batch) -> loss (or (loss, output)).")
+        if on_error not in _ON_ERROR:
+            raise ValueError(f"on_error must be one of {_ON_ERROR}, got {on_error!r}.")
+        if stop_on not in _STOP_ON:
+            raise ValueError(f"stop_on must be one of {_STOP_ON}, got {stop_on!r}.")
+        if on_alert is not None and not callable(on_alert):
+            raise TypeError("on_alert must be a callable on_alert(alert).")
+        if blocks is None and not full:
+            raise ValueError("Nothing to measure: blocks=None needs full=True.")
+        if split and loss_fn is None:
+            raise ValueError(
+                "split=True needs loss_fn= returning (loss, output): training_step has no output."
+            )
+
+        self.every_n_steps = every_n_steps
+        self.early_steps = sorted(set(early))
+        self.at_end = at_end
+        self.data = data
+        self.num_batches = num_batches
+        self.loss_fn = loss_fn
+        self.preconditioned = preconditioned
+        self.warm_start = warm_start
+        self.on_alert = on_alert
+        self.stop_on = stop_on
+        self.on_error = on_error
+        # Checked here rather than at the first pass: analyze validates the same arguments.
+        self._analyze_kwargs = dict(
+            blocks=blocks,
+            rules=rules,
+            full=full,
+            top_k=top_k,
+            smallest=smallest,
+            trace=trace,
+            density=density,
+            split=split,
+            tol=tol,
+            max_iter=max_iter,
+            dtype=dtype,
+            mode=mode,
+            seed=seed,
+        )
+        for name, value in [("top_k", top_k), ("max_iter", max_iter)]:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        if not isinstance(tol, int | float) or tol <= 0:
+            raise ValueError(f"tol must be a positive float, got {tol!r}.")
+        if isinstance(alerts, AlertManager):
+            self.alerts = alerts
+        elif alerts is True:
+            self.alerts = AlertManager()
+        elif alerts is False:
+            self.alerts = AlertManager(rules=[])
+        else:
+            self.alerts = AlertManager(rules=list(alerts))
+        self.dashboard = CurvatureDashboard(figures=figures)
+
+        self._batches: list[Any] = []
+        self._current: Any = None
+        self._last_step = -1
+        self._last_pass_step = -1
+        self._last_report: CurvatureReport | None = None
+        self._reported_errors: set[str] = set()
+        self.passes = 0
+
+    # --- schedule ------------------------------------------------------------------------------------------
+
+    def _due(self, step: int) -> bool:
+        if step in self.early_steps:
+            return True
+        return self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.data == "fixed" and len(self._batches) < self.num_batches:
+            self._batches.append(_detached_copy(batch))
+        elif self.data == "current":
+            self._current = batch
+        step = trainer.global_step
+        if step == self._last_step:  # a gradient-accumulation micro-batch: no optimizer step happened
+            return
+        self._last_step = step
+        if self._due(step):
+            self._measure(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_end and trainer.global_step > 0 and trainer.global_step != self._last_pass_step:
+            self._measure(trainer, pl_module)
+
+    # --- one pass ------------------------------------------------------------------------------------------
+
+    def _curvature_data(self) -> Batches | None:
+        if self.data == "current":
+            return None if self._current is None else Batches([self._current])
+        if self.data == "fixed":
+            return Batches(self._batches) if self._batches else None
+        if isinstance(self.data, Sequence):
+            return Batches(self.data)
+        # A DataLoader (or other iterable) is read afresh at every pass.
+        return Batches(batch for batch, _ in zip(self.data, range(self.num_batches)))
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        data = self._curvature_data()
+        if data is None:
+            return
+        step = trainer.global_step
+        self._last_pass_step = step
+        start = time.perf_counter()
+        try:
+            report, preconditioned = self._analyze(trainer, pl_module, data)
+        except Exception as error:  # a monitoring pass must never stop training
+            if self.on_error == "raise":
+                raise
+            key = f"{type(error).__name__}: {error}"
+            if key not in self._reported_errors:
+                self._reported_errors.add(key)
+                rank_zero_warn(
+                    f"HessianMonitor: the curvature pass at step {step} failed and was skipped ({key}). "
+                    "Training goes on; pass on_error='raise' to see the traceback."
+                )
+            return
+        scalars = report.scalars()
+        scalars.update(self._stability(trainer, report, preconditioned))
+        scalars[tags.PASS_SECONDS] = time.perf_counter() - start
+        scalars[tags.PASS_MATVECS] = float(report.matvecs)
+        self._last_report = report if self.warm_start else None
+        self.passes += 1
+
+        record = PassRecord(step=step, scalars=scalars)
+        fired = self.alerts.update(record)
+        for name in _MONITORED:
+            if name in scalars:
+                trainer.callback_metrics[name] = torch.tensor(scalars[name])
+        if trainer.is_global_zero:
+            loggers = [lg for lg in trainer.loggers if not isinstance(lg, DummyLogger)]
+            if loggers:
+                self.dashboard.log_pass(loggers, step, scalars, report, fired, self.alerts.history)
+            for alert in fired:
+                rank_zero_warn(
+                    f"HessianMonitor [{alert.severity}] {alert.rule} at step {alert.step}: {alert.message}"
+                )
+                if self.on_alert is not None:
+                    self.on_alert(alert)
+        if self.stop_on is not None and any(
+            _SEVERITY_RANK[a.severity] >= _SEVERITY_RANK[self.stop_on] for a in fired
+        ):
+            trainer.should_stop = True
+
+    def _analyze(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, data: Any
+    ) -> tuple[CurvatureReport, bool]:
+        loss_fn = self.loss_fn if self.loss_fn is not None else training_step_loss
+        if self.loss_fn is None and not pl_module.automatic_optimization:
+            raise RuntimeError(
+                "With manual optimization the training_step does not return the loss alone: pass loss_fn=."
+            )
+        preconditioner = self._adam_preconditioner(trainer, pl_module) if self.preconditioned else None
+        kwargs = dict(self._analyze_kwargs)
+        if preconditioner is not None and not kwargs["full"]:
+            preconditioner = None
+        report = analyze(
+            pl_module, loss_fn, data, init=self._last_report, preconditioner=preconditioner, **kwargs
+        )
+        return report, preconditioner is not None
+
+    @staticmethod
+    def _optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer | None:
+        return trainer.optimizers[0] if trainer.optimizers else None
+
+    def _adam_preconditioner(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> dict[str, Tensor] | None:
+        """Adam's diagonal preconditioner per parameter, or ``None`` for other optimisers or before step 1."""
+        optimizer = self._optimizer(trainer)
+        if optimizer is None:
+            return None
+        diagonals = {}
+        for group in optimizer.param_groups:
+            if "betas" not in group:
+                return None
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                state = optimizer.state.get(p, {})
+                if "exp_avg_sq" not in state or float(state["step"]) < 1:
+                    continue
+                diagonals[id(p)] = adam_preconditioner(
+                    state["exp_avg_sq"], state["step"], beta1, beta2, group["eps"]
+                )
+        named = {n: diagonals.get(id(p)) for n, p in pl_module.named_parameters() if p.requires_grad}
+        if not named or any(d is None for d in named.values()):
+            return None
+        return named  # type: ignore[return-value]
+
+    def _stability(
+        self, trainer: pl.Trainer, report: CurvatureReport, preconditioned: bool
+    ) -> dict[str, float]:
+        """The stability thresholds of the live optimiser, and the sharpness ratios against them."""
+        optimizer = self._optimizer(trainer)
+        if optimizer is None or report.full is None or report.full.top_eigenvalue is None:
+            return {}
+        group = optimizer.param_groups[0]
+        lr = float(group["lr"])
+        if lr <= 0 or not math.isfinite(lr):
+            return {}
+        sharpness = report.full.top_eigenvalue
+        out = {
+            tags.LEARNING_RATE: lr,
+            tags.SHARPNESS: sharpness,
+            tags.THRESHOLD: sgd_threshold(lr),
+            tags.SHARPNESS_RATIO: sharpness / sgd_threshold(lr),
+        }
+        if preconditioned and report.full.preconditioned_top is not None:
+            threshold = adam_threshold(lr, group["betas"][0])
+            out[tags.PRECONDITIONED_SHARPNESS] = report.full.preconditioned_top
+            out[tags.PRECONDITIONED_THRESHOLD] = threshold
+            out[tags.PRECONDITIONED_RATIO] = report.full.preconditioned_top / threshold
+        return out
+
+    # --- checkpointing -------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "batches": [_to_cpu(b) for b in self._batches],
+            "last_step": self._last_step,
+            "last_pass_step": self._last_pass_step,
+            "passes": self.passes,
+            "alerts": self.alerts.state_dict(),
+            "dashboard": self.dashboard.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._batches = list(state_dict.get("batches", []))
+        self._last_step = state_dict.get("last_step", -1)
+        self._last_pass_step = state_dict.get("last_pass_step", -1)
+        self.passes = state_dict.get("passes", 0)
+        if "alerts" in state_dict:
+            self.alerts.load_state_dict(state_dict["alerts"])
+        if "dashboard" in state_dict:
+            self.dashboard.load_state_dict(state_dict["dashboard"])

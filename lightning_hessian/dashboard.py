@@ -1,0 +1,448 @@
+"""Curvature passes as logger output: scalars for every Lightning logger, dashboards for TensorBoard.
+
+Every logger gets the pass's scalars (tags of :mod:`lightning_hessian.tags`) through ``log_metrics``. A
+TensorBoard logger also gets
+
+* a custom-scalars layout (the "Custom Scalars" tab), written once per writer: categories
+  ``Curvature: Stability``, ``Curvature: Attention``, ``Curvature: Norms and FFN``,
+  ``Curvature: Embedding and head``, ``Curvature: Trace``, ``Curvature: Negative curvature``,
+  ``Curvature: Gauss-Newton split``, ``Curvature: Alerts`` and ``Curvature: Pass cost``, with multiline
+  charts over exact, escaped tag regexes built from the report's blocks. Charts without data are left out;
+* figures (matplotlib, optional) :data:`IMAGE_SPECTRAL_DENSITY`, :data:`IMAGE_DENSITY_OVER_TIME` and
+  :data:`IMAGE_TOP_EIGENVALUES`;
+* Markdown text :data:`TEXT_LATEST` (a table of the latest values) and :data:`TEXT_ALERTS` (this pass's
+  alerts, only when some fired).
+
+TensorBoard reads one layout per run; a layout of your own written to the same writer competes with this one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from lightning.fabric.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.tensorboard import SummaryWriter
+
+from lightning_hessian import tags
+from lightning_hessian.alerts import Alert, PassRecord
+from lightning_hessian.blocks import KINDS
+from lightning_hessian.report import BlockCurvature, CurvatureReport
+
+__all__ = [
+    "IMAGE_DENSITY_OVER_TIME",
+    "IMAGE_SPECTRAL_DENSITY",
+    "IMAGE_TOP_EIGENVALUES",
+    "TEXT_ALERTS",
+    "TEXT_LATEST",
+    "CurvatureDashboard",
+]
+
+IMAGE_SPECTRAL_DENSITY = "curvature/spectral_density"  # small multiples, one panel per block, latest pass
+IMAGE_DENSITY_OVER_TIME = "curvature/density_over_time"  # step x eigenvalue heatmap of one density
+IMAGE_TOP_EIGENVALUES = "curvature/top_eigenvalue_heatmap"  # block x step heatmap of log10 λ_max
+TEXT_LATEST = "curvature/latest"  # Markdown table of the latest pass
+TEXT_ALERTS = "alerts"  # Markdown list of this pass's alerts
+
+_CMAP = "viridis"  # one colormap for every heatmap
+_DPI = 90
+_FLOOR = 1e-6  # densities are clipped at this fraction of their peak before taking logs
+_GRID_POINTS = 200  # eigenvalue grid of the density-over-time heatmap
+_ATTENTION = ("query", "key", "value", "attn_out")
+_NORM_FFN = ("norm", "ffn_in", "ffn_out")
+_SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
+
+
+class _Density(NamedTuple):
+    """One pass's spectral density of the tracked block (for the density-over-time heatmap)."""
+
+    step: int
+    block: str
+    grid: np.ndarray
+    values: np.ndarray
+
+
+class CurvatureDashboard:
+    """Writes curvature passes to every Lightning logger; richer views when a logger is TensorBoard.
+
+    Args:
+        figures: draw matplotlib figures for TensorBoard loggers (needs ``matplotlib``; without it the
+            dashboard warns once and writes everything else).
+        density_history: how many passes of spectral density the density-over-time heatmap shows.
+    """
+
+    def __init__(self, *, figures: bool = True, density_history: int = 100) -> None:
+        if isinstance(density_history, bool) or not isinstance(density_history, int) or density_history < 1:
+            raise ValueError(f"density_history must be a positive int, got {density_history!r}.")
+        self.figures = figures
+        self.density_history = density_history
+        self._densities: list[_Density] = []
+        self._layouts: set[int] = set()  # ids of the writers that have the layout (not checkpointed)
+        self._warned = False
+
+    def log_pass(
+        self,
+        loggers: Sequence[Logger],
+        step: int,
+        scalars: Mapping[str, float],
+        report: CurvatureReport,
+        alerts: Sequence[Alert],
+        history: Sequence[PassRecord],
+    ) -> None:
+        """Log one curvature pass (rank 0 only).
+
+        Args:
+            loggers: the trainer's loggers; all get the scalars, TensorBoard ones the dashboards too.
+            step: the optimizer step of the pass.
+            scalars: the pass's scalars (``report.scalars()`` plus stability and pass-cost tags); ``None``
+                values are skipped, non-finite ones logged as they are.
+            report: the pass's report.
+            alerts: the alerts fired at this pass.
+            history: every pass so far, this one last.
+        """
+        metrics: dict[str, Any] = {k: v for k, v in scalars.items() if v is not None}
+        metrics[tags.ALERT_COUNT] = len(alerts)
+        writers = []
+        for logger in loggers:
+            logger.log_metrics(metrics, step)
+            writer = _summary_writer(logger)
+            if writer is not None:
+                writers.append((writer, _prefix(logger)))
+        if self.figures:
+            self._remember_density(step, report)
+        if not writers:
+            return
+
+        figures = self._draw(step, report, history) if self.figures else {}
+        texts = {TEXT_LATEST: _latest_markdown(step, report)}
+        if alerts:
+            texts[TEXT_ALERTS] = _alerts_markdown(step, alerts)
+        for writer, prefix in writers:
+            if id(writer) not in self._layouts:
+                writer.add_custom_scalars(_layout(report, metrics, prefix))
+                self._layouts.add(id(writer))
+            for tag, figure in figures.items():
+                writer.add_figure(tag, figure, step, close=False)  # one drawing serves every writer
+            for tag, text in texts.items():
+                writer.add_text(tag, text, step)
+            writer.flush()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The density history, as plain Python values (the layout is rewritten after a resume)."""
+        return {
+            "densities": [
+                {"step": d.step, "block": d.block, "grid": d.grid.tolist(), "values": d.values.tolist()}
+                for d in self._densities
+            ]
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self._densities = [
+            _Density(
+                int(d["step"]), str(d["block"]), np.asarray(d["grid"], float), np.asarray(d["values"], float)
+            )
+            for d in state.get("densities", [])
+        ][-self.density_history :]
+
+    def _remember_density(self, step: int, report: CurvatureReport) -> None:
+        """Add this pass's density of the tracked block: the whole model, else the sharpest block."""
+        found = {b.name: (b, d) for b in report if (d := _density(b)) is not None}
+        if not found:
+            return
+        last = self._densities[-1].block if self._densities else None
+        if report.full is not None and report.full.name in found:
+            name = report.full.name
+        elif last in found:
+            name = last  # stay on one block so the heatmap's rows stay comparable
+        else:
+            name = max(found, key=lambda n: _finite(found[n][0].top_eigenvalue, -math.inf))
+        grid, values = found[name][1]
+        # A switch of block restarts the history; a repeated step (resume) replaces the later passes.
+        kept = [d for d in self._densities if d.block == name and d.step < step]
+        self._densities = [*kept, _Density(int(step), name, grid, values)][-self.density_history :]
+
+    def _draw(self, step: int, report: CurvatureReport, history: Sequence[PassRecord]) -> dict[str, Any]:
+        """The figures of this pass by tag; none when matplotlib is missing (warned once)."""
+        try:
+            # Optional dependency. Plain Figure objects (not pyplot) leave the user's backend alone, and
+            # belong to no global figure registry: nothing to close, they are freed with the last reference.
+            from matplotlib.figure import Figure
+        except ImportError:
+            if not self._warned:
+                rank_zero_warn(
+                    "CurvatureDashboard: matplotlib is not installed, so no curvature figures are drawn. "
+                    "`pip install matplotlib` to get them, or pass figures=False to silence this warning."
+                )
+                self._warned = True
+            return {}
+        current = self._densities if self._densities and self._densities[-1].step == step else []
+        drawn = {
+            IMAGE_SPECTRAL_DENSITY: _spectral_density_figure(Figure, step, report),
+            IMAGE_DENSITY_OVER_TIME: _density_over_time_figure(Figure, current),
+            IMAGE_TOP_EIGENVALUES: _top_eigenvalue_figure(Figure, report, history),
+        }
+        return {tag: fig for tag, fig in drawn.items() if fig is not None}
+
+
+# --- loggers -------------------------------------------------------------------------------------------
+
+
+def _summary_writer(logger: Logger) -> Any | None:
+    """The logger's TensorBoard writer, or ``None`` for other loggers."""
+    if isinstance(logger, TensorBoardLogger):
+        return logger.experiment
+    experiment = getattr(logger, "experiment", None)
+    return experiment if isinstance(experiment, SummaryWriter) else None
+
+
+def _prefix(logger: Logger) -> str:
+    """What ``TensorBoardLogger(prefix=...)`` puts before every scalar tag, so layout regexes match."""
+    prefix = getattr(logger, "_prefix", "") if isinstance(logger, TensorBoardLogger) else ""
+    return f"{prefix}{logger.LOGGER_JOIN_CHAR}" if prefix else ""
+
+
+# --- custom-scalars layout -----------------------------------------------------------------------------
+
+
+def _kinds(report: CurvatureReport) -> dict[str, list[str]]:
+    """Block names by kind, kinds in :data:`KINDS` order (unknown kinds, then ``model``, last)."""
+    by_kind: dict[str, list[str]] = {}
+    for b in report:
+        by_kind.setdefault(b.kind, []).append(b.name)
+    rank = {kind: i for i, kind in enumerate(KINDS)}
+    return dict(sorted(by_kind.items(), key=lambda kv: (kv[0] == "model", rank.get(kv[0], len(KINDS)))))
+
+
+def _layout(report: CurvatureReport, logged: Iterable[str], prefix: str) -> dict[str, dict[str, list]]:
+    """The custom-scalars layout: ``{category: {chart: ["Multiline", [tag regex, ...]]}}``.
+
+    Regexes are exact (escaped, anchored: TensorBoard uses ``re.match``) tags of the report's blocks, so
+    ``top_eigenvalue`` does not also catch ``top_eigenvalue_2``. Only tags logged at this pass are charted.
+    """
+    logged = set(logged)
+    by_kind = _kinds(report)
+
+    def chart(*candidates: str) -> list[str]:
+        return [f"^{re.escape(prefix + t)}$" for t in candidates if t in logged]
+
+    def per_kind(kinds: Iterable[str], stats: Sequence[str], label: str) -> dict[str, list[str]]:
+        return {
+            f"{kind} {label}": chart(*(tags.block_tag(n, s) for n in by_kind[kind] for s in stats))
+            for kind in kinds
+            if kind in by_kind
+        }
+
+    sharpness = tags.SHARPNESS
+    if sharpness not in logged and report.full is not None:
+        sharpness = tags.block_tag(report.full.name, "top_eigenvalue")
+    other = [k for k in by_kind if k not in _ATTENTION + _NORM_FFN + ("model",)]
+    negative: dict[str, list[str]] = {}
+    for kind in by_kind:
+        negative |= per_kind([kind], ["min_eigenvalue"], "λ_min")
+        negative |= per_kind([kind], ["negative_ratio"], "negative ratio")
+    categories = {
+        "Stability": {
+            "sharpness λ_max vs threshold 2/lr": chart(sharpness, tags.THRESHOLD),
+            "sharpness ratios (> 1: unstable)": chart(tags.SHARPNESS_RATIO, tags.PRECONDITIONED_RATIO),
+            "preconditioned sharpness vs threshold": chart(
+                tags.PRECONDITIONED_SHARPNESS, tags.PRECONDITIONED_THRESHOLD
+            ),
+            "block heterogeneity (Jensen-Shannon distance)": chart(tags.HETEROGENEITY),
+        },
+        "Attention": per_kind(_ATTENTION, ["top_eigenvalue"], "λ_max across layers"),
+        "Norms and FFN": per_kind(_NORM_FFN, ["top_eigenvalue"], "λ_max across layers"),
+        "Embedding and head": per_kind(other, ["top_eigenvalue"], "λ_max"),
+        "Trace": per_kind(by_kind, ["trace"], "trace"),
+        "Negative curvature": negative,
+        "Gauss-Newton split": per_kind(
+            by_kind, ["gauss_newton_top", "functional_top"], "Gauss-Newton vs functional λ_max"
+        ),
+        "Alerts": {"alerts fired per pass": chart(tags.ALERT_COUNT)},
+        "Pass cost": {
+            "seconds per pass": chart(tags.PASS_SECONDS),
+            "matvecs per pass": chart(tags.PASS_MATVECS),
+        },
+    }
+    layout = {
+        f"Curvature: {title}": {name: ["Multiline", regexes] for name, regexes in charts.items() if regexes}
+        for title, charts in categories.items()
+    }
+    return {title: charts for title, charts in layout.items() if charts}
+
+
+# --- text ----------------------------------------------------------------------------------------------
+
+
+def _num(value: float | None, converged: bool | None = None) -> str:
+    """A table cell: 4 significant digits, ``-`` when missing, ``†`` when Lanczos did not converge."""
+    if value is None:
+        return "-"
+    text = f"{value:.4g}" if math.isfinite(value) else str(value)
+    return text + " †" if converged is False else text
+
+
+def _latest_markdown(step: int, report: CurvatureReport) -> str:
+    """The latest values of every block (and the model) as a Markdown table."""
+    split = any(b.gauss_newton_top is not None for b in report)
+    header = ["block", "kind", "layer", "λ_max", "λ_min", "trace"]
+    header += ["GN λ_max", "functional λ_max", "functional λ_min"] if split else []
+    lines = [
+        f"**Step {step}**: {report.curvature}, loss {report.loss:.4g}, {report.matvecs} matvecs, "
+        f"{report.seconds:.2f} s",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join([":---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
+    ]
+    for b in report:
+        row = [f"`{b.name}`", b.kind, "-" if b.layer is None else str(b.layer)]
+        row += [_num(b.top_eigenvalue, b.converged), _num(b.min_eigenvalue, b.min_converged), _num(b.trace)]
+        row += [_num(b.gauss_newton_top), _num(b.functional_top), _num(b.functional_min)] if split else []
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+    if any(b.converged is False or b.min_converged is False for b in report):
+        lines += ["", "† not converged within `max_iter` Lanczos steps"]
+    return "\n".join(lines)
+
+
+def _alerts_markdown(step: int, alerts: Sequence[Alert]) -> str:
+    """This pass's alerts as a Markdown list, most severe first."""
+    lines = [f"**{len(alerts)} alert{'s' if len(alerts) != 1 else ''} at step {step}**", ""]
+    for a in sorted(alerts, key=lambda a: _SEVERITY_ORDER.get(a.severity, len(_SEVERITY_ORDER))):
+        line = f"- **{a.severity.upper()}** `{a.rule}`: {a.message}"
+        if a.tag is not None:
+            line += f" (`{a.tag}`" + ("" if a.value is None else f" = {_num(a.value)}") + ")"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+# --- figures -------------------------------------------------------------------------------------------
+
+
+def _finite(value: Any, default: float = math.nan) -> float:
+    """``float(value)``, or ``default`` for ``None``."""
+    return default if value is None else float(value)
+
+
+def _array(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):  # densities come as CPU float64 tensors
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64).ravel()
+
+
+def _density(block: BlockCurvature) -> tuple[np.ndarray, np.ndarray] | None:
+    """The block's density ``(grid, values)`` sorted by eigenvalue, or ``None`` if it has no usable one."""
+    if block.density is None:
+        return None
+    grid, values = (_array(x) for x in block.density)
+    keep = np.isfinite(grid) & np.isfinite(values)
+    if grid.shape != values.shape or keep.sum() < 2:
+        return None
+    order = np.argsort(grid[keep])
+    grid, values = grid[keep][order], np.maximum(values[keep][order], 0.0)
+    return (grid, values) if values.max() > 0 else None
+
+
+def _edges(centres: np.ndarray) -> np.ndarray:
+    """Cell edges around increasing centres (for ``pcolormesh`` with uneven steps)."""
+    if len(centres) == 1:
+        return np.array([centres[0] - 0.5, centres[0] + 0.5])
+    mids = (centres[1:] + centres[:-1]) / 2
+    return np.concatenate([[2 * centres[0] - mids[0]], mids, [2 * centres[-1] - mids[-1]]])
+
+
+def _short(name: str, width: int = 30) -> str:
+    """Drop leading dotted components of a long block name."""
+    parts = name.split(".")
+    while len(parts) > 1 and len(".".join(parts)) > width:
+        parts.pop(0)
+    return name if len(parts) == len(name.split(".")) else "…" + ".".join(parts)
+
+
+def _kind_color(kind: str) -> str:
+    """A fixed colour per block kind (matplotlib's ``C0``..``C9`` cycle), black for the model."""
+    return "k" if kind not in KINDS else f"C{KINDS.index(kind) % 10}"
+
+
+def _spectral_density_figure(figure_cls: type, step: int, report: CurvatureReport) -> Any | None:
+    """Small multiples of every block's spectral density at this pass (log-scale density)."""
+    panels = [(b, d) for b in report if (d := _density(b)) is not None]
+    if not panels:
+        return None
+    cols = math.ceil(math.sqrt(len(panels)))
+    rows = math.ceil(len(panels) / cols)
+    fig = figure_cls(figsize=(2.6 * cols, 1.9 * rows + 0.8), dpi=_DPI, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (b, (grid, values)) in zip(axes, panels):
+        floor = values.max() * _FLOOR  # log axes need a floor: Gaussian tails reach 1e-300
+        clipped = np.maximum(values, floor)
+        ax.fill_between(grid, floor, clipped, color=_kind_color(b.kind), alpha=0.25, linewidth=0)
+        ax.plot(grid, clipped, color=_kind_color(b.kind), linewidth=1)
+        ax.set_yscale("log")
+        ax.minorticks_off()  # log minor ticks cost most of the drawing time of many small panels
+        ax.locator_params(axis="x", nbins=4)
+        ax.set_ylim(bottom=floor)
+        ax.axvline(0.0, color="0.5", linewidth=0.6, linestyle=":")
+        ax.set_title(f"{_short(b.name)} ({b.kind})", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in axes[len(panels) :]:
+        ax.set_axis_off()
+    fig.suptitle(f"Spectral density per block ({report.curvature}), step {step}")
+    fig.supxlabel("eigenvalue")
+    fig.supylabel("density (log scale)")
+    return fig
+
+
+def _density_over_time_figure(figure_cls: type, densities: Sequence[_Density]) -> Any | None:
+    """Heatmap of the tracked block's density: step (x) by eigenvalue (y), colour log10 density."""
+    if not densities:
+        return None
+    grid = np.linspace(min(d.grid[0] for d in densities), max(d.grid[-1] for d in densities), _GRID_POINTS)
+    # Each pass has its own grid (its spectral range): re-interpolate onto one common grid.
+    values = np.stack([np.interp(grid, d.grid, d.values, left=0.0, right=0.0) for d in densities], axis=1)
+    if not values.max() > 0:
+        return None
+    z = np.log10(np.maximum(values, values.max() * _FLOOR))
+    steps = np.array([d.step for d in densities], dtype=float)
+    fig = figure_cls(figsize=(8, 4.5), dpi=_DPI, layout="constrained")
+    ax = fig.add_subplot()
+    mesh = ax.pcolormesh(_edges(steps), _edges(grid), z, cmap=_CMAP, shading="flat")
+    fig.colorbar(mesh, ax=ax, label=r"$\log_{10}$ density")
+    ax.set_xlabel("step")
+    ax.set_ylabel("eigenvalue")
+    ax.set_title(f"Spectral density over time: {densities[-1].block}")
+    return fig
+
+
+def _top_eigenvalue_figure(
+    figure_cls: type, report: CurvatureReport, history: Sequence[PassRecord]
+) -> Any | None:
+    """Heatmap of log10 λ_max: blocks (rows, model order) by pass step (columns)."""
+    names = [b.name for b in report]
+    records = sorted({r.step: r for r in history}.items())  # a repeated step keeps its latest pass
+    if not names or not records:
+        return None
+    top = np.array(
+        [[_finite(r.scalars.get(tags.block_tag(n, "top_eigenvalue"))) for _, r in records] for n in names]
+    )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.ma.masked_invalid(np.where(top > 0, np.log10(np.where(top > 0, top, 1.0)), np.nan))
+    if z.mask.all():
+        return None
+    steps = np.array([step for step, _ in records], dtype=float)
+    fig = figure_cls(figsize=(8, max(3.0, 0.2 * len(names) + 1.5)), dpi=_DPI, layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_facecolor("0.85")  # masked cells (missing, or λ_max <= 0) show as grey
+    mesh = ax.pcolormesh(_edges(steps), np.arange(len(names) + 1) - 0.5, z, cmap=_CMAP, shading="flat")
+    fig.colorbar(mesh, ax=ax, label=r"$\log_{10} \lambda_{\max}$")
+    ax.set_yticks(np.arange(len(names)))
+    ax.set_yticklabels(names, fontsize=max(4, min(8, 400 // len(names))))
+    ax.invert_yaxis()  # first block on top
+    ax.set_xlabel("step")
+    ax.set_title(f"Top eigenvalue per block ({report.curvature})")
+    return fig
