@@ -26,7 +26,12 @@ from lightning_hessian.alerts import Alert, AlertManager, AlertRule, PassRecord
 from lightning_hessian.analysis import analyze
 from lightning_hessian.blocks import Block, FusedLayout
 from lightning_hessian.dashboard import CurvatureDashboard
-from lightning_hessian.formulas.stability import adam_preconditioner, adam_threshold, sgd_threshold
+from lightning_hessian.formulas.stability import (
+    adam_preconditioner,
+    adam_threshold,
+    block_heterogeneity,
+    sgd_threshold,
+)
 from lightning_hessian.operators import Batches
 from lightning_hessian.report import CurvatureReport
 
@@ -129,8 +134,10 @@ class HessianMonitor(Callback):
             ``None`` for the whole model only.
         rules: extra rules for :func:`~lightning_hessian.find_blocks`.
         full: also measure the whole model (needed for the stability ratios).
-        top_k, smallest, trace, density, split, tol, max_iter, dtype, mode: as in
-            :func:`~lightning_hessian.analyze`.
+        top_k, smallest, trace, density, split, tol, max_iter, trace_matvecs, density_probes, density_steps,
+            dtype, mode: as in :func:`~lightning_hessian.analyze`. Together they bound the cost of a pass:
+            at most ``blocks x (max_iter + trace_matvecs + density_probes x density_steps)`` Hessian-vector
+            products (plus the same for the whole model, and twice ``max_iter`` more with ``split``).
         preconditioned: measure the preconditioned sharpness of Adam-family optimisers.
         warm_start: start each pass's Lanczos from the previous pass's Ritz vectors.
         alerts: ``True`` for the default rules, ``False`` for none, a list of rules, or an ``AlertManager``.
@@ -138,6 +145,9 @@ class HessianMonitor(Callback):
         stop_on: stop training at the first alert of this severity or worse (``"warning"``,
             ``"critical"``) or never (``None``).
         figures: draw TensorBoard figures (needs matplotlib).
+        max_overhead: a time budget: skip a scheduled pass while the passes so far have taken more than this
+            fraction of the training time (e.g. ``0.05``); ``None`` never skips. The end-of-training pass is
+            always made.
         on_error: ``"warn"`` (report a failing pass once, keep training) or ``"raise"``.
         seed: seed of the estimators' random vectors.
     """
@@ -161,6 +171,9 @@ class HessianMonitor(Callback):
         split: bool = False,
         tol: float = 1e-4,
         max_iter: int = 100,
+        trace_matvecs: int = 30,
+        density_probes: int = 4,
+        density_steps: int = 40,
         dtype: torch.dtype | None = None,
         mode: str = "eval",
         preconditioned: bool = True,
@@ -169,6 +182,7 @@ class HessianMonitor(Callback):
         on_alert: Callable[[Alert], None] | None = None,
         stop_on: str | None = None,
         figures: bool = True,
+        max_overhead: float | None = None,
         on_error: str = "warn",
         seed: int = 0,
     ) -> None:
@@ -224,11 +238,25 @@ class HessianMonitor(Callback):
             split=split,
             tol=tol,
             max_iter=max_iter,
+            trace_matvecs=trace_matvecs,
+            density_probes=density_probes,
+            density_steps=density_steps,
             dtype=dtype,
             mode=mode,
             seed=seed,
         )
-        for name, value in [("top_k", top_k), ("max_iter", max_iter)]:
+        if max_overhead is not None and not (isinstance(max_overhead, int | float) and max_overhead > 0):
+            raise ValueError(
+                f"max_overhead must be a positive fraction of training time, e.g. 0.05; got {max_overhead!r}."
+            )
+        self.max_overhead = max_overhead
+        for name, value in [
+            ("top_k", top_k),
+            ("max_iter", max_iter),
+            ("trace_matvecs", trace_matvecs),
+            ("density_probes", density_probes),
+            ("density_steps", density_steps),
+        ]:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")
         if not isinstance(tol, int | float) or tol <= 0:
@@ -249,7 +277,10 @@ class HessianMonitor(Callback):
         self._last_pass_step = -1
         self._last_report: CurvatureReport | None = None
         self._reported_errors: set[str] = set()
+        self._train_start: float | None = None
+        self._pass_seconds = 0.0
         self.passes = 0
+        self.skipped = 0
 
     # --- schedule ------------------------------------------------------------------------------------------
 
@@ -257,6 +288,15 @@ class HessianMonitor(Callback):
         if step in self.early_steps:
             return True
         return self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_start = time.perf_counter()
+
+    def _over_budget(self) -> bool:
+        if self.max_overhead is None or self._train_start is None or self.passes == 0:
+            return False
+        training = time.perf_counter() - self._train_start - self._pass_seconds
+        return self._pass_seconds > self.max_overhead * max(training, 1e-9)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -270,6 +310,9 @@ class HessianMonitor(Callback):
             return
         self._last_step = step
         if self._due(step):
+            if self._over_budget():
+                self.skipped += 1
+                return
             self._measure(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -310,7 +353,13 @@ class HessianMonitor(Callback):
             return
         scalars = report.scalars()
         scalars.update(self._stability(trainer, report, preconditioned))
-        scalars[tags.PASS_SECONDS] = time.perf_counter() - start
+        if report.settings.get("density"):
+            densities = [b.density for b in report.blocks.values() if b.density is not None]
+            if len(densities) >= 2:
+                scalars[tags.HETEROGENEITY] = block_heterogeneity(densities)
+        seconds = time.perf_counter() - start
+        self._pass_seconds += seconds
+        scalars[tags.PASS_SECONDS] = seconds
         scalars[tags.PASS_MATVECS] = float(report.matvecs)
         self._last_report = report if self.warm_start else None
         self.passes += 1
@@ -413,6 +462,8 @@ class HessianMonitor(Callback):
             "last_step": self._last_step,
             "last_pass_step": self._last_pass_step,
             "passes": self.passes,
+            "skipped": self.skipped,
+            "pass_seconds": self._pass_seconds,
             "alerts": self.alerts.state_dict(),
             "dashboard": self.dashboard.state_dict(),
         }
@@ -422,6 +473,8 @@ class HessianMonitor(Callback):
         self._last_step = state_dict.get("last_step", -1)
         self._last_pass_step = state_dict.get("last_pass_step", -1)
         self.passes = state_dict.get("passes", 0)
+        self.skipped = state_dict.get("skipped", 0)
+        self._pass_seconds = state_dict.get("pass_seconds", 0.0)
         if "alerts" in state_dict:
             self.alerts.load_state_dict(state_dict["alerts"])
         if "dashboard" in state_dict:

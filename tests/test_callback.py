@@ -280,3 +280,20 @@ def test_lightning_cli_yaml(tmp_path):
     cli = LightningCLI(TinyTransformer, args=["fit", "--config", str(config)], save_config_callback=None)
     monitor = next(c for c in cli.trainer.callbacks if isinstance(c, HessianMonitor))
     assert monitor.every_n_steps == 1 and pass_steps(monitor) == [1, 2]
+
+
+def test_block_heterogeneity_is_logged_with_densities(tmp_path):
+    monitor = HessianMonitor(every_n_steps=2, density=True, density_steps=10, figures=False, at_end=False)
+    fit(tmp_path, [monitor], max_steps=2)
+    value = monitor.alerts.history[-1].scalars[tags.HETEROGENEITY]
+    assert 0 < value <= math.sqrt(math.log(2)) + 1e-12  # natural-log Jensen-Shannon distance range
+
+
+def test_time_budget_skips_passes(tmp_path):
+    """A tiny overhead budget: after the first pass, scheduled passes are skipped; the end pass still runs."""
+    monitor = HessianMonitor(every_n_steps=1, max_overhead=1e-6, trace=False, figures=False)
+    fit(tmp_path, [monitor], max_steps=5)
+    assert pass_steps(monitor) == [1, 5]
+    assert monitor.skipped == 4  # steps 2-5 skipped when due; the end-of-training pass still measures step 5
+    with pytest.raises(ValueError, match="max_overhead"):
+        HessianMonitor(max_overhead=0)
