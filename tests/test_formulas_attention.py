@@ -25,15 +25,6 @@ TOL = 1e-10
 SHAPES = [(2, 2, 2), (3, 2, 3), (4, 3, 2), (5, 4, 3), (3, 4, 4)]  # (L, d_V, d_K)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # The tensors here are tiny: thread hand-offs cost more than the arithmetic (about 10x on 2 cores).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _draw(L, d, dk, seed, x_scale=1.0, batch=()):
     g = torch.Generator().manual_seed(seed)
 

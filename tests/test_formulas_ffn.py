@@ -17,15 +17,6 @@ TOL = 1e-10
 ACTS = ["relu", "gelu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Tiny tensors: thread hand-offs cost more than the arithmetic.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _randn(g, *shape):
     return torch.randn(*shape, generator=g, dtype=DT)
 

@@ -25,15 +25,6 @@ CASES = [  # (L, d, eps, affine)
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Tiny tensors: thread hand-offs cost more than the arithmetic.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _draw(L, d, affine, seed, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     X = scale * torch.randn(L, d, generator=g, dtype=DT)
