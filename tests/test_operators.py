@@ -169,3 +169,27 @@ def test_the_model_is_not_touched():
         op.using("functional").matmat([torch.randn(n, 1) for n in op.sizes])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
+
+
+def test_gauss_newton_with_mse_loss():
+    """Mean squared error: the output Hessian is 2/N I, and the split still matches the dense reference."""
+    model = make_model("vit", torch.float64)
+    batch = make_batch("vit", dtype=torch.float64)
+    target = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def mse(output, batch):
+        return ((output - target) ** 2).mean()
+
+    def mse_loss(model, batch):
+        output = forward_fn(model, batch)
+        return mse(output, batch), output
+
+    blocks = [b for b in find_blocks(model) if b.kind in ("key", "value", "norm")][:3]
+    with curvature_context(model):
+        op = CurvatureOperator(model, mse_loss, batch, blocks, split=True)
+        hessians = operator_matrices(op)
+        gauss_newton = operator_matrices(op.using("gauss_newton"))
+    with sdpa_kernel(SDPBackend.MATH):
+        for block, h, g in zip(blocks, hessians, gauss_newton):
+            assert_close_matrix(h, dense_hessian(model.eval(), mse_loss, batch, block))
+            assert_close_matrix(g, dense_gauss_newton(model, forward_fn, mse, batch, block))
