@@ -32,7 +32,7 @@ from lightning_hessian.formulas.stability import (
     block_heterogeneity,
     sgd_threshold,
 )
-from lightning_hessian.operators import Batches
+from lightning_hessian.operators import Batches, NonFiniteLossError
 from lightning_hessian.report import CurvatureReport
 
 __all__ = ["HessianMonitor"]
@@ -340,6 +340,13 @@ class HessianMonitor(Callback):
         start = time.perf_counter()
         try:
             report, preconditioned = self._analyze(trainer, pl_module, data)
+        except NonFiniteLossError:
+            if self.on_error == "raise":
+                raise
+            # Not a fault of the pass: the model itself has diverged. Skip the pass and let the alert rules
+            # see it (the NonFinite rule fires on the NaN loss).
+            self._record(trainer, PassRecord(step=step, scalars={tags.PASS_LOSS: math.nan}), None)
+            return
         except Exception as error:  # a monitoring pass must never stop training
             if self.on_error == "raise":
                 raise
@@ -361,18 +368,25 @@ class HessianMonitor(Callback):
         self._pass_seconds += seconds
         scalars[tags.PASS_SECONDS] = seconds
         scalars[tags.PASS_MATVECS] = float(report.matvecs)
+        scalars[tags.PASS_LOSS] = report.loss
         self._last_report = report if self.warm_start else None
         self.passes += 1
+        self._record(trainer, PassRecord(step=step, scalars=scalars), report)
 
-        record = PassRecord(step=step, scalars=scalars)
+    def _record(self, trainer: pl.Trainer, record: PassRecord, report: CurvatureReport | None) -> None:
+        """Run the alert rules on a pass, publish its scalars and deliver its alerts."""
         fired = self.alerts.update(record)
+        scalars, step = record.scalars, record.step
         for name in _MONITORED:
             if name in scalars:
                 trainer.callback_metrics[name] = torch.tensor(scalars[name])
         if trainer.is_global_zero:
             loggers = [lg for lg in trainer.loggers if not isinstance(lg, DummyLogger)]
-            if loggers:
+            if loggers and report is not None:
                 self.dashboard.log_pass(loggers, step, scalars, report, fired, self.alerts.history)
+            elif loggers:
+                for logger in loggers:
+                    logger.log_metrics({**scalars, tags.ALERT_COUNT: float(len(fired))}, step)
             for alert in fired:
                 rank_zero_warn(
                     f"HessianMonitor [{alert.severity}] {alert.rule} at step {alert.step}: {alert.message}"

@@ -45,12 +45,23 @@ from torch.utils.data import DataLoader
 
 from lightning_hessian.blocks import Block
 
-__all__ = ["BATCHING", "CURVATURES", "Batches", "CurvatureOperator", "PreconditionedOperator"]
+__all__ = [
+    "BATCHING",
+    "CURVATURES",
+    "Batches",
+    "CurvatureOperator",
+    "NonFiniteLossError",
+    "PreconditionedOperator",
+]
 
 CURVATURES = ("hessian", "gauss_newton", "functional")
 BATCHING = ("auto", "loop", "vmap")
 
 LossFn = Callable[[nn.Module, Any], "Tensor | tuple[Tensor, Tensor]"]
+
+
+class NonFiniteLossError(ValueError):
+    """The loss on a curvature batch is NaN or infinite, so its curvature is undefined."""
 
 
 class Batches(tuple):
@@ -118,7 +129,7 @@ def _check_loss(value: Any, index: int, need_output: bool) -> tuple[Tensor, Tens
             "defined for a scalar loss: reduce it (e.g. .mean()) inside loss_fn."
         )
     if not torch.isfinite(value).all():
-        raise ValueError(
+        raise NonFiniteLossError(
             f"loss_fn returned {value.item()} on batch {index}; the curvature of a non-finite loss is "
             "undefined."
             " Check the batch and the model, or analyse another batch."

@@ -11,6 +11,7 @@ __all__ = [
     "BLOCK_STATS",
     "HETEROGENEITY",
     "LEARNING_RATE",
+    "PASS_LOSS",
     "PASS_MATVECS",
     "PASS_SECONDS",
     "PRECONDITIONED_RATIO",
@@ -47,6 +48,7 @@ PRECONDITIONED_RATIO = "stability/preconditioned_ratio"
 HETEROGENEITY = "heterogeneity/js_distance"  # mean pairwise Jensen-Shannon distance of block densities
 PASS_SECONDS = "curvature_pass/seconds"
 PASS_MATVECS = "curvature_pass/matvecs"
+PASS_LOSS = "curvature_pass/loss"  # the loss on the curvature batches
 ALERT_COUNT = "alerts/count"
 
 

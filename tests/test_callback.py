@@ -297,3 +297,17 @@ def test_time_budget_skips_passes(tmp_path):
     assert monitor.skipped == 4  # steps 2-5 skipped when due; the end-of-training pass still measures step 5
     with pytest.raises(ValueError, match="max_overhead"):
         HessianMonitor(max_overhead=0)
+
+
+def test_a_nan_loss_skips_the_pass_and_raises_an_alert(tmp_path):
+    def nan_loss(module, batch):
+        return F.cross_entropy(module(batch[0]), batch[1]) * float("nan")
+
+    seen = []
+    monitor = HessianMonitor(every_n_steps=2, loss_fn=nan_loss, on_alert=seen.append, at_end=False)
+    with pytest.warns(UserWarning, match="non_finite"):
+        trainer, _ = fit(tmp_path, [monitor], max_steps=4)
+    assert trainer.global_step == 4 and monitor.passes == 0
+    assert [a.rule for a in seen] == ["non_finite", "non_finite"] and seen[0].severity == "critical"
+    assert math.isnan(monitor.alerts.history[-1].scalars[tags.PASS_LOSS])
+    assert [r["step"] for r in logged_metrics(trainer.logger, (tags.PASS_LOSS,))] == ["2", "4"]
