@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -76,6 +76,7 @@ def analyze(
     seed: int = 0,
     init: CurvatureReport | Mapping[str, Tensor] | None = None,
     preconditioner: Mapping[str, Tensor] | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> CurvatureReport:
     r"""Measure the curvature of ``loss_fn`` per parameter block of ``model``.
 
@@ -121,6 +122,9 @@ def analyze(
         preconditioner: a positive diagonal :math:`P` per parameter name (tensors shaped like the
             parameters), e.g. Adam's; with ``full=True`` the report's ``full.preconditioned_top`` is then
             :math:`\lambda_{\max}(P^{-1} H)` of the whole model (Cohen et al., arXiv:2207.14484).
+        reduce: with data split over processes, a function summing a tensor over them (see
+            :class:`~lightning_hessian.CurvatureOperator`): the report is then that of the union of the data,
+            identical on every process.
 
     Returns:
         A :class:`~lightning_hessian.CurvatureReport`; ``print(report.table())`` shows it.
@@ -161,7 +165,15 @@ def analyze(
     start = time.perf_counter()
     with curvature_context(model, mode):
         op = CurvatureOperator(
-            model, loss_fn, data, selected, curvature=curvature, dtype=dtype, batching=batching, split=split
+            model,
+            loss_fn,
+            data,
+            selected,
+            curvature=curvature,
+            dtype=dtype,
+            batching=batching,
+            split=split,
+            reduce=reduce,
         )
         for r, eig in zip(
             results, lanczos(op, top_k, smallest=smallest, tol=tol, max_iter=max_iter, init=starts, seed=seed)

@@ -310,7 +310,10 @@ class HessianMonitor(Callback):
             return
         self._last_step = step
         if self._due(step):
-            if self._over_budget():
+            over_budget = self._over_budget()
+            if trainer.world_size > 1:  # time differs per process: follow rank 0 so all make the same calls
+                over_budget = trainer.strategy.broadcast(over_budget, src=0)
+            if over_budget:
                 self.skipped += 1
                 return
             self._measure(trainer, pl_module)
@@ -410,8 +413,17 @@ class HessianMonitor(Callback):
         kwargs = dict(self._analyze_kwargs)
         if preconditioner is not None and not kwargs["full"]:
             preconditioner = None
+        # Under DDP every process measures its own curvature batches; summing the products across processes
+        # gives the curvature of the union, identical on every process.
+        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if trainer.world_size > 1 else None
         report = analyze(
-            pl_module, loss_fn, data, init=self._last_report, preconditioner=preconditioner, **kwargs
+            pl_module,
+            loss_fn,
+            data,
+            init=self._last_report,
+            preconditioner=preconditioner,
+            reduce=reduce,
+            **kwargs,
         )
         return report, preconditioner is not None
 

@@ -235,6 +235,12 @@ class CurvatureOperator:
             CPU in ``benchmarks/bench_operators.py``. Gauss-Newton products always loop.
         split: also prepare the Gauss-Newton graphs, so that :meth:`using` can switch between all three
             curvatures on one forward pass (``loss_fn`` must then return ``(loss, output)``).
+        reduce: for data split over processes: a function that sums a tensor over all processes and
+            returns the sum on each (e.g. ``lambda t: trainer.strategy.reduce(t, reduce_op="sum")``). The
+            operator is then the curvature of the mean loss over the union of every process's batches:
+            the batch sizes, losses and every product are summed across processes, so all processes run
+            the estimators on identical numbers and make the same collective calls. An error on one
+            process is raised on all of them.
 
     Attributes:
         sizes: the block sizes. ``block_matvecs`` / ``block_seconds``: products computed so far and the
@@ -252,6 +258,7 @@ class CurvatureOperator:
         dtype: torch.dtype | None = None,
         batching: str = "auto",
         split: bool = False,
+        reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
@@ -293,32 +300,50 @@ class CurvatureOperator:
         tensors.update({f"model.{name}": detached(b).clone() for name, b in model.named_buffers()})
         self._shapes = {name: self._leaves[name].shape for name in needed}
 
-        batches = as_batches(data)
-        sizes = [batch_size(batch) for batch in batches]
-        weights = [n / sum(sizes) for n in sizes]
+        self._reduce = reduce
         need_output = split or curvature != "hessian"
         call = _LossCall(model, loss_fn)
         leaves = [self._leaves[name] for name in needed]
         grads = [torch.zeros_like(leaf) for leaf in leaves]
         self._outputs: list[Tensor] = []
         self._output_grads: list[Tensor] = []
-        losses = []
-        for index, (batch, weight) in enumerate(zip(batches, weights)):
-            batch = self._move(batch)
-            loss, output = _check_loss(functional_call(call, tensors, (batch,)), index, need_output)
-            loss = weight * loss
-            losses.append(loss.detach())
-            grads = [total + g for total, g in zip(grads, _grad([loss], leaves, create_graph=True))]
-            if need_output:
-                self._outputs.append(output)
-                self._output_grads.append(_grad([loss], [output], create_graph=True)[0])
-        self.loss = float(sum(losses))
-        self._grads = dict(zip(needed, grads))
+        # Graphs of sum_i n_i loss_i (n_i the batch sizes), divided by the total size N below: once N is known
+        # across processes, when a reduce is given.
+        local_size, local_loss, error = 0, 0.0, None
+        try:
+            for index, batch in enumerate(as_batches(data)):
+                n = batch_size(batch)
+                loss, output = _check_loss(
+                    functional_call(call, tensors, (self._move(batch),)), index, need_output
+                )
+                local_size, local_loss = local_size + n, local_loss + n * loss.item()
+                grads = [total + g for total, g in zip(grads, _grad([n * loss], leaves, create_graph=True))]
+                if need_output:
+                    self._outputs.append(output)
+                    self._output_grads.append(_grad([n * loss], [output], create_graph=True)[0])
+        except Exception as exc:
+            if reduce is None:
+                raise
+            error = exc  # raised after the collective below, so no other process waits forever
+        totals = torch.tensor([float(error is not None), local_size, local_loss], dtype=torch.float64)
+        failed, size, loss_sum = self._sum(totals.to(self.device)).tolist()
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(
+                "The curvature pass failed on another process (see its error); skipped here too."
+            )
+        self.loss = loss_sum / size
+        self._grads = {name: g / size for name, g in zip(needed, grads)}
+        self._output_grads = [g / size for g in self._output_grads]
 
         if need_output:
             # J^T u for a dummy u: linear in u, so one graph serves every J v = d<J^T u, v>/du.
             self._dummies = [torch.zeros_like(o, requires_grad=True) for o in self._outputs]
             self._jtu = dict(zip(needed, _grad(self._outputs, leaves, self._dummies, create_graph=True)))
+
+    def _sum(self, tensor: Tensor) -> Tensor:
+        return tensor if self._reduce is None else self._reduce(tensor)
 
     def _move(self, batch: Any) -> Any:
         def move(t: Tensor) -> Tensor:
@@ -431,9 +456,17 @@ class CurvatureOperator:
                 self.block_matvecs[index] += columns.shape[1]
                 self.block_seconds[index] += time.perf_counter() - start
                 results.append(product.detach())
+        if self._reduce is not None:
+            # One collective for all blocks' products of this call.
+            present = [r for r in results if r is not None]
+            if present:
+                summed = self._reduce(torch.cat([r.reshape(-1) for r in present]))
+                pieces = iter(summed.split([r.numel() for r in present]))
+                results = [None if r is None else next(pieces).view_as(r) for r in results]
         return results
 
     def gradient(self, index: int) -> Tensor:
         """The gradient of the loss restricted to block ``index`` (detached), as a block vector."""
         block = self.blocks[index]
-        return self._gather(block, {n: self._grads[n].detach().unsqueeze(0) for n in block.params})[:, 0]
+        local = self._gather(block, {n: self._grads[n].detach().unsqueeze(0) for n in block.params})[:, 0]
+        return self._sum(local)
