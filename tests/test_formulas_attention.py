@@ -324,7 +324,7 @@ def _two_point(L, r=1.0, lam=200.0):
 @pytest.mark.parametrize("L", [4, 6, 8])
 def test_paper_bounds_are_violated_by_two_point_attention(L):
     """[P]'s proof uses ||dA/dT|| <= 1/L; two-point attention has ||dA/dT|| = 1/2. The printed o_QQ is then
-    exceeded by (L/2)^2 (9x at L = 6, FORMULAS.md §3), ||Z_1|| <= x^3/L by L/2, and the paper's ||G_Q||
+    exceeded by (L/2)^2 (9x at L = 6, docs/formulas.md §3), ||Z_1|| <= x^3/L by L/2, and the paper's ||G_Q||
     bound by L/2; the corrected bounds hold with equality."""
     X, W_Q, W_K, W_V = _two_point(L)
     target = _draw(L, 3, 3, seed=L)[4]
@@ -379,7 +379,7 @@ def test_bound_api_and_consistency():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Scaling laws of FORMULAS.md §2
+# Scaling laws of docs/formulas.md §2
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -421,7 +421,7 @@ def test_value_block_dominates_query_block_at_small_scale():
 
 def test_temperature_scaling_at_fixed_attention():
     """Replacing sqrt(d_K) by τ with A fixed (W_Q scaled with τ): H_o(Q,Q) and the Z_2 term ~ τ^-2,
-    H_o(V,Q) ~ τ^-1 (FORMULAS.md §2)."""
+    H_o(V,Q) ~ τ^-1 (docs/formulas.md §2)."""
     X, W_Q, W_K, W_V, target = _draw(3, 3, 2, seed=41)
     t0 = math.sqrt(2)
     base = attention.hessian_blocks(X, W_Q, W_K, W_V, target, tau=t0)

@@ -1,4 +1,4 @@
-"""[P] Thm 7 and the loss-difference identity (FORMULAS.md §6) on synthetic problems."""
+"""[P] Thm 7 and the loss-difference identity (docs/formulas.md §6) on synthetic problems."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def test_identity_terms_on_noisy_regression():
     )
     assert out["remainder"].abs().max() < 1e-12
     assert out["gradient"].abs().max() > 1e-3  # Assumption 1 fails for prefixes here
-    # At w = w* the curvature term vanishes and the identity is trivial (the caveat of FORMULAS.md §6).
+    # At w = w* the curvature term vanishes and the identity is trivial (the caveat of docs/formulas.md §6).
     at_opt = convergence.loss_difference_terms(
         resid**2, resid**2, torch.zeros(n, dtype=DT), torch.zeros(n, dtype=DT)
     )

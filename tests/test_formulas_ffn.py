@@ -1,4 +1,4 @@
-"""FFN and post-norm block formulas ([P] Thm 4-6; FORMULAS.md §5) against autograd; Thm 6 bound."""
+"""FFN and post-norm block formulas ([P] Thm 4-6; docs/formulas.md §5) against autograd; Thm 6 bound."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LayerNorm formulas ([P] Thm 2-3 and lemma; FORMULAS.md §4) against autograd; bounds' validity."""
+"""LayerNorm formulas ([P] Thm 2-3 and lemma; docs/formulas.md §4) against autograd; bounds' validity."""
 
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def test_norm_bounds_hold_and_paper_lemma_is_loose():
             assert exact_flat <= paper
             ratios_paper.append(exact_flat / paper)
             ratios_jac_paper.append(exact_jac / ln.jacobian_norm_bound(X, variant="paper"))
-        # The bilinear bound 3 max|γ| ρ / (d σ^2) <= 3 max|γ| / (sqrt(d) σ^2) (FORMULAS.md §4).
+        # The bilinear bound 3 max|γ| ρ / (d σ^2) <= 3 max|γ| / (sqrt(d) σ^2) (docs/formulas.md §4).
         rows = ln.hessian(X, gamma, eps)
         for i in range(L):
             est = _bilinear_norm_estimate(rows[i], steps=20, restarts=2, seed=trial)

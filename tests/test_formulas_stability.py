@@ -1,4 +1,4 @@
-"""Stability thresholds, Adam's preconditioner and block heterogeneity (FORMULAS.md §7)."""
+"""Stability thresholds, Adam's preconditioner and block heterogeneity (docs/formulas.md §7)."""
 
 from __future__ import annotations
 

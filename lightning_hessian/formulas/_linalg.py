@@ -1,6 +1,6 @@
 """Shared linear-algebra helpers of :mod:`lightning_hessian.formulas` (private).
 
-Conventions (FORMULAS.md §1): ``vec_r`` is row-major vectorisation (``M.reshape(-1)``), so that
+Conventions (docs/formulas.md §1): ``vec_r`` is row-major vectorisation (``M.reshape(-1)``), so that
 ``vec_r(A X B) = (A ⊗ B^T) vec_r(X)``. A Jacobian is ``d vec_r(N) / d vec_r(W)^T`` and a second derivative is
 ``d vec_r(dN/dW_i) / d vec_r(W_j)^T``, a ``(n_N * n_i) x n_j`` matrix. Internally second derivatives are often
 kept as 3-tensors ``H[o, i, j] = d^2 N_o / dW_i dW_j``; ``H.reshape(n_N * n_i, n_j)`` is the flattened form.

@@ -187,7 +187,8 @@ def second_derivatives(
     * ``Φ_aV = (I_{L d_V} ⊗ (τ^{-1} Z_1 E_a)^T) (I_L ⊗ K_{d_V,L} ⊗ I_{d_V}) (vec_r(I_L) ⊗ I_{d_V^2})
       K_{d_V,d_V}``,
 
-    with ``E_Q = I ⊗ W_K``, ``E_K = (W_Q ⊗ I) K_{d_K,d_V}`` (FORMULAS.md §2: the ``K`` blocks swap roles).
+    with ``E_Q = I ⊗ W_K``, ``E_K = (W_Q ⊗ I) K_{d_K,d_V}`` (docs/formulas.md §2: the ``K`` blocks swap
+    roles).
     """
     t = _tau(W_Q, tau)
     a = forward(X, W_Q, W_K, W_V, tau)["A"]
@@ -237,7 +238,8 @@ def hessian_blocks(
     * ``H_f(a,b) = (c/τ^2) R_{d_V d_K} (I_L ⊗ W_V^T ⊗ E_a^T) Z_2 E_b``, plus for the mixed blocks
       ``H_f(Q,K) += τ^{-1} (X^T Ψ X) ⊗ I_{d_K}`` and ``H_f(K,Q) += τ^{-1} (X^T Ψ^T X) ⊗ I_{d_K}`` where
       ``Ψ_i = (diag(a_i) - a_i a_i^T)(dl/dA)_i`` and ``dl/dA = c (F - Target)(X W_V)^T``. The second term of
-      ``H_f(Q,K)`` as printed in [O]/[P] has inconsistent shapes; this is the corrected form (FORMULAS.md §2);
+      ``H_f(Q,K)`` as printed in [O]/[P] has inconsistent shapes; this is the corrected form
+      (docs/formulas.md §2);
     * ``H_f(V,a) = (c/τ) R_{d_V^2} (I_L ⊗ S) Z_1 E_a``.
 
     Blocks ``(Q,V)`` and ``(K,V)`` are the transposes of ``(V,Q)`` and ``(V,K)``.
@@ -501,7 +503,7 @@ def softmax_jacobian_norm(A: Tensor) -> Tensor:
     """``s = ||dA/dT||_2 = max_i ||diag(a_i) - a_i a_i^T||_2`` computed from ``A`` (batched).
 
     ``s = 1/L`` only for uniform attention; in general ``s <= 1/2`` (attained by two-point rows). [P]'s proof
-    of Thm 1 uses ``s <= 1/L``, which is false for peaked attention (FORMULAS.md §3).
+    of Thm 1 uses ``s <= 1/L``, which is false for peaked attention (docs/formulas.md §3).
     """
     return softmax_jacobian_row_norms(A).amax(-1)
 

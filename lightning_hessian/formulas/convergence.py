@@ -2,7 +2,7 @@ r"""How the empirical loss landscape changes when one sample is added ([P] Thm 7
 
 ``L_k(w) = (1/k) Σ_{i<=k} l_i(w)`` is the mean of the first ``k`` per-sample losses. Exactly,
 ``L_{k+1}(w) - L_k(w) = (l_{k+1}(w) - L_k(w)) / (k+1)``. Expanding every ``l_i`` to second order around ``w*``
-with ``D = w - w*``, ``g_i = ∇l_i(w*)`` and ``H_i = ∇^2 l_i(w*)`` (FORMULAS.md §6):
+with ``D = w - w*``, ``g_i = ∇l_i(w*)`` and ``H_i = ∇^2 l_i(w*)`` (docs/formulas.md §6):
 
     L_{k+1}(w) - L_k(w) = [l_{k+1}(w*) - L_k(w*)] / (k+1)                      (value term)
                         + [g_{k+1}^T D - mean_{i<=k} g_i^T D] / (k+1)            (gradient term)

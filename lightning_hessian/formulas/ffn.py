@@ -119,7 +119,8 @@ def ffn_second_derivatives(
 ) -> dict[tuple[str, str], Tensor]:
     """Dense ``ξ_ab = d vec_r(dS/dW_a) / d vec_r(W_b)^T`` for ``a, b`` in ``("W1", "W2")`` (module docstring).
 
-    Block ``(a, b)`` has shape ``(L d_V n_a) x n_b``. ``("W2", "W1")`` is [P]'s ``ξ_12`` (FORMULAS.md §5);
+    Block ``(a, b)`` has shape ``(L d_V n_a) x n_b``. ``("W2", "W1")`` is [P]'s ``ξ_12``
+    (docs/formulas.md §5);
     ``("W1", "W2")`` is its correct counterpart (see the module docstring); ``("W1", "W1")`` carries the
     ``diag(σ'')`` term (zero for ReLU).
     """
@@ -151,7 +152,7 @@ def ffn_hessian_blocks(
 
     ``H_o(a, b) = c B_a^T B_b`` and ``H_f(a, b) = c (vec_r(S - Target)^T ⊗ I_{n_a}) ξ_ab`` with
     ``c = 2/(L d_V)``.
-    For ReLU ``H_f(W_1, W_1) = H_f(W_2, W_2) = 0`` but the mixed functional part is not (FORMULAS.md §5).
+    For ReLU ``H_f(W_1, W_1) = H_f(W_2, W_2) = 0`` but the mixed functional part is not (docs/formulas.md §5).
     """
     n, d_v = Y.shape
     c = 2.0 / (n * d_v)

@@ -4,7 +4,7 @@ Row-wise over ``X`` (``L x d``): ``m_i = x_i - mean(x_i)``, ``σ_i = sqrt(||m_i|
 ``d``, as in ``torch.nn.LayerNorm``), ``y_i = m_i / σ_i`` and ``LN(X)_i = γ ⊙ y_i + β``. In [P]'s notation
 (eps = 0, no affine): ``M = X - X 1 1^T / d``, ``P = diag(1/σ)``, ``LN(X) = P M``.
 
-Closed forms (FORMULAS.md §4, verified against autograd), with ``Q_i = I - 1 1^T/d - y_i y_i^T/d``:
+Closed forms (docs/formulas.md §4, verified against autograd), with ``Q_i = I - 1 1^T/d - y_i y_i^T/d``:
 
 * Jacobian per row: ``J_i = diag(γ) Q_i / σ_i``; rows do not interact, so the full Jacobian is
   ``blockdiag_i(J_i)`` and, without ``γ``, ``||J||_2 = max_i 1/σ_i`` (for ``d >= 3``).
@@ -137,7 +137,7 @@ def _jacobian_paper(X: Tensor) -> Tensor:
 def hessian(X: Tensor, gamma: Tensor | None = None, eps: float = 0.0, dense: bool = False) -> Tensor:
     """Second derivative of LayerNorm.
 
-    Per row (``[P]`` Thm 3 in closed form; FORMULAS.md §4):
+    Per row (``[P]`` Thm 3 in closed form; docs/formulas.md §4):
     ``H_i[k, a, b] = d^2 LN_{ik} / dX_{ia} dX_{ib} = -(γ_k / (d σ_i^2)) (y_a Q_kb + y_b Q_ka + y_k Q_ab)``.
     Rows do not interact. [P]'s printed Theorem 3 composes ``∂(P ⊗ I)/∂X`` etc. with factors whose sizes do
     not match (e.g. ``I_L`` where ``I_{d}`` is needed) and is not evaluated here.
@@ -226,7 +226,7 @@ def hessian_norm_bound(
     ``||Q_i||_F = sqrt(d - 2 + (1 - ρ_i^2/d)^2)``:
 
     * ``kind="bilinear"``: ``max_i max|γ| 3 ρ_i / (d σ_i^2) <= 3 max|γ| / (sqrt(d) σ_min^2)`` (each of the
-      three terms is at most ``||y|| ||Q||_2 <= ρ`` for unit directions), FORMULAS.md §4;
+      three terms is at most ``||y|| ||Q||_2 <= ρ`` for unit directions), docs/formulas.md §4;
     * ``kind="flat"``: ``max_i max|γ| ρ_i (2 + ||Q_i||_F) / (d σ_i^2)`` (~ ``1/σ^2`` for large ``d``): the
       flat norm takes the Frobenius norm over one input direction, which turns one ``||Q||_2`` into
       ``||Q||_F``.
@@ -266,7 +266,7 @@ def param_hessian(X: Tensor, eps: float = 0.0, c: float | None = None) -> dict[t
     """Hessian of ``l = (c/2) ||γ ⊙ Y + β - Target||_F^2`` in the affine weights of a final LayerNorm.
 
     The output is linear in ``(γ, β)``, so there is no functional part and the target drops out
-    (derived here, not in [O] or [P]; FORMULAS.md §4): ``H_γγ = c diag(sum_i y_i^{∘2})``,
+    (derived here, not in [O] or [P]; docs/formulas.md §4): ``H_γγ = c diag(sum_i y_i^{∘2})``,
     ``H_ββ = c L I``, ``H_γβ = H_βγ = c diag(sum_i y_i)``, with ``y_i`` the normalised rows.
 
     Args:

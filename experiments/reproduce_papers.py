@@ -1,0 +1,564 @@
+"""Reproduce the papers' claims with one command: figures and a "paper claims vs ours" report.
+
+    python experiments/reproduce_papers.py            # full run, about 1.5-2 minutes on 2 CPU cores
+    python experiments/reproduce_papers.py --quick    # smaller grids and model, about 15-20 s
+    python experiments/reproduce_papers.py --out DIR  # write DIR/reproduction.md and DIR/images/repro_*.png
+
+Three experiments, each in its own module next to this file:
+
+1. ``repro_attention``: [O] Hessian-block norms of one self-attention layer against the input scale: log-log
+   slopes, the value/query ratio at small scale, the scale where the query block overtakes the value block.
+2. ``repro_vit``: which blocks dominate the Hessian of a small ViT on scikit-learn's digits, at
+   initialisation and after training, with the Gauss-Newton / functional split.
+3. ``repro_theorem7``: [P] Thm 7, ``|L_{k+1}(w) - L_k(w)|`` against the data set size ``k``, evaluated away
+   from ``w*``, with both terms of the bound.
+
+Every number in the report is measured in the run that writes it, and the commentary is generated from those
+numbers (its verdicts change if the numbers do). No downloads: the digits ship with scikit-learn.
+
+References:
+    [O] W. Ormaniec, F. Dangel, S. P. Singh, "What Does It Mean to Be a Transformer? Insights from a
+        Theoretical Hessian Analysis", ICLR 2025, arXiv:2410.10986.
+    [P] E. Petrov, N. Kiselev, V. Meshkov, A. Grabovoy, "Closing the Curvature Gap: Full Transformer Hessians
+        and Their Implications for Scaling Laws", arXiv:2510.16927.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling experiment modules
+
+import repro_attention
+import repro_theorem7
+import repro_vit
+
+FIGURES = {
+    "attention": "repro_attention_scaling.png",
+    "vit": "repro_vit_blocks.png",
+    "theorem7": "repro_theorem7.png",
+}
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """Compact number for tables: ``1.23e-05``, ``0.0123``, ``12.3``."""
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    return f"{value:.{digits}g}"
+
+
+def paragraph(*parts: str) -> str:
+    """One Markdown paragraph from source-wrapped pieces, re-wrapped at 100 columns."""
+    text = " ".join(part for part in parts if part)
+    return textwrap.fill(text, width=100, break_long_words=False, break_on_hyphens=False)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 1. [O] self-attention Hessian blocks against the input scale
+# ------------------------------------------------------------------------------------------------------------
+
+
+def attention_section(res: repro_attention.AttentionScaling, summ: dict, seconds: float) -> str:
+    sizes = res.sizes
+    slopes = summ["slopes"]
+    worst_small = max(
+        abs(row[norm]["small_mean"] - row["expected"]) for row in slopes.values() for norm in ("fro", "spec")
+    )
+    ratio = summ["ratio_at_0.01"]
+    cross = summ["crossover"]
+    finite = cross[np.isfinite(cross)]
+    q1, med, q3 = np.percentile(finite, [25, 50, 75])
+    share_08 = float(np.mean((finite >= 0.6) & (finite <= 1.0)))
+    q_total = slopes[("Q", "Q", "total")]["fro"]
+    v_total = slopes[("V", "V", "total")]["fro"]
+    qq_lo, qq_med, qq_hi = q_total["large_quartiles"]
+    v_large = v_total["large_quartiles"][1]
+    lines = [
+        "## 1. [O] Self-attention Hessian blocks against the input scale",
+        "",
+        paragraph(
+            "Single head, no output projection, no biases, MSE loss",
+            "l = ‖softmax(X W_Q W_Kᵀ Xᵀ/√d_K) X W_V − Target‖²_F / (L d_V);",
+            f"L = {sizes['L']} tokens, d_V = {sizes['d_V']}, d_K = {sizes['d_K']}.",
+            f"Each of {res.draws} random draws has X and Target standard normal and weights N(0, 1/d_V),",
+            "so the attention logits are O(1) at s = 1; the input is scaled X → s X on",
+            f"{len(res.scales)} log-spaced scales from 0.01 to 10. Each block is materialised from the",
+            "library's matrix-free products (`lightning_hessian.formulas.attention.hessian_matvec` on the",
+            "basis vectors), and both its Frobenius and its spectral norm (largest singular value) are",
+            "taken. Slopes are",
+            "least-squares fits of log-norm against log s on",
+            f"s ∈ [{res.small_window[0]:g}, {res.small_window[1]:g}] (small scale) and",
+            f"[{res.large_window[0]:g}, {res.large_window[1]:g}] (large scale), one fit per draw.",
+            "Theory column: the leading powers of s in [O] Thm 3.1-3.2 (H_o = outer-product or",
+            f"Gauss-Newton part, H_f = functional part, H = total). ({seconds:.1f} s)",
+        ),
+        "",
+        "| block | slope, theory | slope, [O] measured | ours, Frobenius (mean ± sd) "
+        "| ours, spectral (mean ± sd) | ours at large s, Frobenius (median [quartiles]) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, row in slopes.items():
+        f, s = row["fro"], row["spec"]
+        paper = fmt(row["paper"]) if row["paper"] is not None else "—"
+        lq, lm, lh = f["large_quartiles"]
+        lines.append(
+            f"| {repro_attention.label(key)} | {row['expected']:g} | {paper} "
+            f"| {f['small_mean']:.3f} ± {f['small_std']:.3f} | {s['small_mean']:.3f} ± {s['small_std']:.3f} "
+            f"| {lm:.2f} [{lq:.2f}, {lh:.2f}] |"
+        )
+    lines += [
+        "",
+        "| quantity | [O] | ours |",
+        "|---|---:|---:|",
+        f"| ‖H(V,V)‖_F / ‖H(Q,Q)‖_F at s = 0.01 | ~5e5 | median {fmt(float(np.median(ratio)), 2)} "
+        f"(range {fmt(float(ratio.min()), 2)} – {fmt(float(ratio.max()), 2)}) |",
+        f"| scale s where ‖H(Q,Q)‖_F overtakes ‖H(V,V)‖_F | ~0.8 | median {med:.2f}, quartiles {q1:.2f} – "
+        f"{q3:.2f}, range {finite.min():.2f} – {finite.max():.2f} ({len(finite)}/{len(cross)} draws cross) |",
+        "",
+        paragraph(
+            f"Cross-check at s = {res.check['scale']:g} (first draw, float64, all nine blocks; largest",
+            "entrywise difference relative to the largest entry): matrix-free products against",
+            f"`torch.func.hessian` {res.check['matvec_vs_autograd']:.1e}; the dense Kronecker formulas",
+            f"(`formulas.attention.hessian_blocks`) against autograd {res.check['dense_vs_autograd']:.1e};",
+            "the outer part against c JᵀJ from `torch.func.jacrev`",
+            f"{res.check['outer_vs_gauss_newton']:.1e}.",
+        ),
+        "",
+        f"![Hessian-block norms against the input scale](images/{FIGURES['attention']})",
+        "",
+        paragraph(
+            "**Where we agree.** Every small-scale slope matches the exponent the formulas predict, in",
+            "both norms (largest deviation of a mean slope from its exponent:",
+            f"{worst_small:.3f}). [O]'s measured 4.98 (query total) and 1.98 (value) compare with our",
+            f"{q_total['small_mean']:.3f} ± {q_total['small_std']:.3f} and",
+            f"{v_total['small_mean']:.3f} ± {v_total['small_std']:.3f}; the two norms give the same",
+            "slopes, so which norm [O] used does not matter for this claim. The value block dominates the",
+            f"query block at s = 0.01 by a median factor of {fmt(float(np.median(ratio)), 2)}, the order",
+            f"[O] quote, and the query block overtakes it near s ~ {med:.1f}.",
+        ),
+        "",
+        paragraph(
+            "**Where we differ, and why.** (i) The crossover scale is a property of the draw, not a",
+            "constant: the ratio of the two blocks grows like s³ times a constant that depends on the",
+            "weights, the token geometry and the target, so [O]'s ~0.8 is one sample of a distribution",
+            f"(here median {med:.2f}, {share_08:.0%} of the draws between 0.6 and 1.0). Our dimensions",
+            "and initialisation are ours, not necessarily theirs. (ii) The ratio at s = 0.01 likewise",
+            f"varies by a factor {ratio.max() / ratio.min():.0f} between draws. (iii) At large scale the",
+            "softmax saturates, at a scale that depends on the draw: the growth of the query block",
+            f"slows from slope 5 to a median of {qq_med:.2f} on [3, 10],",
+            f"with quartiles {qq_lo:.2f} to {qq_hi:.2f}"
+            + (" (negative: the block already shrinks in those draws);" if qq_lo < 0 else ";"),
+            f"the mean curve in the figure peaks at s ~ {summ['qq_peak_scale']:.1f}, while the value",
+            f"block keeps its slope (median {v_large:.2f}). This matches [O]'s statement that the growth",
+            "is lower at large scale; the exponents describe small scales only.",
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 2. ViT on digits: which blocks dominate
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _ratio_text(ratios: dict[int, tuple[float, float]], which: int) -> str:
+    return ", ".join(f"L{layer} {fmt(r[which], 2)}" for layer, r in ratios.items())
+
+
+def _func_over_gn(report, kinds: tuple[str, ...]) -> float:
+    """Median over the blocks of the given kinds of max|λ(functional)| / λ_max(Gauss-Newton)."""
+    vals = [
+        repro_vit.functional_magnitude(b) / b.gauss_newton_top
+        for b in report
+        if b.kind in kinds and b.gauss_newton_top
+    ]
+    return float(np.median(vals))
+
+
+def vit_section(res: repro_vit.VitResult, seconds: float) -> str:
+    st = res.settings
+    arch = st["arch"]
+    init_table, trained_table = repro_vit.kind_table(res.init), repro_vit.kind_table(res.trained)
+    init_rank, trained_rank = repro_vit.ranking(res.init), repro_vit.ranking(res.trained)
+    ratios_init = repro_vit.value_query_ratios(res.init)
+    ratios_trained = repro_vit.value_query_ratios(res.trained)
+    layers = list(ratios_init)
+    v_over_qk_init = all(ratios_init[i][0] > 1 and ratios_init[i][1] > 1 for i in layers)
+    v_over_q_trained = all(ratios_trained[i][0] > 1 for i in layers)
+    exceptions = [f"L{i}" for i in layers if ratios_trained[i][1] <= 1]
+    q_catches_up = all(ratios_trained[i][0] < ratios_init[i][0] for i in layers)
+    k_catches_up = all(ratios_trained[i][1] < ratios_init[i][1] for i in layers)
+    qk_init = _func_over_gn(res.init, ("query", "key"))
+    qk_trained = _func_over_gn(res.trained, ("query", "key"))
+    v_init, v_trained = _func_over_gn(res.init, ("value",)), _func_over_gn(res.trained, ("value",))
+    neg_init = sum(1 for b in res.init if (b.min_eigenvalue or 0) < 0)
+    neg_trained = sum(1 for b in res.trained if (b.min_eigenvalue or 0) < 0)
+    gn_min = min(
+        b.gauss_newton_top for rep in (res.init, res.trained) for b in rep if b.gauss_newton_top is not None
+    )
+    n_blocks = len(res.init.blocks)
+    att_i, att_t = res.attention_init, res.attention_trained
+    sharper = all(t["logit_std"] > i["logit_std"] for i, t in zip(att_i, att_t))
+    std_i = ", ".join(f"{a['logit_std']:.2f}" for a in att_i)
+    std_t = ", ".join(f"{a['logit_std']:.2f}" for a in att_t)
+    max_i = ", ".join(f"{a['max_weight']:.2f}" for a in att_i)
+    max_t = ", ".join(f"{a['max_weight']:.2f}" for a in att_t)
+    tokens = round(1 / att_i[0]["uniform"])
+    not_converged = [
+        f"{tag} `{b.name}`"
+        for tag, rep in (("init", res.init), ("trained", res.trained))
+        for b in rep
+        if b.converged is False
+    ]
+    lines = [
+        "## 2. Which blocks dominate the Hessian of a small ViT (digits)",
+        "",
+        paragraph(
+            f"The ViT class of `examples/train_vit_digits.py` with {arch['depth']} layers (width",
+            f"{arch['dim']}, {arch['heads']} heads, {arch['patch']}x{arch['patch']} patches, so a class",
+            f"token and {tokens - 1} patch tokens; pre-norm blocks, a fused `qkv` projection that",
+            "`find_blocks` slices into query, key and value blocks), measured with",
+            f"`analyze(model, loss_fn, batch, split=True, tol={st['tol']:g})` on {st['batch']} fixed",
+            "training images (cross-entropy), at initialisation (test accuracy",
+            f"{res.init_accuracy:.1%}) and after {st['steps']} AdamW steps (lr 3e-3, weight decay",
+            f"0.05, batch 64, warmup and cosine decay; {res.train_seconds:.1f} s, final training loss",
+            f"{res.final_train_loss:.3f}, test accuracy {res.test_accuracy:.1%} on 297 held-out",
+            "digits). A per-block Frobenius norm (trace of H²) is not available from `analyze`; we use",
+            f"the top eigenvalue λ_max (Lanczos) and the trace (Hutch++). ({seconds:.1f} s)",
+        ),
+        "",
+        paragraph(
+            "Per block kind: the largest λ_max over the blocks of that kind (and which block), its rank",
+            "among the kinds, and the trace summed over the kind's blocks.",
+        ),
+        "",
+        "| kind | λ_max, init | block | rank | λ_max, trained | block | rank | Σ trace, init "
+        "| Σ trace, trained |",
+        "|---|---:|---|---:|---:|---|---:|---:|---:|",
+    ]
+    for kind in repro_vit.KINDS:
+        if kind not in init_table:
+            continue
+        a, b = init_table[kind], trained_table[kind]
+        lines.append(
+            f"| {kind} | {fmt(a['top'])} | `{a['block']}` | {init_rank.index(kind) + 1} | {fmt(b['top'])} "
+            f"| `{b['block']}` | {trained_rank.index(kind) + 1} | {fmt(a['trace'])} | {fmt(b['trace'])} |"
+        )
+    if not v_over_qk_init:
+        verdict_vq = "partly (see the ratios)"
+    elif v_over_q_trained and not exceptions:
+        verdict_vq = "agree, in every layer, at initialisation and after training"
+    else:
+        verdict_vq = "agree at initialisation (every layer); after training value > query in " + (
+            "every layer" if v_over_q_trained else "some layers"
+        )
+        if exceptions:
+            verdict_vq += f", but the key block overtakes the value block in {', '.join(exceptions)}"
+    verdict_func = "agree at initialisation" if qk_init > 1 else "disagree at initialisation"
+    verdict_func += "; after training the Gauss-Newton part is larger" if qk_trained < 1 else "; and trained"
+    lines += [
+        "",
+        "| claim | source | ours (this run) | verdict |",
+        "|---|---|---|---|",
+        "| The value block's Hessian is much larger than the query block's (shown for a one-block GPT-2 "
+        "at initialisation); the query and key blocks carry higher powers of the input "
+        "| [O] Fig. 1, Thm 3.1-3.2 "
+        f"| λ_max(value) / λ_max(query): init {_ratio_text(ratios_init, 0)}; trained "
+        f"{_ratio_text(ratios_trained, 0)}. λ_max(value) / λ_max(key): init {_ratio_text(ratios_init, 1)}; "
+        f"trained {_ratio_text(ratios_trained, 1)} | {verdict_vq} |",
+        "| At small input scale the functional part dominates the query/key blocks (H_f ~ s⁵ against "
+        "H_o ~ s⁶); a single layer's (V,V) block has no functional part | [O] Thm 3.1-3.2 "
+        "| median over blocks of max\\|λ(functional)\\| / λ_max(Gauss-Newton): query/key "
+        f"{fmt(qk_init, 2)} at init, {fmt(qk_trained, 2)} trained; value {fmt(v_init, 2)} at init, "
+        f"{fmt(v_trained, 2)} trained. Attention logit std per layer: init {std_i}; trained {std_t} "
+        f"| {verdict_func} (see the commentary) |",
+        "| The Gauss-Newton part is positive semi-definite; negative curvature comes from the functional "
+        "part | [O] (outer-product / functional decomposition) "
+        f"| blocks with λ_min < 0: {neg_init}/{n_blocks} at init, {neg_trained}/{n_blocks} trained; "
+        f"smallest Gauss-Newton λ_max over all blocks {fmt(gn_min)} "
+        f"| {'agree' if gn_min >= 0 else 'disagree'} (structural) |",
+        "| Which sublayers dominate the curvature | [P] derives per-block norm *bounds* (Thm 1 "
+        "attention, Thm 2-3 LayerNorm, Thm 4-6 FFN and block) that 'yield estimations for the role of "
+        "each sublayer in curvature propagation' (abstract). We did not find a measured per-block ranking "
+        "in the parts of [P] available to us (abstract and theorems), so we quote none "
+        f"| ranking of kinds by λ_max, init: {' > '.join(init_rank)}; trained: {' > '.join(trained_rank)} "
+        "| no claim to compare: our measurement, for reference |",
+        "",
+        f"![per-block curvature of the ViT at initialisation and after training](images/{FIGURES['vit']})",
+        "",
+    ]
+    ratio_lo = min(r[0] for r in ratios_init.values())
+    ratio_hi = max(r[0] for r in ratios_init.values())
+    comment = [
+        "**Commentary.** At initialisation the value block's top eigenvalue exceeds the query block's",
+        f"by a factor {fmt(ratio_lo, 2)} to {fmt(ratio_hi, 2)} across the {len(layers)} layers, as [O]",
+        "show for GPT-2. The mechanism is the one of experiment 1: at initialisation the attention",
+        f"logits are small (standard deviation {std_i} per layer; mean largest attention weight",
+        f"{max_i}, against 1/{tokens} = {1 / tokens:.2f} for uniform attention), the small-s regime",
+        "in which the query/key blocks are suppressed by high powers of the scale and their functional",
+        f"part is the larger part (median ratio {fmt(qk_init, 2)}).",
+    ]
+    if sharper:
+        comment += [
+            f"Training sharpens the attention (logit standard deviation {std_t}; largest weight",
+            f"{max_t}), moving the layers towards s ~ 1 and beyond.",
+        ]
+        if q_catches_up and k_catches_up:
+            overtakes = f" (in {', '.join(exceptions)} the key block overtakes it)" if exceptions else ""
+            comment.append(f"The query and key blocks gain on the value block in every layer{overtakes}.")
+        else:
+            comment.append("The query and key blocks catch up in some layers only (see the ratios).")
+        if qk_trained < 1:
+            comment.append(f"Their Gauss-Newton part becomes the larger part (ratio {fmt(qk_trained, 2)}).")
+        else:
+            comment.append(f"Their functional part stays the larger part (ratio {fmt(qk_trained, 2)}).")
+        comment += [
+            "So value-over-query dominance describes the attention's logit scale rather than a fixed",
+            "property of the architecture.",
+        ]
+    else:
+        comment.append(f"Training did not sharpen the attention in every layer here (logit std {std_t}).")
+    norm_ranks = (init_rank.index("norm") + 1, trained_rank.index("norm") + 1)
+    comment += [
+        f"Across kinds, the three largest at initialisation are {', '.join(init_rank[:3])}; after",
+        f"training {', '.join(trained_rank[:3])}. LayerNorm gains and biases rank {norm_ranks[0]} and",
+        f"{norm_ranks[1]} of {len(init_rank)}.",
+    ]
+    cls, pos = res.init.blocks.get("cls_token"), res.init.blocks.get("pos_embed")
+    if cls and pos and abs(cls.top_eigenvalue / pos.top_eigenvalue - 1) < 0.01:
+        comment += [
+            "The class token and the positional embedding share their top eigenvalue at initialisation:",
+            "the class token is added to the first row of the positional embedding, so both blocks",
+            "contain the same directions.",
+        ]
+    comment += [
+        "Absolute values move a lot with training; compare rankings and ratios, not values.",
+        f"Lanczos stopped at a relative Ritz residual of {st['tol']:g};",
+        "every block converged."
+        if not not_converged
+        else f"not converged (marked `*` below): {', '.join(not_converged)}.",
+    ]
+    lines += [
+        paragraph(*comment),
+        "",
+        "<details><summary>Per-block tables from <code>report.table()</code> (init, then trained)</summary>",
+        "",
+        "```",
+        res.init.table(),
+        "",
+        res.trained.table(),
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 3. [P] Theorem 7
+# ------------------------------------------------------------------------------------------------------------
+
+
+def theorem7_section(res: repro_theorem7.Theorem7, seconds: float) -> str:
+    ks = [10, 100, 1000]
+    r_max = res.radii[-1]
+    holds = all(v <= 1 for v in res.worst_ratio.values())
+    worst = ", ".join(f"r = {r:g}: {res.worst_ratio[r]:.2g}" for r in res.radii)
+    slopes = {r: repro_theorem7.loglog_slope(res.k, res.observed[r]) for r in res.radii}
+    slope_text = ", ".join(f"r = {r:g}: {s:.3f}" for r, s in slopes.items())
+    loose = min(1 / v for v in res.worst_ratio.values())
+    i100 = 99  # k = 100
+    grad_vs_curv = res.terms[1.0]["gradient"][i100] / res.terms[1.0]["curvature"][i100]
+    rem_vs_curv = res.terms[r_max]["remainder"][i100] / res.terms[r_max]["curvature"][i100]
+    lines = [
+        "## 3. [P] Theorem 7: the loss change from one more sample, away from w*",
+        "",
+        paragraph(
+            "[P] Thm 7: if w* is a stationary point of both L_k and L_(k+1) (their Assumption 1), then",
+            "\\|L_(k+1)(w) − L_k(w)\\| ≤ 2 l_max/(k+1) + M ‖w − w*‖²/(k+1), with l_max ≥ l_i(w*) and",
+            "M ≥ ‖∇²l_i(w*)‖₂ for every sample. Model: multinomial logistic regression on the 1797",
+            "digits (64 pixels / 16 and a bias feature, 10 classes), per-sample loss cross-entropy +",
+            f"({repro_theorem7.RIDGE:g}/2)‖W‖² (the ridge keeps w* finite: the digits are linearly",
+            "separable). w* minimises the full-data loss L_n (L-BFGS, float64,",
+            f"‖∇L_n(w*)‖ = {res.grad_norm:.1e}, ‖w*‖_F = {res.weight_norm:.1f}); l_max = max_i l_i(w*) =",
+            f"{res.loss_max:.3f}; M = max_i ‖∇²l_i(w*)‖₂ = {res.hessian_max:.3f} (closed form). We",
+            "evaluate at w = w* + r D, D a random unit direction, average \\|L_(k+1)(w) − L_k(w)\\|",
+            f"over {res.orders} random orders of the data, and split it with",
+            "`lightning_hessian.formulas.convergence.loss_difference_terms` into the terms of the Taylor",
+            "identity around w*: value (l_(k+1)(w*) − L_k(w*))/(k+1), gradient, curvature and the",
+            f"O(r³) remainder. ({seconds:.1f} s)",
+        ),
+        "",
+        "| r = ‖w − w*‖ | k | bound: 2 l_max/(k+1) | bound: M r²/(k+1) | observed (mean over orders) "
+        "| \\|value\\| | \\|gradient\\| | \\|curvature\\| | \\|remainder\\| |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in res.radii:
+        for k in ks:
+            i = k - 1
+            t = res.terms[r]
+            lines.append(
+                f"| {r:g} | {k} | {fmt(2 * res.loss_max / (k + 1))} "
+                f"| {fmt(res.hessian_max * r**2 / (k + 1))} | {fmt(res.observed[r][i])} "
+                f"| {fmt(t['value'][i])} | {fmt(t['gradient'][i])} | {fmt(t['curvature'][i])} "
+                f"| {fmt(t['remainder'][i])} |"
+            )
+    lines += [
+        "",
+        "| claim | source | ours | verdict |",
+        "|---|---|---|---|",
+        "| \\|L_(k+1)(w) − L_k(w)\\| ≤ 2 l_max/(k+1) + M ‖w − w*‖²/(k+1) | [P] Thm 7 "
+        f"| largest observed / bound over k = 1..{res.n - 1} and all {res.orders} orders: {worst} "
+        f"| {'holds at every k, order and radius' if holds else 'VIOLATED (see the ratios)'} |",
+        "| the difference decays like 1/k | [P] Thm 7 "
+        f"| log-log slope of the mean observed difference, k ≥ 10: {slope_text} "
+        f"| {'agree' if all(abs(s + 1) < 0.1 for s in slopes.values()) else 'partly'} |",
+        "| w* is stationary for L_k and L_(k+1) | [P] Assumption 1 | false here for k < n (w* minimises "
+        f"L_n only): at r = 1, k = 100 the gradient term is {grad_vs_curv:.2g}x the curvature term "
+        "| assumption not met; the bound holds anyway (see below) |",
+        "",
+        f"![Theorem 7: loss differences against k](images/{FIGURES['theorem7']})",
+        "",
+        paragraph(
+            f"**Commentary.** The bound {'holds' if holds else 'fails'}, and loosely: the observed",
+            f"differences stay at least a factor {loose:.2g} below it. 2 l_max is the worst sample's loss",
+            "while the observed difference is set by a typical one, and M r² uses the largest per-sample",
+            "curvature over all samples and directions, while a random direction sees far less. The 1/k",
+            "rate is the running-mean identity L_(k+1) − L_k = (l_(k+1) − L_k)/(k+1), true for any",
+            "bounded losses whatever the model: at w = w* (black curve, value term only) the statement",
+            "holds trivially and says nothing about curvature, which is why the experiment is run away",
+            "from w*. There the difference grows with r through the gradient term (first order in r,",
+            "non-zero because w* is stationary only for the full data set) and the curvature term",
+            f"(second order). At r = {r_max:g}, comparable to ‖w*‖ = {res.weight_norm:.1f}, the O(r³)",
+            f"remainder is {rem_vs_curv:.2g}x the curvature term at k = 100:",
+            "the quadratic model is no longer accurate there."
+            if rem_vs_curv > 0.3
+            else "the quadratic model still describes the loss well there.",
+        ),
+        "",
+        paragraph(
+            "**Why the bound survives the failed Assumption 1.** For non-negative per-sample losses",
+            "whose Hessians are bounded by M everywhere, ‖∇l_i(w*)‖² ≤ 2M l_i(w*), hence",
+            "l_i(w) ≤ 2 l_i(w*) + M‖w − w*‖², and \\|l_(k+1)(w) − L_k(w)\\| ≤ max(l_(k+1)(w), L_k(w))",
+            "≤ 2 l_max + M‖w − w*‖²: the bound needs no stationarity, only M taken over all w (here",
+            f"max_i ‖x_i‖²/2 + λ = {res.hessian_global:.3f}) instead of at w* ({res.hessian_max:.3f},",
+            "the value Thm 7 states and the one checked above).",
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Driver
+# ------------------------------------------------------------------------------------------------------------
+
+
+def reproduce(quick: bool = False, out: str | Path = "docs") -> dict:
+    """Run the three experiments, write ``out/images/repro_*.png`` and ``out/reproduction.md``.
+
+    Returns the raw results, the written paths and the timings (for the tests).
+    """
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    att = repro_attention.run(quick=quick)
+    att_summary = repro_attention.summary(att)
+    repro_attention.plot(att, att_summary, str(out / "images" / FIGURES["attention"]))
+    timings["attention"] = time.perf_counter() - t
+    print(f"[1/3] attention scaling: {timings['attention']:.1f} s", flush=True)
+
+    t = time.perf_counter()
+    vit = repro_vit.run(quick=quick)
+    repro_vit.plot(vit, str(out / "images" / FIGURES["vit"]))
+    timings["vit"] = time.perf_counter() - t
+    print(f"[2/3] ViT blocks: {timings['vit']:.1f} s", flush=True)
+
+    t = time.perf_counter()
+    thm7 = repro_theorem7.run(quick=quick)
+    repro_theorem7.plot(thm7, str(out / "images" / FIGURES["theorem7"]))
+    timings["theorem7"] = time.perf_counter() - t
+    print(f"[3/3] Theorem 7: {timings['theorem7']:.1f} s", flush=True)
+
+    timings["total"] = time.perf_counter() - start
+    command = "python experiments/reproduce_papers.py" + (" --quick" if quick else "")
+    header = [
+        "# Reproducing the papers' claims",
+        "",
+        paragraph(
+            f"Generated by `{command}` ({'quick' if quick else 'full'} run, {timings['total']:.0f} s on",
+            f"{torch.get_num_threads()} CPU thread(s), torch {torch.__version__}, Python",
+            f"{platform.python_version()}). Every number on this page was measured in that run, and the",
+            "verdicts are computed from those numbers; rerun the command to regenerate the page and its",
+            "figures (`--quick` gives a smaller, noisier version in well under a minute).",
+        ),
+        "",
+        '- [O] W. Ormaniec, F. Dangel, S. P. Singh, "What Does It Mean to Be a Transformer? Insights from a '
+        'Theoretical Hessian Analysis", ICLR 2025, arXiv:2410.10986.',
+        '- [P] E. Petrov, N. Kiselev, V. Meshkov, A. Grabovoy, "Closing the Curvature Gap: Full Transformer '
+        'Hessians and Their Implications for Scaling Laws", arXiv:2510.16927.',
+        "",
+        paragraph(
+            "The papers' formulas, with their errors corrected, are implemented and tested against",
+            "autograd in `lightning_hessian.formulas` (see the docstrings). The numbers quoted from",
+            "[O]'s experiments (slopes 4.98 and 1.98, the ratio ~5e5 at s = 0.01 and the crossover near",
+            "s ~ 0.8) are taken from the project's notes on the paper, not re-read from it for this page;",
+            "where we could not check what a paper claims, we say so.",
+        ),
+        "",
+    ]
+    text = "\n".join(
+        [
+            *header,
+            attention_section(att, att_summary, timings["attention"]),
+            vit_section(vit, timings["vit"]),
+            theorem7_section(thm7, timings["theorem7"]),
+        ]
+    )
+    report = out / "reproduction.md"
+    report.write_text(text)
+    print(f"wrote {report} and {len(FIGURES)} figures in {out / 'images'} ({timings['total']:.0f} s)")
+    return {
+        "attention": att,
+        "attention_summary": att_summary,
+        "vit": vit,
+        "theorem7": thm7,
+        "timings": timings,
+        "report": report,
+        "figures": [out / "images" / name for name in FIGURES.values()],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller grids, fewer draws, a 2-layer ViT")
+    parser.add_argument("--out", default="docs", help="output folder (default: docs)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: these small problems run fastest on one thread, and a shared "
+        "machine is not oversubscribed)",
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    reproduce(quick=args.quick, out=args.out)
+
+
+if __name__ == "__main__":
+    main()
