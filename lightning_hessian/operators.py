@@ -394,8 +394,8 @@ class CurvatureOperator:
             return self._gather(block, dict(zip(names, result)))
         products = []
         for j in range(columns.shape[1]):
-            dot = sum((g * vectors[n][j]).sum() for n, g in zip(names, grads))
-            result = _grad([dot], leaves)
+            # The vector enters as the backward's grad_outputs: no extra products or sums in the graph.
+            result = _grad(grads, leaves, [vectors[n][j] for n in names])
             products.append(self._gather(block, {n: r.unsqueeze(0) for n, r in zip(names, result)}))
         return torch.cat(products, dim=1)
 
