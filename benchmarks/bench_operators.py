@@ -66,7 +66,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest when shared)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "operators.md")
     args = parser.parse_args()
 
