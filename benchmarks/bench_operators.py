@@ -26,29 +26,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+from _models import Classifier, loss_fn
 
 import lightning_hessian
 from lightning_hessian import CurvatureOperator, analyze, find_blocks, model_block
 from lightning_hessian._context import curvature_context
-
-
-class Classifier(nn.Module):
-    def __init__(self, d: int = 64, heads: int = 4, layers: int = 2, vocab: int = 50, classes: int = 10):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(self.embed(tokens)).mean(1))
-
-
-def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    tokens, labels = batch
-    return F.cross_entropy(model(tokens), labels)
 
 
 def median_seconds(fn, repeats: int) -> float:
