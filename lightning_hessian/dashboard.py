@@ -356,6 +356,13 @@ def _edges(centres: np.ndarray) -> np.ndarray:
     return np.concatenate([[2 * centres[0] - mids[0]], mids, [2 * centres[-1] - mids[-1]]])
 
 
+def _rebin(edges: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The mean density of ``(x, y)`` over each cell between consecutive ``edges`` (mass-conserving)."""
+    cumulative = np.concatenate([[0.0], np.cumsum(np.diff(x) * (y[1:] + y[:-1]) / 2)])
+    mass = np.diff(np.interp(edges, x, cumulative, left=0.0, right=cumulative[-1]))
+    return mass / np.diff(edges)
+
+
 def _short(name: str, width: int = 30) -> str:
     """Drop leading dotted components of a long block name."""
     parts = name.split(".")
@@ -403,8 +410,10 @@ def _density_over_time_figure(figure_cls: type, densities: Sequence[_Density]) -
     if not densities:
         return None
     grid = np.linspace(min(d.grid[0] for d in densities), max(d.grid[-1] for d in densities), _GRID_POINTS)
-    # Each pass has its own grid (its spectral range): re-interpolate onto one common grid.
-    values = np.stack([np.interp(grid, d.grid, d.values, left=0.0, right=0.0) for d in densities], axis=1)
+    # Each pass has its own grid (its spectral range): move each onto one common grid, conserving mass, so
+    # that a density narrower than a common cell still shows up.
+    edges = _edges(grid)
+    values = np.stack([_rebin(edges, d.grid, d.values) for d in densities], axis=1)
     if not values.max() > 0:
         return None
     z = np.log10(np.maximum(values, values.max() * _FLOOR))

@@ -10,6 +10,7 @@ import math
 import re
 from collections.abc import Mapping
 
+import numpy as np
 import pytest
 import torch
 from _models import loss_fn, make_batch, make_model
@@ -371,3 +372,16 @@ def test_density_floor_handles_tensor_and_degenerate_densities(report, tmp_path)
     tb = TensorBoardLogger(tmp_path)
     _log_passes(CurvatureDashboard(), [tb], [broken], alerts={})
     assert IMAGE_SPECTRAL_DENSITY in _events(tb).Tags()["images"]
+
+
+def test_rebinning_keeps_narrow_densities_visible():
+    from lightning_hessian.dashboard import _edges, _rebin
+
+    grid = np.linspace(-200.0, 200.0, 200)  # a common grid set by a wide early pass
+    x = np.linspace(-0.5, 0.5, 101)  # a late pass whose density is narrower than one common cell
+    y = np.exp(-(x**2) / 0.02)
+    y /= np.trapezoid(y, x)
+    edges = _edges(grid)
+    values = _rebin(edges, x, y)
+    assert np.sum(values * np.diff(edges)) == pytest.approx(1.0, rel=1e-9)
+    assert values.max() > 0
