@@ -409,25 +409,35 @@ class NegativeCurvature(AlertRule):
     near saddle points) and usually shrink relative to λ_max as training goes on; they matter when they
     persist or grow late in training. 0.5 ignores the small negative tail most Hessians keep.
 
+    Blocks whose own curvature is negligible next to the whole model's are skipped: a block with
+    λ_max = 0.01 and λ_min = -0.01 in a model with λ_max = 100 is not where the loss is non-convex in any
+    way that matters (without a whole-model value every block is checked).
+
     Args:
         ratio: the ``negative_ratio`` above which to fire (>= 0).
+        min_fraction: skip blocks whose |λ_min| is below this fraction of the model's λ_max (>= 0).
         name, severity, cooldown, enabled: see :class:`AlertRule`.
     """
 
     name = "negative_curvature"
     severity = "info"
 
-    def __init__(self, ratio: float = 0.5, **kwargs: Any) -> None:
+    def __init__(self, ratio: float = 0.5, min_fraction: float = 0.01, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.ratio = _arg("ratio", ratio, 0, what="-λ_min / λ_max above which to fire")
+        self.min_fraction = _arg("min_fraction", min_fraction, 0, what="fraction of the model's λ_max")
 
     def check(self, history: Sequence[PassRecord]) -> list[Alert]:
         scalars = history[-1].scalars
+        model_top = _finite(scalars, tags.block_tag("model", "top_eigenvalue"))
+        floor = self.min_fraction * model_top if model_top is not None and model_top > 0 else 0.0
         alerts = []
         for block, tag in _block_tags(scalars, "negative_ratio"):
             value = _finite(scalars, tag)
             if value is not None and value > self.ratio:
                 low = _finite(scalars, tags.block_tag(block, "min_eigenvalue"))
+                if block != "model" and low is not None and -low < floor:
+                    continue
                 top = _finite(scalars, tags.block_tag(block, "top_eigenvalue"))
                 message = (f"Negative curvature in block {block}: λ_min = {_fmt(low)} is {value:.3g} of "
                            f"λ_max = {_fmt(top)} in magnitude (> {self.ratio:g}); the loss is locally "

@@ -186,7 +186,12 @@ def analyze(
                 eig.min_residual,
                 eig.min_converged,
             )
-            r.ritz_vectors = eig.eigenvectors
+            # The smallest Ritz vector too: a warm start from the top vectors alone leaves the bottom of the
+            # spectrum cold, and the smallest eigenvalue then costs as many steps as without a warm start.
+            vectors = [v for v in (eig.eigenvectors, eig.min_eigenvector) if v is not None]
+            r.ritz_vectors = (
+                torch.cat([v.reshape(v.shape[0], -1) for v in vectors], dim=1) if vectors else None
+            )
         if trace:
             for r, tr in zip(results, hutchpp(op, matvecs=trace_matvecs, seed=seed)):
                 r.trace, r.trace_stderr = tr.trace, tr.stderr

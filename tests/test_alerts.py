@@ -377,3 +377,22 @@ def test_argument_validation(make, match):
 
 def test_severities_unchanged():
     assert SEVERITIES == ("info", "warning", "critical")
+
+
+def test_negative_curvature_skips_blocks_negligible_next_to_the_model():
+    rule = NegativeCurvature(ratio=0.5, min_fraction=0.01)
+    scalars = {
+        tags.block_tag("model", "top_eigenvalue"): 100.0,
+        tags.block_tag("tiny", "top_eigenvalue"): 0.01,
+        tags.block_tag("tiny", "min_eigenvalue"): -0.009,
+        tags.block_tag("tiny", "negative_ratio"): 0.9,
+        tags.block_tag("big", "top_eigenvalue"): 10.0,
+        tags.block_tag("big", "min_eigenvalue"): -9.0,
+        tags.block_tag("big", "negative_ratio"): 0.9,
+    }
+    fired = rule.check([PassRecord(step=1, scalars=scalars)])
+    assert [a.tag for a in fired] == [tags.block_tag("big", "negative_ratio")]
+    without_model = {k: v for k, v in scalars.items() if not k.startswith("curvature/model/")}
+    assert len(rule.check([PassRecord(step=1, scalars=without_model)])) == 2
+    with pytest.raises(ValueError, match="min_fraction"):
+        NegativeCurvature(min_fraction=-1)

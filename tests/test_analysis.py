@@ -309,3 +309,13 @@ def test_preconditioned_sharpness_matches_dense():
         analyze(model, loss_fn, batch, preconditioner=diagonal)
     with pytest.raises(ValueError, match="no entry"):
         analyze(model, loss_fn, batch, full=True, preconditioner={})
+
+
+def test_warm_start_also_helps_the_smallest_eigenvalue():
+    model = make_model("vit")
+    batch = make_batch("vit")
+    cold = analyze(model, loss_fn, batch, trace=False)
+    warm = analyze(model, loss_fn, batch, trace=False, init=cold)
+    assert warm.matvecs < 0.5 * cold.matvecs
+    for name, result in warm.blocks.items():
+        assert result.min_eigenvalue == pytest.approx(cold.blocks[name].min_eigenvalue, rel=1e-2, abs=1e-6)
