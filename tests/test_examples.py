@@ -1,0 +1,53 @@
+"""The example scripts run end to end (their ``--fast`` smoke modes) and leave TensorBoard curvature logs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+pytest.importorskip("sklearn")
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SCRIPTS = ("train_vit_digits.py", "train_char_gpt.py")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Both examples' ``--fast`` runs, started together (each uses one thread) to halve the wall time."""
+    started = {}
+    for script in SCRIPTS:
+        logdir = tmp_path_factory.mktemp(script.removesuffix(".py")) / "runs"
+        command = [sys.executable, str(EXAMPLES / script), "--fast", "--logdir", str(logdir)]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started[script] = (process, command, logdir)
+    done = {}
+    for script, (process, command, logdir) in started.items():
+        stdout, stderr = process.communicate(timeout=300)
+        done[script] = (subprocess.CompletedProcess(command, process.returncode, stdout, stderr), logdir)
+    return done
+
+
+def scalar_tags(logdir: Path) -> set[str]:
+    """Every scalar tag in the event files under ``logdir``."""
+    found: set[str] = set()
+    for events in logdir.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        found |= set(accumulator.Tags()["scalars"])
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_example_fast_mode(runs, script: str) -> None:
+    result, logdir = runs[script]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"tensorboard --logdir {logdir}" in result.stdout
+    found = scalar_tags(logdir)
+    assert any(tag.startswith("curvature/") and tag.endswith("/top_eigenvalue") for tag in found), found
+    assert {"stability/sharpness", "stability/threshold", "curvature/model/gauss_newton_top"} <= found
+    assert ("val/acc" if "vit" in script else "val/loss") in found
