@@ -56,6 +56,7 @@ import math
 import numbers
 import re
 import statistics
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -177,7 +178,7 @@ def _one_below(severity: str) -> str:
 # ------------------------------------------------------------------------------------------------- rules
 
 
-class AlertRule:
+class AlertRule(ABC):
     """Base class of the alert rules: a subclass sets ``name`` / ``severity`` and implements :meth:`check`.
 
     Attributes:
@@ -206,12 +207,12 @@ class AlertRule:
         self.cooldown = _arg("cooldown", cooldown, 0, integer=True, what="optimizer steps; 0 = every pass")
         self.enabled = bool(enabled)
 
+    @abstractmethod
     def check(self, history: Sequence[PassRecord]) -> list[Alert]:
         """The alerts of the newest pass ``history[-1]`` (earlier passes give the context), without cooldowns.
 
         ``history`` is non-empty and oldest first; the manager applies cooldowns and ``enabled``.
         """
-        raise NotImplementedError(f"{type(self).__name__} must implement check(history)")
 
     def _alert(self, history: Sequence[PassRecord], message: str, tag: str | None = None,
                value: float | None = None, severity: str | None = None) -> Alert:

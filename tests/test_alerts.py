@@ -282,11 +282,23 @@ def test_failing_rule_reported_once_and_others_go_on():
     second = manager.update(PassRecord(100, {tags.SHARPNESS_RATIO: 2.0}))
     assert [a.rule for a in second] == ["stability_threshold"]
     assert manager.counts["warning"] == 2
-    # the base class's check() raises too, and a rule returning non-alerts is reported
+    # a rule raising from its check() and a rule returning non-alerts are both reported
     junk = CallableRule("junk", lambda history: None)
     junk.check = lambda history: ["not an alert"]
-    assert [a.rule for a in AlertManager([AlertRule(name="plain"), junk]).update(PassRecord(0, {}))] == [
+    assert [a.rule for a in AlertManager([_Raising(name="plain"), junk]).update(PassRecord(0, {}))] == [
         "alerts", "alerts"]
+    with pytest.raises(TypeError, match="abstract"):
+        AlertRule(name="base")  # check() must be implemented
+
+
+class _Raising(AlertRule):
+    def check(self, history):
+        raise RuntimeError("not implemented here")
+
+
+class _Nameless(AlertRule):
+    def check(self, history):
+        return []
 
 
 def test_bounded_history_and_alerts():
@@ -351,7 +363,7 @@ def test_load_state_dict_rejects_garbage():
     (lambda: NonFinite(severity="fatal"), "severity must be one of"),
     (lambda: NonFinite(name=""), "non-empty name"),
     (lambda: NonFinite(name="alerts"), "reserved"),
-    (lambda: AlertRule(), "non-empty name"),
+    (lambda: _Nameless(), "non-empty name"),
     (lambda: StabilityThreshold(approach=0), "approach"),
     (lambda: StabilityThreshold(approach=1.5), "approach must be <= 1"),
     (lambda: ProgressiveSharpening(window=1), "window"),
