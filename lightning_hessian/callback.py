@@ -292,6 +292,17 @@ class HessianMonitor(Callback):
             return True
         return self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Sharded strategies hold only a shard of each parameter per process: the per-block products would
+        # be wrong or hang. Refuse before training starts, with what to use instead.
+        strategy = type(trainer.strategy).__name__
+        if any(name in strategy for name in ("FSDP", "DeepSpeed", "ModelParallel", "XLA")):
+            raise RuntimeError(
+                f"HessianMonitor does not support the {strategy} strategy (its parameters are sharded across "
+                "processes). Use a single device or DDP (strategy='ddp') for the runs you monitor, or call "
+                "lightning_hessian.analyze on a gathered copy of the model."
+            )
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._train_start = time.perf_counter()
 

@@ -44,6 +44,12 @@ class TinyTransformer(L.LightningModule):
         self.log_dict({"train_acc": (logits.argmax(-1) == labels).float().mean()})
         return {"loss": loss} if self.return_dict else loss
 
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def test_step(self, batch, batch_idx):
+        self.log("test_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
     def configure_optimizers(self):
         if self.optimizer == "sgd":
             return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
@@ -311,3 +317,35 @@ def test_a_nan_loss_skips_the_pass_and_raises_an_alert(tmp_path):
     assert [a.rule for a in seen] == ["non_finite", "non_finite"] and seen[0].severity == "critical"
     assert math.isnan(monitor.alerts.history[-1].scalars[tags.PASS_LOSS])
     assert [r["step"] for r in logged_metrics(trainer.logger, (tags.PASS_LOSS,))] == ["2", "4"]
+
+
+def test_sharded_strategies_are_refused_at_setup():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(RuntimeError, match="does not support the FSDPStrategy strategy"):
+        HessianMonitor().setup(trainer, TinyTransformer(), "fit")
+
+
+def test_validate_test_fast_dev_run_and_no_logger(tmp_path):
+    """Nothing to measure outside fit, nothing to write without a logger: no crash, no pass."""
+    monitor = HessianMonitor(every_n_steps=1, figures=False)
+    L.seed_everything(0, verbose=False)
+    module = TinyTransformer()
+    trainer = L.Trainer(
+        fast_dev_run=2,
+        callbacks=[monitor],
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module)  # fast_dev_run's dummy logger: passes run, nothing is written
+    assert pass_steps(monitor) == [1, 2]
+    trainer.validate(module, dataloaders=module.train_dataloader(), verbose=False)
+    trainer.test(module, dataloaders=module.train_dataloader(), verbose=False)
+    assert pass_steps(monitor) == [1, 2]  # validate / test make no passes
+    quiet = HessianMonitor(every_n_steps=1, figures=False)
+    fit(tmp_path, [quiet], max_steps=2, logger=False)
+    assert pass_steps(quiet) == [1, 2]
