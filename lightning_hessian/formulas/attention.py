@@ -6,8 +6,21 @@ Single head, no output projection, no biases ([O] §3, [P] §3):
 
 with ``X`` of shape ``L x d_V``, ``W_Q, W_K`` of shape ``d_V x d_K``, ``W_V`` of shape ``d_V x d_V`` and the
 temperature ``τ = sqrt(d_K)`` unless given. ``c = 2 / (L d_V)`` is ``d^2 l / dF^2`` (times ``I``) and
-``dl/dF = c vec_r(F - Target)``. Vectorisation is row-major (``vec_r``, torch ``.reshape(-1)``) and every
-Jacobian is ``d vec_r(F) / d vec_r(W)^T``.
+``dl/dF = c vec_r(F - Target)``.
+
+Beyond the papers' setting, the matrix-free products, Jacobian norms and bounds also accept
+
+* a rectangular ``W_V`` of shape ``d_V x d_O`` (one head of a multi-head layer: ``d_O = d_head``), with
+  ``F``, ``Target`` of shape ``L x d_O`` and ``c = 2 / (L d_O)``; none of the derivations uses a square
+  ``W_V`` (tests/test_formulas_attention.py checks products, norms and bounds against autograd). The dense
+  Kronecker routes (:func:`jacobians`, :func:`hessian_blocks`) keep the square form;
+* an attention ``mask`` (bool ``L x L``, True where a query may attend a key; e.g. causal): masked scores
+  are ``-inf`` before the softmax, so masked entries of ``A`` are 0 and ``dA/dT`` keeps the form
+  ``diag(a_i) - a_i a_i^T`` on the kept entries; every bound's chain of inequalities is unchanged;
+* biases, by augmentation: ``X W + 1 b^T = [X, 1] [W; b^T]``, exactly.
+
+Vectorisation is row-major (``vec_r``, torch ``.reshape(-1)``) and every Jacobian is
+``d vec_r(F) / d vec_r(W)^T``.
 
 References:
     [O] W. Ormaniec, F. Dangel, S. P. Singh, "What Does It Mean to Be a Transformer? Insights from a
@@ -87,22 +100,32 @@ def _check_name(name: str) -> str:
     return name
 
 
-def forward(X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, tau: float | None = None) -> dict[str, Tensor]:
+def _softmax(scores: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf)
+    return torch.softmax(scores, dim=-1)
+
+
+def forward(
+    X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, tau: float | None = None, mask: Tensor | None = None
+) -> dict[str, Tensor]:
     """Forward pass ``T = X W_Q W_K^T X^T / τ``, ``A = softmax_rows(T)``, ``F = A X W_V``.
 
     Args:
         X: Input ``(..., L, d_V)``; leading dimensions broadcast against the weights.
         W_Q: Query weights ``(..., d_V, d_K)``.
         W_K: Key weights ``(..., d_V, d_K)``.
-        W_V: Value weights ``(..., d_V, d_V)``.
+        W_V: Value weights ``(..., d_V, d_O)`` (``d_O = d_V`` in the papers).
         tau: Temperature replacing ``sqrt(d_K)``.
+        mask: Optional bool ``(..., L, L)``: True where query ``i`` may attend key ``j`` (every row needs
+            one True); masked scores are ``-inf`` before the softmax.
 
     Returns:
         ``{"T", "A", "F"}``.
     """
     t = _tau(W_Q, tau)
     scores = (X @ W_Q) @ (X @ W_K).transpose(-1, -2) / t
-    a = torch.softmax(scores, dim=-1)
+    a = _softmax(scores, mask)
     return {"T": scores, "A": a, "F": a @ (X @ W_V)}
 
 
@@ -298,15 +321,21 @@ class _State:
     """Forward quantities shared by the matrix-free products (all tensors broadcast over leading dims)."""
 
     def __init__(
-        self, X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, target: Tensor | None, tau: float | None
+        self,
+        X: Tensor,
+        W_Q: Tensor,
+        W_K: Tensor,
+        W_V: Tensor,
+        target: Tensor | None,
+        tau: float | None,
+        mask: Tensor | None = None,
     ) -> None:
         self.X, self.W_Q, self.W_K, self.W_V = X, W_Q, W_K, W_V
         self.t = _tau(W_Q, tau)
         self.xq, self.xk, self.xv = X @ W_Q, X @ W_K, X @ W_V
-        self.a = torch.softmax(self.xq @ self.xk.transpose(-1, -2) / self.t, dim=-1)
+        self.a = _softmax(self.xq @ self.xk.transpose(-1, -2) / self.t, mask)
         self.f = self.a @ self.xv
-        n, d_v = X.shape[-2:]
-        self.c = 2.0 / (n * d_v)
+        self.c = 2.0 / (X.shape[-2] * W_V.shape[-1])  # 2 / (L d_O)
         self.shapes = {"Q": tuple(W_Q.shape[-2:]), "K": tuple(W_K.shape[-2:]), "V": tuple(W_V.shape[-2:])}
         if target is not None:
             self.r = self.c * (self.f - target)  # dl/dF
@@ -389,6 +418,7 @@ def hessian_matvec(
     block: tuple[str, str] = ("Q", "Q"),
     part: str = "total",
     tau: float | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Product ``H(W_a, W_b) v`` of one Hessian block (or its outer / functional part) with ``v``.
 
@@ -404,12 +434,13 @@ def hessian_matvec(
         block: ``(a, b)`` with ``a, b`` in ``("Q", "K", "V")``.
         part: ``"outer"``, ``"functional"`` or ``"total"``.
         tau: Temperature replacing ``sqrt(d_K)``.
+        mask: Optional attention mask, as in :func:`forward`.
 
     Returns:
         ``H(W_a, W_b) v`` shaped like ``W_a`` (or flattened, matching ``v``).
     """
     a_name, b_name = _check_name(block[0]), _check_name(block[1])
-    state = _State(X, W_Q, W_K, W_V, target, tau)
+    state = _State(X, W_Q, W_K, W_V, target, tau, mask)
     u, flat = _as_matrix(v, state.shapes[b_name])
     out = state.apply(a_name, b_name, part, u)
     return out.reshape(*out.shape[:-2], -1) if flat else out
@@ -437,6 +468,7 @@ def hessian_block_norm(
     tau: float | None = None,
     iters: int = 100,
     seed: int = 0,
+    mask: Tensor | None = None,
 ) -> float:
     """Spectral (``ord=2``) or Frobenius (``ord="fro"``) norm of one Hessian block, matrix-free.
 
@@ -451,9 +483,10 @@ def hessian_block_norm(
         ord: ``2`` or ``"fro"``.
         iters: Lanczos steps for ``ord=2``.
         seed: Seed of the Lanczos start vector.
+        mask: Optional attention mask, as in :func:`forward`.
     """
     a, b = _check_name(block[0]), _check_name(block[1])
-    state = _State(X, W_Q, W_K, W_V, target, tau)
+    state = _State(X, W_Q, W_K, W_V, target, tau, mask)
     mv, n_a, n_b = _block_operator(state, a, b, part)
     if ord == "fro":
         return frobenius_from_matvec(mv, n_b, like=X)
@@ -474,14 +507,15 @@ def jacobian_norms(
     tau: float | None = None,
     iters: int = 100,
     seed: int = 0,
+    mask: Tensor | None = None,
 ) -> dict[str, float]:
     """Spectral norms ``||G_Q||_2, ||G_K||_2, ||G_V||_2`` of the Jacobians without forming them.
 
     ``||G_V||_2 = ||(A X) ⊗ I||_2 = ||A X||_2`` exactly. For ``Q`` and ``K``, Lanczos on the Gram operator
     ``G^T G v = J^T (J v)`` (``min(iters, d_V d_K)`` steps, from below, exact once the Krylov space is
-    exhausted). Memory ``O(iters d_V d_K + L^2 + L d)``.
+    exhausted). Memory ``O(iters d_V d_K + L^2 + L d)``. ``mask``: as in :func:`forward`.
     """
-    state = _State(X, W_Q, W_K, W_V, None, tau)
+    state = _State(X, W_Q, W_K, W_V, None, tau, mask)
     out = {"V": float(spectral_norm(state.a @ X))}
     for name in ("Q", "K"):
         shape = state.shapes[name]
@@ -520,30 +554,36 @@ def softmax_hessian_norm_bound(A: Tensor) -> Tensor:
     return (s_rows * (1 + 2 * A.norm(dim=-1))).amax(-1)
 
 
-def _norms(X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, target: Tensor) -> dict[str, Tensor]:
-    return {
-        "x": spectral_norm(X),
-        "q": spectral_norm(W_Q),
-        "k": spectral_norm(W_K),
-        "v": spectral_norm(W_V),
-        "t": spectral_norm(target),
-    }
+def _norms(X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor) -> dict[str, Tensor]:
+    return {"x": spectral_norm(X), "q": spectral_norm(W_Q), "k": spectral_norm(W_K), "v": spectral_norm(W_V)}
 
 
 def _bound_terms(
-    X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, target: Tensor, variant: str, tau: float | None
+    X: Tensor,
+    W_Q: Tensor,
+    W_K: Tensor,
+    W_V: Tensor,
+    target: Tensor | None,
+    variant: str,
+    tau: float | None,
+    mask: Tensor | None = None,
 ) -> dict[tuple[str, str], dict[str, Tensor]]:
+    """Per-block bounds; with ``target=None`` (corrected only) the functional parts and totals are NaN."""
     if variant not in ("paper", "corrected"):
         raise ValueError(f"variant must be 'paper' or 'corrected', got {variant!r}")
     t = _tau(W_Q, tau)
     n, d_v = X.shape[-2:]
-    c = 2.0 / (n * d_v)
-    nm = _norms(X, W_Q, W_K, W_V, target)
+    c = 2.0 / (n * W_V.shape[-1])  # 2 / (L d_O)
+    fw = forward(X, W_Q, W_K, W_V, tau, mask)
+    if target is None:
+        if variant == "paper":
+            raise ValueError("the paper variant needs the target")
+        target = torch.full_like(fw["F"], math.nan)
+    nm = _norms(X, W_Q, W_K, W_V)
     x, q, k, v = nm["x"], nm["q"], nm["k"], nm["v"]
-    fw = forward(X, W_Q, W_K, W_V, tau)
     if variant == "paper":
         # ||dA/dT|| <= 1/L, ||A|| <= L, ||d^2A/dT^2|| <= 6, ||F - Target||_F <= rho.
-        rho = math.sqrt(min(n, d_v)) * (n * x * v + nm["t"])
+        rho = math.sqrt(min(n, d_v)) * (n * x * v + spectral_norm(target))
         z_1 = x**3 / n
         m_1 = n * x
         z_2 = 6 * x**5
@@ -589,6 +629,7 @@ def block_bounds(
     target: Tensor,
     variant: str = "corrected",
     tau: float | None = None,
+    mask: Tensor | None = None,
 ) -> dict[tuple[str, str], dict[str, float | Tensor]]:
     r"""Upper bounds on the spectral norms of the nine Hessian blocks, per part ([P] Thm 1 and its proof).
 
@@ -622,11 +663,13 @@ def block_bounds(
             broadcast); the values are then tensors of the batch shape instead of floats.
         variant: ``"corrected"`` or ``"paper"``.
         tau: Temperature replacing ``sqrt(d_K)`` (both variants: ``d_K -> τ^2``).
+        mask: Optional attention mask, as in :func:`forward` (the corrected variant holds with a mask; the
+            paper variant's ``1/L`` assumption then fails even more easily).
 
     Returns:
         ``{(a, b): {"outer", "functional", "total"}}`` for all nine blocks (``total = outer + functional``).
     """
-    terms = _bound_terms(X, W_Q, W_K, W_V, target, variant, tau)
+    terms = _bound_terms(X, W_Q, W_K, W_V, target, variant, tau, mask)
     return {key: {part: _out(val) for part, val in parts.items()} for key, parts in terms.items()}
 
 
@@ -638,6 +681,7 @@ def hessian_bound(
     target: Tensor,
     variant: str = "corrected",
     tau: float | None = None,
+    mask: Tensor | None = None,
 ) -> float | Tensor:
     """Overall bound ``M = 3 max_{a,b} (o_ab + f_ab) >= ||H||_2`` of the whole Hessian ([P] Thm 1).
 
@@ -645,13 +689,19 @@ def hessian_bound(
     matrix. The constants printed in [P]'s main-text statement of ``M`` (8, 4, missing ``1/L``) differ from
     its proof; this uses the per-block forms. ``variant="paper"`` inherits the invalid ``||dA/dT|| <= 1/L``.
     """
-    terms = _bound_terms(X, W_Q, W_K, W_V, target, variant, tau)
+    terms = _bound_terms(X, W_Q, W_K, W_V, target, variant, tau, mask)
     totals = torch.stack([val["total"] for val in terms.values()])
     return _out(3 * totals.amax(0))
 
 
 def jacobian_bounds(
-    X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, variant: str = "corrected", tau: float | None = None
+    X: Tensor,
+    W_Q: Tensor,
+    W_K: Tensor,
+    W_V: Tensor,
+    variant: str = "corrected",
+    tau: float | None = None,
+    mask: Tensor | None = None,
 ) -> dict[str, float | Tensor]:
     """Upper bounds on ``||G_Q||_2, ||G_K||_2, ||G_V||_2`` ([P] proof of Thm 6, eq. for ``G_k``).
 
@@ -668,6 +718,6 @@ def jacobian_bounds(
     if variant == "paper":
         z, g_v = x**3 / n, n * x
     else:
-        a = forward(X, W_Q, W_K, W_V, tau)["A"]
+        a = forward(X, W_Q, W_K, W_V, tau, mask)["A"]
         z, g_v = softmax_jacobian_norm(a) * x**3, spectral_norm(a @ X)
     return {"Q": _out(v * k * z / t), "K": _out(v * q * z / t), "V": _out(g_v)}
