@@ -6,6 +6,12 @@ CPU-flash kernels have no double backward). It must also never disturb training:
 ``.grad``, buffers, random number streams or train/eval flags. The operators achieve the first three by
 working on detached copies of the parameters and buffers (``torch.func.functional_call``); this module
 restores the rest.
+
+Two kinds of model code cannot be differentiated twice and are dealt with here: ``torch.compile``d
+modules run eagerly during a pass (``torch.compiler.set_stance("force_eager")``; compiled graphs have no
+double backward), and reentrant activation checkpointing (``checkpoint(..., use_reentrant=True)``) is
+refused with :class:`ReentrantCheckpointError` (it has no double backward either, and when its inputs do
+not require grad it silently drops the parameters inside it from the graph).
 """
 
 from __future__ import annotations
@@ -14,11 +20,49 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.utils.checkpoint
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 _MODES = ("eval", "train", "keep")
+
+REENTRANT_MESSAGE = (
+    "The model uses activation checkpointing with torch.utils.checkpoint.checkpoint(..., "
+    "use_reentrant=True), which has no double backward: a Hessian cannot be computed through it (and "
+    "parameters inside it can silently drop out of the graph). Pass use_reentrant=False to checkpoint "
+    "(Hugging Face models: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+    '{"use_reentrant": False})); the results are the same.'
+)
+
+
+class ReentrantCheckpointError(RuntimeError):
+    """The model runs ``torch.utils.checkpoint.checkpoint(..., use_reentrant=True)`` during a pass."""
+
+
+@contextlib.contextmanager
+def _refuse_reentrant_checkpoint() -> Iterator[None]:
+    """Make reentrant ``checkpoint`` calls raise :class:`ReentrantCheckpointError` inside the context.
+
+    ``checkpoint(use_reentrant=True)`` looks up ``torch.utils.checkpoint.CheckpointFunction`` at call time;
+    it is swapped for a subclass that refuses to run, and put back on exit.
+    """
+    module = torch.utils.checkpoint
+    original = getattr(module, "CheckpointFunction", None)
+    if original is None:  # a torch without it: the double-backward error is translated instead
+        yield
+        return
+
+    class _Refused(original):  # type: ignore[misc, valid-type]
+        @staticmethod
+        def forward(ctx, *args):  # type: ignore[no-untyped-def]
+            raise ReentrantCheckpointError(REENTRANT_MESSAGE)
+
+    module.CheckpointFunction = _Refused
+    try:
+        yield
+    finally:
+        module.CheckpointFunction = original
 
 
 @contextlib.contextmanager
@@ -33,8 +77,9 @@ def curvature_context(model: nn.Module, mode: str = "eval") -> Iterator[None]:
             flags as they are. The original flags of every submodule are restored afterwards.
 
     Inside the context: gradients enabled, inference mode off, autocast off on CPU and CUDA, the math
-    attention kernel selected, and the random number generators (torch, CUDA, numpy, python) isolated so
-    that random draws inside the pass do not shift the user's streams.
+    attention kernel selected, ``torch.compile``d code run eagerly, reentrant activation checkpointing
+    refused (:class:`ReentrantCheckpointError`), and the random number generators (torch, CUDA, numpy,
+    python) isolated so that random draws inside the pass do not shift the user's streams.
     """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -48,6 +93,8 @@ def curvature_context(model: nn.Module, mode: str = "eval") -> Iterator[None]:
             if torch.cuda.is_available():
                 stack.enter_context(torch.autocast("cuda", enabled=False))
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            stack.enter_context(torch.compiler.set_stance("force_eager"))
+            stack.enter_context(_refuse_reentrant_checkpoint())
             if mode != "keep":
                 model.train(mode == "train")
             yield

@@ -77,6 +77,7 @@ def analyze(
     init: CurvatureReport | Mapping[str, Tensor] | None = None,
     preconditioner: Mapping[str, Tensor] | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    chunk_size: int | None = None,
 ) -> CurvatureReport:
     r"""Measure the curvature of ``loss_fn`` per parameter block of ``model``.
 
@@ -125,6 +126,18 @@ def analyze(
         reduce: with data split over processes, a function summing a tensor over them (see
             :class:`~lightning_hessian.CurvatureOperator`): the report is then that of the union of the data,
             identical on every process.
+        chunk_size: a memory budget: split every batch into chunks of at most this many samples and keep
+            only one chunk's graph alive at a time, rebuilt for every product call (see
+            :class:`~lightning_hessian.CurvatureOperator`): peak memory of one chunk instead of all the
+            data, for one extra forward and gradient per chunk per call. Same result when ``loss_fn`` is a
+            mean of per-sample losses. ``None`` (default) keeps every batch's graph for the whole pass.
+
+    Batches are moved to the parameters' device, and their floating tensors cast to the compute dtype, when
+    the tensors sit in tuples, lists, dicts, other ``Mapping``\ s or dataclasses; tensors inside other
+    objects are passed as they are, and a device or dtype mismatch inside ``loss_fn`` is reported with
+    what to do. A ``torch.compile``\ d model (or submodule) runs eagerly during the pass (compiled graphs
+    have no double backward); block names leave out ``_orig_mod``. Activation checkpointing must use
+    ``use_reentrant=False``; reentrant checkpointing is refused with an error saying so.
 
     Returns:
         A :class:`~lightning_hessian.CurvatureReport`; ``print(report.table())`` shows it.
@@ -174,6 +187,7 @@ def analyze(
             batching=batching,
             split=split,
             reduce=reduce,
+            chunk_size=chunk_size,
         )
         for r, eig in zip(
             results, lanczos(op, top_k, smallest=smallest, tol=tol, max_iter=max_iter, init=starts, seed=seed)
@@ -249,6 +263,7 @@ def analyze(
         seed=seed,
         dtype=str(dtype) if dtype is not None else None,
         batching=batching,
+        chunk_size=chunk_size,
     )
     named = {r.name: r for r in results}
     full_result = named.pop(selected[-1].name) if full else None

@@ -34,6 +34,10 @@ How a block's kind is found (heuristics)
     ``layer`` is the first integer in the path (``"encoder.layers.3.linear1"`` -> 3), ``None`` for
     embeddings, final norms and heads.
 
+    Compiled modules: the ``_orig_mod`` component that ``torch.compile`` adds to parameter
+    names is left out of block names and ignored by the heuristics (``encoder._orig_mod.layers.0.linear1``
+    is the block ``encoder.layers.0.linear1``); the parts keep the real parameter names.
+
 Extending with rules
     ``rules`` maps regular expressions, matched with :func:`re.search` against full parameter names, to a
     kind or a :class:`FusedLayout`; the first matching rule wins and rules take precedence over the
@@ -296,9 +300,17 @@ def find_blocks(
             stacklevel=2,
         )
     return [
-        Block(name, kind, _layer(name), sum(p.numel(shapes[p.param]) for p in parts), tuple(parts))
+        Block(_display(name), kind, _layer(name), sum(p.numel(shapes[p.param]) for p in parts), tuple(parts))
         for name, (kind, parts) in drafts.items()
     ]
+
+
+_COMPILED_WRAPPER = "_orig_mod"  # the child through which torch.compile's OptimizedModule holds the module
+
+
+def _display(path: str) -> str:
+    """A block name without the components ``torch.compile`` adds."""
+    return ".".join(c for c in path.split(".") if c != _COMPILED_WRAPPER)
 
 
 def model_block(model: nn.Module, name: str = "model") -> Block:
@@ -367,7 +379,7 @@ def _builtin_target(path: str, modules: Mapping[str, nn.Module]) -> _Target | No
     role = None  # what the block's own name said: _OUT, or "unknown"
     for depth in range(len(components), 0, -1):
         name = components[depth - 1]
-        if name.isdigit():  # a ModuleList index says nothing about the role
+        if name.isdigit() or name == _COMPILED_WRAPPER:  # an index or torch.compile's wrapper: no role
             continue
         hit = _match(name)
         module = modules.get(".".join(components[:depth]))

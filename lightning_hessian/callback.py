@@ -9,6 +9,7 @@ numbers to the dashboard (:mod:`lightning_hessian.dashboard`) and the alert rule
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -151,7 +152,10 @@ class HessianMonitor(Callback):
         max_overhead: a time budget: skip a scheduled pass while the passes so far have taken more than this
             fraction of the training time (e.g. ``0.05``); ``None`` never skips. The end-of-training pass is
             always made.
-        on_error: ``"warn"`` (report a failing pass once, keep training) or ``"raise"``.
+        on_error: ``"warn"`` (report a failing pass once, keep training) or ``"raise"``. Out-of-memory
+            errors are caught like any other; ``chunk_size`` keeps a pass inside a memory budget.
+        chunk_size: split every curvature batch into chunks of at most this many samples and keep only one
+            chunk's graph alive at a time (see :func:`~lightning_hessian.analyze`): less memory, more time.
         seed: seed of the estimators' random vectors.
     """
 
@@ -188,6 +192,7 @@ class HessianMonitor(Callback):
         max_overhead: float | None = None,
         on_error: str = "warn",
         seed: int = 0,
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
@@ -247,6 +252,7 @@ class HessianMonitor(Callback):
             dtype=dtype,
             mode=mode,
             seed=seed,
+            chunk_size=chunk_size,
         )
         if max_overhead is not None and not (isinstance(max_overhead, int | float) and max_overhead > 0):
             raise ValueError(
@@ -262,6 +268,12 @@ class HessianMonitor(Callback):
         ]:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(
+                f"chunk_size must be a positive int (samples per chunk) or None, got {chunk_size!r}."
+            )
         if not isinstance(tol, int | float) or tol <= 0:
             raise ValueError(f"tol must be a positive float, got {tol!r}.")
         if isinstance(alerts, AlertManager):
@@ -281,6 +293,7 @@ class HessianMonitor(Callback):
         self._last_report: CurvatureReport | None = None
         self._reported_errors: set[str] = set()
         self._train_start: float | None = None
+        self._train_seconds = 0.0  # training time before a resume (from the checkpoint)
         self._pass_seconds = 0.0
         self.passes = 0
         self.skipped = 0
@@ -304,7 +317,8 @@ class HessianMonitor(Callback):
             )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._train_start = time.perf_counter()
+        # A resumed run continues the time budget: the training time before the checkpoint counts too.
+        self._train_start = time.perf_counter() - self._train_seconds
 
     def _over_budget(self) -> bool:
         if self.max_overhead is None or self._train_start is None or self.passes == 0:
@@ -367,12 +381,20 @@ class HessianMonitor(Callback):
         except Exception as error:  # a monitoring pass must never stop training
             if self.on_error == "raise":
                 raise
-            key = f"{type(error).__name__}: {error}"
+            message = f"{type(error).__name__}: {error}"
+            # Reported once per kind of error: messages that differ only in numbers (steps, sizes) are one.
+            key = re.sub(r"\d+(\.\d+)?", "#", message)
             if key not in self._reported_errors:
                 self._reported_errors.add(key)
+                hint = (
+                    " Pass chunk_size= (samples per chunk) to keep a pass inside a memory budget, or measure "
+                    "fewer or smaller curvature batches."
+                    if isinstance(error, torch.OutOfMemoryError)
+                    else ""
+                )
                 rank_zero_warn(
-                    f"HessianMonitor: the curvature pass at step {step} failed and was skipped ({key}). "
-                    "Training goes on; pass on_error='raise' to see the traceback."
+                    f"HessianMonitor: the curvature pass at step {step} failed and was skipped ({message})."
+                    f"{hint} Training goes on; pass on_error='raise' to see the traceback."
                 )
             return
         scalars = report.scalars()
@@ -504,6 +526,11 @@ class HessianMonitor(Callback):
             "passes": self.passes,
             "skipped": self.skipped,
             "pass_seconds": self._pass_seconds,
+            "train_seconds": (
+                time.perf_counter() - self._train_start
+                if self._train_start is not None
+                else self._train_seconds
+            ),
             "alerts": self.alerts.state_dict(),
             "dashboard": self.dashboard.state_dict(),
         }
@@ -515,6 +542,7 @@ class HessianMonitor(Callback):
         self.passes = state_dict.get("passes", 0)
         self.skipped = state_dict.get("skipped", 0)
         self._pass_seconds = state_dict.get("pass_seconds", 0.0)
+        self._train_seconds = state_dict.get("train_seconds", 0.0)
         if "alerts" in state_dict:
             self.alerts.load_state_dict(state_dict["alerts"])
         if "dashboard" in state_dict:

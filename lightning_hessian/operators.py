@@ -24,6 +24,16 @@ How the products are computed:
   backward.
 * The operators work on detached copies of the parameters and buffers, passed to the model with
   :func:`torch.func.functional_call`, so the model's weights, ``.grad`` and buffers are never touched.
+* Memory: by default every batch's graph is kept alive for the whole pass (the fastest). With
+  ``chunk_size=N`` each batch is split into chunks of at most ``N`` samples and the graphs are *not*
+  kept: every product call rebuilds one chunk's graph at a time (forward and ``create_graph`` gradient),
+  multiplies all requested blocks' vectors on it and frees it, so the peak memory is that of one chunk's
+  graph, at the price of one graph build per chunk per product call.
+
+Batches: tensors found in tuples, lists, dicts, other ``Mapping``\ s (``UserDict``, Hugging Face's
+``BatchEncoding``) and dataclasses are moved to the parameters' device, and floating ones cast to the
+compute dtype; other objects are passed to ``loss_fn`` unchanged (a device or dtype mismatch inside
+``loss_fn`` is then reported with what to do).
 
 The class implements :class:`lightning_hessian.estimators.BlockOperator`, so every estimator runs on it.
 Build it inside :func:`lightning_hessian._context.curvature_context` (``analyze`` does this).
@@ -31,14 +41,16 @@ Build it inside :func:`lightning_hessian._context.curvature_context` (``analyze`
 
 from __future__ import annotations
 
+import collections
 import collections.abc
 import copy
+import dataclasses
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader
@@ -52,6 +64,7 @@ __all__ = [
     "CurvatureOperator",
     "NonFiniteLossError",
     "PreconditionedOperator",
+    "split_batch",
 ]
 
 CURVATURES = ("hessian", "gauss_newton", "functional")
@@ -84,17 +97,154 @@ def as_batches(data: Any) -> list[Any]:
     return [data]
 
 
+def _is_dataclass_instance(data: Any) -> bool:
+    return dataclasses.is_dataclass(data) and not isinstance(data, type)
+
+
+def find_tensors(data: Any) -> Iterator[Tensor]:
+    r"""The tensors of a batch, in order: inside tuples, lists, ``Mapping``\ s and dataclasses, recursively.
+
+    Tensors held by other objects are not found (and so are neither moved, cast nor split).
+    """
+    if isinstance(data, Tensor):
+        yield data
+    elif isinstance(data, collections.abc.Mapping):
+        for value in data.values():
+            yield from find_tensors(value)
+    elif _is_dataclass_instance(data):
+        for field in dataclasses.fields(data):
+            yield from find_tensors(getattr(data, field.name))
+    elif isinstance(data, list | tuple):
+        for value in data:
+            yield from find_tensors(value)
+
+
+def map_tensors(data: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    r"""A copy of a batch with ``fn`` applied to every tensor :func:`find_tensors` finds.
+
+    The containers are rebuilt (the user's batch is never modified): dicts, ``defaultdict``, ``UserDict``
+    subclasses (Hugging Face's ``BatchEncoding``; their other attributes are kept), other ``Mapping``\ s
+    built from a dict, named tuples, tuples, lists, and dataclasses (frozen ones too; a shallow copy whose
+    fields are replaced). Other objects are returned as they are.
+
+    Raises:
+        TypeError: when a container cannot be rebuilt, with what to do.
+    """
+    if isinstance(data, Tensor):
+        return fn(data)
+    if isinstance(data, collections.abc.Mapping):
+        items = {key: map_tensors(value, fn) for key, value in data.items()}
+        if type(data) is dict:
+            return items
+        if isinstance(data, collections.defaultdict):
+            return type(data)(data.default_factory, items)
+        if isinstance(data, collections.UserDict):
+            out = copy.copy(data)  # UserDict.__copy__ copies its .data: the original is not touched
+            out.data = items
+            return out
+        try:
+            return type(data)(items)
+        except Exception as error:
+            raise TypeError(
+                f"Cannot rebuild the batch's {type(data).__name__} with its tensors moved ({error}). Make "
+                f"{type(data).__name__}(dict) work, pass a dict instead, or put the batch on the model's "
+                "device and dtype yourself before calling analyze (then it is passed through unchanged)."
+            ) from error
+    if _is_dataclass_instance(data):
+        out = copy.copy(data)
+        for field in dataclasses.fields(data):
+            object.__setattr__(out, field.name, map_tensors(getattr(data, field.name), fn))
+        return out
+    if isinstance(data, tuple) and hasattr(data, "_fields"):  # a named tuple
+        return type(data)(*(map_tensors(value, fn) for value in data))
+    if isinstance(data, list | tuple):
+        items = [map_tensors(value, fn) for value in data]
+        return items if type(data) is list else tuple(items) if type(data) is tuple else type(data)(items)
+    return data
+
+
 def batch_size(batch: Any) -> int:
-    """Size of a batch: the leading dimension of its first tensor (1 if it holds no tensor with a dim)."""
-    found: list[int] = []
+    """Size of a batch: the leading dimension of its first tensor (1 if it holds no tensor with a dim).
 
-    def visit(t: Tensor) -> Tensor:
-        if not found and t.ndim > 0:
-            found.append(t.shape[0])
-        return t
+    "First" is in the order of :func:`find_tensors`: put a batch-first tensor (the inputs) first, not a
+    mask shared by all samples. It weights the batch in the mean loss over several batches, and is the
+    dimension ``chunk_size`` splits.
+    """
+    return next((t.shape[0] for t in find_tensors(batch) if t.ndim > 0), 1)
 
-    apply_to_collection(batch, Tensor, visit)
-    return found[0] if found else 1
+
+def split_batch(batch: Any, chunk_size: int | None) -> list[tuple[Any, int]]:
+    """Split a batch along its first dimension into chunks of at most ``chunk_size`` samples.
+
+    Args:
+        batch: one batch; every tensor with a dimension must have the batch size first.
+        chunk_size: the largest chunk; ``None`` keeps the batch whole.
+
+    Returns:
+        ``(chunk, size)`` pairs; 0-dimensional tensors go whole into every chunk.
+
+    Raises:
+        ValueError: when a tensor's first dimension is not the batch size (the chunks would not be the
+            batch's samples).
+    """
+    n = batch_size(batch)
+    if chunk_size is None or n <= chunk_size:
+        return [(batch, n)]
+    shapes = [tuple(t.shape) for t in find_tensors(batch)]
+    if any(shape and shape[0] != n for shape in shapes):
+        raise ValueError(
+            f"chunk_size={chunk_size} splits each batch along its first dimension (the batch size, {n}: "
+            f"the first dimension of its first tensor), but the batch's tensors have shapes {shapes}. Give "
+            "every tensor the batch size first (e.g. targets of shape (batch, seq) rather than flattened, "
+            "masks shared by all samples built inside the model), or pass chunk_size=None."
+        )
+    chunks = []
+    for start in range(0, n, chunk_size):
+        chunk = map_tensors(batch, lambda t, s=start: t[s : s + chunk_size] if t.ndim else t)
+        chunks.append((chunk, min(chunk_size, n - start)))
+    return chunks
+
+
+_DEVICE_ERRORS = re.compile(
+    r"same device|expected device|device type|on the expected device|must be on|on a different device", re.I
+)
+_DTYPE_ERRORS = re.compile(
+    r"same dtype|expected scalar type|Input type .* and (weight|bias) type|expected .*dtype|found dtype", re.I
+)
+_REENTRANT_ERROR = "Checkpointing is not compatible with .grad()"
+
+
+class _Graph:
+    """Retained graphs that products are computed on: all batches at once, or one chunk.
+
+    ``grads``: the weighted gradient per needed parameter (with its graph); with the Gauss-Newton graphs,
+    ``outputs`` / ``output_grads`` per batch and ``dummies`` / ``jtu`` for :math:`J v` products.
+    """
+
+    __slots__ = ("dummies", "grads", "jtu", "output_grads", "outputs")
+
+    def __init__(self, grads: dict[str, Tensor]) -> None:
+        self.grads = grads
+        self.outputs: list[Tensor] = []
+        self.output_grads: list[Tensor] = []
+        self.dummies: list[Tensor] = []
+        self.jtu: dict[str, Tensor] = {}
+
+    def prepare_jacobian(self, names: Sequence[str], leaves: Sequence[Tensor]) -> None:
+        """``J^T u`` for a dummy ``u``: linear in ``u``, so one graph serves every ``J v``."""
+        self.dummies = [torch.zeros_like(o, requires_grad=True) for o in self.outputs]
+        self.jtu = dict(zip(names, _grad(self.outputs, leaves, self.dummies, create_graph=True)))
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 class _LossCall(nn.Module):
@@ -223,7 +373,8 @@ class CurvatureOperator:
         loss_fn: ``loss_fn(model, batch)`` returns the scalar loss, or ``(loss, output)`` where ``output`` is
             the tensor the loss is computed from (required for ``"gauss_newton"`` and ``"functional"``).
         data: one batch, or several (a :class:`Batches`, a ``DataLoader`` or an iterator): the operator is
-            then the curvature of the batch-size-weighted mean loss. Every batch's graph is kept in memory.
+            then the curvature of the batch-size-weighted mean loss. Every batch's graph is kept in memory,
+            unless ``chunk_size`` is given.
         blocks: the parameter blocks (from :func:`~lightning_hessian.find_blocks` or
             :func:`~lightning_hessian.blocks.model_block`); block ``b`` acts on vectors of size
             ``blocks[b].numel`` ordered as the block's parts.
@@ -241,6 +392,13 @@ class CurvatureOperator:
             the batch sizes, losses and every product are summed across processes, so all processes run
             the estimators on identical numbers and make the same collective calls. An error on one
             process is raised on all of them.
+        chunk_size: keep the pass inside a memory budget: split every batch into chunks of at most this
+            many samples (along the first dimension of its tensors) and keep no graph between product
+            calls; each call rebuilds one chunk's graph at a time. The peak memory is then that of one
+            chunk's graph instead of all batches' graphs, and every product call costs one extra forward
+            and gradient per chunk. The result equals the unchunked one when ``loss_fn`` is the mean of
+            per-sample losses (e.g. a mean cross-entropy over equal-length sequences) and samples do not
+            interact (no BatchNorm batch statistics with ``mode="train"``). ``None``: keep the graphs.
 
     Attributes:
         sizes: the block sizes. ``block_matvecs`` / ``block_seconds``: products computed so far and the
@@ -259,7 +417,14 @@ class CurvatureOperator:
         batching: str = "auto",
         split: bool = False,
         reduce: Callable[[Tensor], Tensor] | None = None,
+        chunk_size: int | None = None,
     ) -> None:
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(
+                f"chunk_size must be a positive int (samples per chunk) or None, got {chunk_size!r}."
+            )
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
         if batching not in BATCHING:
@@ -301,26 +466,40 @@ class CurvatureOperator:
         self._shapes = {name: self._leaves[name].shape for name in needed}
 
         self._reduce = reduce
+        self._split = split
         need_output = split or curvature != "hessian"
-        call = _LossCall(model, loss_fn)
-        leaves = [self._leaves[name] for name in needed]
+        self._call = _LossCall(model, loss_fn)
+        self._tensors = tensors
+        self._needed = needed
+        self._leaf_list = [self._leaves[name] for name in needed]
+        self.chunk_size = chunk_size
+        leaves = self._leaf_list
         grads = [torch.zeros_like(leaf) for leaf in leaves]
-        self._outputs: list[Tensor] = []
-        self._output_grads: list[Tensor] = []
+        graph_outputs: list[Tensor] = []
+        output_grads: list[Tensor] = []
+        # With chunk_size: the (moved) chunks, their sizes and the random state before their first forward,
+        # so that every rebuild of a chunk's graph draws the same dropout masks (mode="train").
+        self._chunks: list[tuple[Any, int, tuple[Tensor, Tensor | None]]] = []
         # Graphs of sum_i n_i loss_i (n_i the batch sizes), divided by the total size N below: once N is known
         # across processes, when a reduce is given.
         local_size, local_loss, error = 0, 0.0, None
         try:
             for index, batch in enumerate(as_batches(data)):
-                n = batch_size(batch)
-                loss, output = _check_loss(
-                    functional_call(call, tensors, (self._move(batch),)), index, need_output
-                )
-                local_size, local_loss = local_size + n, local_loss + n * loss.item()
-                grads = [total + g for total, g in zip(grads, _grad([n * loss], leaves, create_graph=True))]
-                if need_output:
-                    self._outputs.append(output)
-                    self._output_grads.append(_grad([n * loss], [output], create_graph=True)[0])
+                for chunk, n in split_batch(batch, chunk_size):
+                    chunk = self._move(chunk)
+                    state = _rng_state(self.device) if chunk_size is not None else None
+                    loss, output = self._forward(chunk, index, need_output, check=True)
+                    local_size, local_loss = local_size + n, local_loss + n * loss.item()
+                    if chunk_size is not None:  # the gradient only: no graph is kept
+                        self._chunks.append((chunk, n, state))
+                        step = _grad([n * loss], leaves)
+                        grads = [total + g for total, g in zip(grads, step)]
+                        continue
+                    step = _grad([n * loss], leaves, create_graph=True)
+                    grads = [total + g for total, g in zip(grads, step)]
+                    if need_output:
+                        graph_outputs.append(output)
+                        output_grads.append(_grad([n * loss], [output], create_graph=True)[0])
         except Exception as exc:
             if reduce is None:
                 raise
@@ -333,24 +512,78 @@ class CurvatureOperator:
             raise RuntimeError(
                 "The curvature pass failed on another process (see its error); skipped here too."
             )
+        self._size = size
         self.loss = loss_sum / size
         self._grads = {name: g / size for name, g in zip(needed, grads)}
-        self._output_grads = [g / size for g in self._output_grads]
+        self._graph: _Graph | None = None
+        if chunk_size is None:
+            self._graph = _Graph(self._grads)
+            if need_output:
+                self._graph.outputs = graph_outputs
+                self._graph.output_grads = [g / size for g in output_grads]
+                self._graph.prepare_jacobian(needed, leaves)
 
+    def _forward(self, batch: Any, index: int, need_output: bool, check: bool = False) -> tuple[Tensor, Any]:
+        """``loss_fn`` on one (moved) batch through the detached tensors, with errors made clear."""
+        try:
+            value = functional_call(self._call, self._tensors, (batch,))
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as error:
+            message = str(error)
+            if _REENTRANT_ERROR in message:
+                from lightning_hessian._context import REENTRANT_MESSAGE, ReentrantCheckpointError
+
+                raise ReentrantCheckpointError(REENTRANT_MESSAGE) from error
+            if _DEVICE_ERRORS.search(message):
+                kind = "device"
+            elif _DTYPE_ERRORS.search(message):
+                kind = "dtype"
+            else:
+                raise
+            raise RuntimeError(
+                f"loss_fn failed on batch {index} with a {kind} mismatch: {message.strip()} The curvature "
+                f"is computed on {self.device} in {self.dtype}: the batch's tensors are moved there (and "
+                "floating ones cast) when they sit in tuples, lists, dicts, other Mappings or dataclasses, "
+                "but tensors held by other objects are passed as they are. Pass the batch in such a "
+                "container, or move and cast it inside loss_fn (e.g. x.to(next(model.parameters()))); "
+                "tensors created inside the model should follow its inputs (torch.zeros(..., "
+                "device=x.device, dtype=x.dtype))."
+            ) from error
+        if check:
+            return _check_loss(value, index, need_output)
+        if isinstance(value, tuple | list) and len(value) == 2:
+            return value[0].reshape(()), value[1]
+        return value.reshape(()), None
+
+    def _build(self, chunk: Any, size: int, state: tuple[Tensor, Tensor | None]) -> _Graph:
+        """One chunk's graph, weighted by its share ``size / N`` of the mean loss (``chunk_size`` mode)."""
+        _set_rng_state(state, self.device)
+        need_output = self.curvature != "hessian"
+        loss, output = self._forward(chunk, 0, need_output)
+        weighted = loss * (size / self._size)
+        graph = _Graph(dict(zip(self._needed, _grad([weighted], self._leaf_list, create_graph=True))))
         if need_output:
-            # J^T u for a dummy u: linear in u, so one graph serves every J v = d<J^T u, v>/du.
-            self._dummies = [torch.zeros_like(o, requires_grad=True) for o in self._outputs]
-            self._jtu = dict(zip(needed, _grad(self._outputs, leaves, self._dummies, create_graph=True)))
+            graph.outputs = [output]
+            graph.output_grads = [_grad([weighted], [output], create_graph=True)[0]]
+            graph.prepare_jacobian(self._needed, self._leaf_list)
+        return graph
 
     def _sum(self, tensor: Tensor) -> Tensor:
         return tensor if self._reduce is None else self._reduce(tensor)
 
     def _move(self, batch: Any) -> Any:
-        def move(t: Tensor) -> Tensor:
-            dtype = self.dtype if t.is_floating_point() else t.dtype
-            return t.to(device=self.device, dtype=dtype)
+        """The batch with its tensors on the operator's device and floating ones in its dtype.
 
-        return apply_to_collection(batch, Tensor, move)
+        A batch already there is returned as it is (not rebuilt), so any object works then.
+        """
+
+        def target(t: Tensor) -> tuple[torch.device, torch.dtype]:
+            return self.device, self.dtype if t.is_floating_point() else t.dtype
+
+        if all((t.device, t.dtype) == target(t) for t in find_tensors(batch)):
+            return batch
+        return map_tensors(batch, lambda t: t.to(*target(t)))
 
     # --- block vectors <-> parameter-shaped tensors -----------------------------------------------------
 
@@ -384,10 +617,10 @@ class CurvatureOperator:
 
     # --- products ---------------------------------------------------------------------------------------
 
-    def _hessian(self, block: Block, columns: Tensor) -> Tensor:
+    def _hessian(self, graph: _Graph, block: Block, columns: Tensor) -> Tensor:
         names = block.params
         leaves = [self._leaves[n] for n in names]
-        grads = [self._grads[n] for n in names]
+        grads = [graph.grads[n] for n in names]
         vectors = self._scatter(block, columns)
         if self.batching == "vmap":
             result = _grad(grads, leaves, [vectors[n] for n in names], batched=True)
@@ -399,17 +632,17 @@ class CurvatureOperator:
             products.append(self._gather(block, {n: r.unsqueeze(0) for n, r in zip(names, result)}))
         return torch.cat(products, dim=1)
 
-    def _gauss_newton(self, block: Block, columns: Tensor) -> Tensor:
+    def _gauss_newton(self, graph: _Graph, block: Block, columns: Tensor) -> Tensor:
         names = block.params
         leaves = [self._leaves[n] for n in names]
         vectors = self._scatter(block, columns)
         products = []
         for j in range(columns.shape[1]):
-            dot = sum((self._jtu[n] * vectors[n][j]).sum() for n in names)
-            jv = _grad([dot], self._dummies)
-            curvature = sum((g * u).sum() for g, u in zip(self._output_grads, jv))
-            hjv = _grad([curvature], self._outputs)
-            result = _grad(self._outputs, leaves, hjv)
+            dot = sum((graph.jtu[n] * vectors[n][j]).sum() for n in names)
+            jv = _grad([dot], graph.dummies)
+            curvature = sum((g * u).sum() for g, u in zip(graph.output_grads, jv))
+            hjv = _grad([curvature], graph.outputs)
+            result = _grad(graph.outputs, leaves, hjv)
             products.append(self._gather(block, {n: r.unsqueeze(0) for n, r in zip(names, result)}))
         return torch.cat(products, dim=1)
 
@@ -422,13 +655,20 @@ class CurvatureOperator:
         """The same blocks and graphs with another curvature (built with ``split=True``), fresh counters."""
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
-        if curvature != "hessian" and not hasattr(self, "_jtu"):
+        if curvature != "hessian" and not (self._split or self.curvature != "hessian"):
             raise ValueError("This operator was built without the Gauss-Newton graphs: pass split=True.")
         other = copy.copy(self)
         other.curvature = curvature
         other.block_matvecs = [0] * len(self.blocks)
         other.block_seconds = [0.0] * len(self.blocks)
         return other
+
+    def _product(self, graph: _Graph, block: Block, columns: Tensor) -> Tensor:
+        if self.curvature == "hessian":
+            return self._hessian(graph, block, columns)
+        if self.curvature == "gauss_newton":
+            return self._gauss_newton(graph, block, columns)
+        return self._hessian(graph, block, columns) - self._gauss_newton(graph, block, columns)
 
     def matmat(self, vectors: Sequence[Tensor | None]) -> list[Tensor | None]:
         """Multiply block ``b``'s curvature by ``vectors[b]`` (a ``(sizes[b], m)`` tensor), skipping ``None``.
@@ -437,25 +677,33 @@ class CurvatureOperator:
         """
         if len(vectors) != len(self.blocks):
             raise ValueError(f"Expected {len(self.blocks)} entries (one per block), got {len(vectors)}.")
-        results: list[Tensor | None] = []
+        jobs = []
+        for index, (block, columns) in enumerate(zip(self.blocks, vectors)):
+            if columns is not None:
+                columns = columns.unsqueeze(1) if columns.ndim == 1 else columns
+                jobs.append((index, block, columns.to(device=self.device, dtype=self.dtype)))
+        results: list[Tensor | None] = [None] * len(self.blocks)
         with torch.enable_grad():
-            for index, (block, columns) in enumerate(zip(self.blocks, vectors)):
-                if columns is None:
-                    results.append(None)
-                    continue
-                if columns.ndim == 1:
-                    columns = columns.unsqueeze(1)
-                columns = columns.to(device=self.device, dtype=self.dtype)
-                start = time.perf_counter()
-                if self.curvature == "hessian":
-                    product = self._hessian(block, columns)
-                elif self.curvature == "gauss_newton":
-                    product = self._gauss_newton(block, columns)
-                else:
-                    product = self._hessian(block, columns) - self._gauss_newton(block, columns)
-                self.block_matvecs[index] += columns.shape[1]
-                self.block_seconds[index] += time.perf_counter() - start
-                results.append(product.detach())
+            if self._graph is not None:
+                for index, block, columns in jobs:
+                    start = time.perf_counter()
+                    results[index] = self._product(self._graph, block, columns).detach()
+                    self.block_seconds[index] += time.perf_counter() - start
+            else:
+                # chunk_size: one chunk's graph alive at a time; its build is shared by the blocks.
+                for chunk, size, state in self._chunks if jobs else ():
+                    start = time.perf_counter()
+                    graph = self._build(chunk, size, state)
+                    build = (time.perf_counter() - start) / max(len(jobs), 1)
+                    for index, block, columns in jobs:
+                        start = time.perf_counter()
+                        product = self._product(graph, block, columns).detach()
+                        total = results[index]
+                        results[index] = product if total is None else total + product
+                        self.block_seconds[index] += time.perf_counter() - start + build
+                    del graph, product  # free this chunk's graph before the next one is built
+        for index, _, columns in jobs:
+            self.block_matvecs[index] += columns.shape[1]
         if self._reduce is not None:
             # One collective for all blocks' products of this call.
             present = [r for r in results if r is not None]
