@@ -105,6 +105,7 @@ def custom_scalars(page: Page, url: str, out: Path) -> None:
     for category, name, log_scale in [
         ("Curvature: Stability", "dashboard_stability.png", ("vs threshold",)),
         ("Curvature: Attention", "dashboard_attention.png", ("λ_max",)),
+        ("Curvature: Theory vs measured", "dashboard_theory.png", ("against the bounds", "/ outer bound")),
     ]:
         pane = page.locator("tf-category-paginated-view").filter(has_text=category).first
         cards = pane.locator("tf-custom-scalar-multi-line-chart-card")

@@ -7,12 +7,13 @@ Quick start without Lightning::
     print(report.table())
 """
 
-from lightning_hessian import estimators, formulas, tags
+from lightning_hessian import estimators, formulas, tags, theory
 from lightning_hessian.analysis import analyze
 from lightning_hessian.blocks import KINDS, Block, BlockPart, FusedLayout, find_blocks, model_block
 from lightning_hessian.callback import HessianMonitor
 from lightning_hessian.operators import Batches, CurvatureOperator
 from lightning_hessian.report import BlockCurvature, CurvatureReport
+from lightning_hessian.theory import TheoryComparison, compare_attention
 
 __version__ = "0.1.0.dev0"
 
@@ -26,11 +27,14 @@ __all__ = [
     "CurvatureReport",
     "FusedLayout",
     "HessianMonitor",
+    "TheoryComparison",
     "__version__",
     "analyze",
+    "compare_attention",
     "estimators",
     "find_blocks",
     "formulas",
     "model_block",
     "tags",
+    "theory",
 ]

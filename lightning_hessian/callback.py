@@ -35,6 +35,7 @@ from lightning_hessian.formulas.stability import (
 )
 from lightning_hessian.operators import Batches, NonFiniteLossError
 from lightning_hessian.report import CurvatureReport
+from lightning_hessian.theory import TheoryComparison, compare_attention
 
 __all__ = ["HessianMonitor"]
 
@@ -149,6 +150,15 @@ class HessianMonitor(Callback):
         stop_on: stop training at the first alert of this severity or worse (``"warning"``,
             ``"critical"``) or never (``None``).
         figures: draw TensorBoard figures (needs matplotlib).
+        theory: evaluate the papers' attention theory on the model's own attention layers at every pass
+            (:func:`~lightning_hessian.theory.compare_attention`): per-head Jacobian norms, the corrected
+            single-layer bounds and measured / theory ratios as ``theory/...`` scalars, a "Theory vs measured"
+            dashboard and a text table. Layers the formulas do not describe are listed once and left out.
+        theory_target: ``theory_target(batch) -> Tensor`` for the papers' setting (one attention layer
+            trained with the mean-squared error against this target): the bounds are then proven,
+            ``theory/<block>/bound_ratio`` is logged and a ratio above 1 raises the ``bound_violation``
+            alert. Checked numerically at every pass (see :mod:`lightning_hessian.theory`).
+        theory_samples: sequences the Jacobian norms are averaged over.
         max_overhead: a time budget: skip a scheduled pass while the passes so far have taken more than this
             fraction of the training time (e.g. ``0.05``); ``None`` never skips. The end-of-training pass is
             always made.
@@ -193,6 +203,9 @@ class HessianMonitor(Callback):
         on_error: str = "warn",
         seed: int = 0,
         chunk_size: int | None = None,
+        theory: bool = True,
+        theory_target: Callable[[Any], Tensor] | None = None,
+        theory_samples: int = 2,
     ) -> None:
         super().__init__()
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
@@ -216,6 +229,12 @@ class HessianMonitor(Callback):
             raise ValueError(f"stop_on must be one of {_STOP_ON}, got {stop_on!r}.")
         if on_alert is not None and not callable(on_alert):
             raise TypeError("on_alert must be a callable on_alert(alert).")
+        if theory_target is not None and not callable(theory_target):
+            raise TypeError("theory_target must be a callable theory_target(batch) -> target tensor.")
+        if theory_target is not None and not theory:
+            raise ValueError("theory_target= needs theory=True.")
+        if isinstance(theory_samples, bool) or not isinstance(theory_samples, int) or theory_samples < 1:
+            raise ValueError(f"theory_samples must be a positive int, got {theory_samples!r}.")
         if blocks is None and not full:
             raise ValueError("Nothing to measure: blocks=None needs full=True.")
         if split and loss_fn is None:
@@ -234,6 +253,10 @@ class HessianMonitor(Callback):
         self.on_alert = on_alert
         self.stop_on = stop_on
         self.on_error = on_error
+        self.theory = theory
+        self.theory_target = theory_target
+        self.theory_samples = theory_samples
+        self._theory_notes: set[str] = set()
         # Checked here rather than at the first pass: analyze validates the same arguments.
         self._analyze_kwargs = dict(
             blocks=blocks,
@@ -399,6 +422,9 @@ class HessianMonitor(Callback):
             return
         scalars = report.scalars()
         scalars.update(self._stability(trainer, report, preconditioned))
+        theory = self._theory(trainer, pl_module, data, report, step) if self.theory else None
+        if theory is not None:
+            scalars.update(theory.scalars())
         if report.settings.get("density"):
             densities = [b.density for b in report.blocks.values() if b.density is not None]
             if len(densities) >= 2:
@@ -410,9 +436,60 @@ class HessianMonitor(Callback):
         scalars[tags.PASS_LOSS] = report.loss
         self._last_report = report if self.warm_start else None
         self.passes += 1
-        self._record(trainer, PassRecord(step=step, scalars=scalars), report)
+        table = theory.table() if theory is not None and theory.layers else None
+        self._record(trainer, PassRecord(step=step, scalars=scalars), report, table)
 
-    def _record(self, trainer: pl.Trainer, record: PassRecord, report: CurvatureReport | None) -> None:
+    def _theory(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        data: Any,
+        report: CurvatureReport,
+        step: int,
+    ) -> TheoryComparison | None:
+        """The theory-versus-measured comparison of this pass; problems are reported once, never raised."""
+        loss_fn = self.loss_fn if self.loss_fn is not None else training_step_loss
+        target = self.theory_target
+        if target is not None and trainer.world_size > 1:
+            target = None
+            self._note("the theory's proven setting is checked in a single process only; under DDP each "
+                       "process would bound its own share of the curvature data")
+        try:
+            comparison = compare_attention(
+                pl_module,
+                loss_fn,
+                data,
+                report,
+                target=target,
+                rules=self._analyze_kwargs["rules"],
+                jacobian_samples=self.theory_samples,
+                mode=self._analyze_kwargs["mode"],
+            )
+        except Exception as error:
+            if self.on_error == "raise":
+                raise
+            self._note(f"the theory comparison failed at step {step} and was left out "
+                       f"({type(error).__name__}: {error}); the measured curvature is logged as usual")
+            return None
+        for layer, reason in comparison.skipped.items():
+            self._note(f"attention layer {layer} is not compared with the theory: {reason}")
+        if target is not None and comparison.proven_reason is not None:
+            self._note(f"theory_target was given but the bounds are not proven for this model: "
+                       f"{comparison.proven_reason}; bound_ratio is not logged")
+        return comparison
+
+    def _note(self, message: str) -> None:
+        if message not in self._theory_notes:
+            self._theory_notes.add(message)
+            rank_zero_warn(f"HessianMonitor: {message}.")
+
+    def _record(
+        self,
+        trainer: pl.Trainer,
+        record: PassRecord,
+        report: CurvatureReport | None,
+        theory: str | None = None,
+    ) -> None:
         """Run the alert rules on a pass, publish its scalars and deliver its alerts."""
         fired = self.alerts.update(record)
         scalars, step = record.scalars, record.step
@@ -422,7 +499,7 @@ class HessianMonitor(Callback):
         if trainer.is_global_zero:
             loggers = [lg for lg in trainer.loggers if not isinstance(lg, DummyLogger)]
             if loggers and report is not None:
-                self.dashboard.log_pass(loggers, step, scalars, report, fired, self.alerts.history)
+                self.dashboard.log_pass(loggers, step, scalars, report, fired, self.alerts.history, theory)
             elif loggers:
                 for logger in loggers:
                     logger.log_metrics({**scalars, tags.ALERT_COUNT: float(len(fired))}, step)

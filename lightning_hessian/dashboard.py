@@ -6,12 +6,14 @@ TensorBoard logger also gets
 * a custom-scalars layout (the "Custom Scalars" tab), written once per writer: categories
   ``Curvature: Stability``, ``Curvature: Attention``, ``Curvature: Norms and FFN``,
   ``Curvature: Embedding and head``, ``Curvature: Trace``, ``Curvature: Negative curvature``,
-  ``Curvature: Gauss-Newton split``, ``Curvature: Alerts`` and ``Curvature: Pass cost``, with multiline
-  charts over exact, escaped tag regexes built from the report's blocks. Charts without data are left out;
+  ``Curvature: Gauss-Newton split``, ``Curvature: Theory vs measured``, ``Curvature: Alerts`` and
+  ``Curvature: Pass cost``, with multiline charts over exact, escaped tag regexes built from the report's
+  blocks and the logged ``theory/`` tags. Charts without data are left out;
 * figures (matplotlib, optional) :data:`IMAGE_SPECTRAL_DENSITY`, :data:`IMAGE_DENSITY_OVER_TIME` and
   :data:`IMAGE_TOP_EIGENVALUES`;
-* Markdown text :data:`TEXT_LATEST` (a table of the latest values) and :data:`TEXT_ALERTS` (this pass's
-  alerts, only when some fired).
+* Markdown text :data:`TEXT_LATEST` (a table of the latest values), :data:`TEXT_THEORY` (the theory
+  versus measured table, when the pass has one) and :data:`TEXT_ALERTS` (this pass's alerts, only when
+  some fired).
 
 TensorBoard reads one layout per run; a layout of your own written to the same writer competes with this one.
 """
@@ -41,6 +43,7 @@ __all__ = [
     "IMAGE_TOP_EIGENVALUES",
     "TEXT_ALERTS",
     "TEXT_LATEST",
+    "TEXT_THEORY",
     "CurvatureDashboard",
 ]
 
@@ -49,6 +52,7 @@ IMAGE_DENSITY_OVER_TIME = "curvature/density_over_time"  # step x eigenvalue hea
 IMAGE_TOP_EIGENVALUES = "curvature/top_eigenvalue_heatmap"  # block x step heatmap of log10 λ_max
 TEXT_LATEST = "curvature/latest"  # Markdown table of the latest pass
 TEXT_ALERTS = "alerts"  # Markdown list of this pass's alerts
+TEXT_THEORY = "theory/latest"  # Markdown table of theory versus measured (lightning_hessian.theory)
 
 _CMAP = "viridis"  # one colormap for every heatmap
 _DPI = 90
@@ -94,6 +98,7 @@ class CurvatureDashboard:
         report: CurvatureReport,
         alerts: Sequence[Alert],
         history: Sequence[PassRecord],
+        theory: str | None = None,
     ) -> None:
         """Log one curvature pass (rank 0 only).
 
@@ -105,6 +110,8 @@ class CurvatureDashboard:
             report: the pass's report.
             alerts: the alerts fired at this pass.
             history: every pass so far, this one last.
+            theory: the pass's theory-versus-measured Markdown table
+                (:meth:`~lightning_hessian.theory.TheoryComparison.table`), if any.
         """
         metrics: dict[str, Any] = {k: v for k, v in scalars.items() if v is not None}
         metrics[tags.ALERT_COUNT] = len(alerts)
@@ -121,6 +128,8 @@ class CurvatureDashboard:
 
         figures = self._draw(step, report, history) if self.figures else {}
         texts = {TEXT_LATEST: _latest_markdown(step, report)}
+        if theory:
+            texts[TEXT_THEORY] = f"**Theory vs measured at step {step}**\n\n{theory}"
         if alerts:
             texts[TEXT_ALERTS] = _alerts_markdown(step, alerts)
         for writer, prefix in writers:
@@ -264,6 +273,7 @@ def _layout(report: CurvatureReport, logged: Iterable[str], prefix: str) -> dict
         "Gauss-Newton split": per_kind(
             by_kind, ["gauss_newton_top", "functional_top"], "Gauss-Newton vs functional λ_max"
         ),
+        "Theory vs measured": _theory_charts(logged, chart),
         "Alerts": {"alerts fired per pass": chart(tags.ALERT_COUNT)},
         "Pass cost": {
             "seconds per pass": chart(tags.PASS_SECONDS),
@@ -275,6 +285,37 @@ def _layout(report: CurvatureReport, logged: Iterable[str], prefix: str) -> dict
         for title, charts in categories.items()
     }
     return {title: charts for title, charts in layout.items() if charts}
+
+
+def _theory_charts(logged: set[str], chart: Any) -> dict[str, list[str]]:
+    """Per attention layer: ratios, bounds against measured λ_max, per-head Jacobian norms, input scale."""
+    prefix = tags.THEORY + "/"
+    theory = sorted(t for t in logged if t.startswith(prefix))
+
+    def names(stat: str) -> list[str]:
+        return [t[len(prefix) : -len(stat) - 1] for t in theory if t.endswith("/" + stat)]
+
+    blocks = names("outer_bound")
+    charts: dict[str, list[str]] = {}
+    for layer in names("input_norm"):
+        own = [b for b in blocks if b.startswith(layer + ".")]
+        charts[f"{layer}: measured λ_max / outer bound (normaliser)"] = chart(
+            *(tags.theory_tag(b, "outer_ratio") for b in own)
+        )
+        charts[f"{layer}: measured ‖H‖ / bound (proven setting: ≤ 1)"] = chart(
+            *(tags.theory_tag(b, "bound_ratio") for b in own)
+        )
+        charts[f"{layer}: measured λ_max against the bounds"] = chart(
+            *(t for b in own for t in (tags.block_tag(b, "top_eigenvalue"), tags.theory_tag(b, "outer_bound"),
+                                      tags.theory_tag(b, "bound")))
+        )
+        charts[f"{layer}: Jacobian norms per head ‖G_Q‖, ‖G_K‖, ‖G_V‖"] = chart(
+            *(t for t in theory if t.startswith(f"{prefix}{layer}/head_"))
+        )
+        charts[f"{layer}: input scale ‖X‖ and ‖G_QK‖ / ‖G_V‖"] = chart(
+            tags.theory_tag(layer, "input_norm"), tags.theory_tag(layer, "qk_over_v")
+        )
+    return charts
 
 
 # --- text ----------------------------------------------------------------------------------------------

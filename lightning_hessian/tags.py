@@ -1,7 +1,9 @@
 """Names of the scalars a curvature pass produces, shared by the callback, the dashboards and the alerts.
 
 Block statistics are ``curvature/<block name>/<statistic>`` (the first path segment groups TensorBoard's
-sections; the whole model is the block ``model``). Everything else has a fixed tag below.
+sections; the whole model is the block ``model``). The papers' theory evaluated on the model's attention
+layers (:mod:`lightning_hessian.theory`) is ``theory/<block or layer>/<statistic>``, statistics in
+:data:`THEORY_STATS`. Everything else has a fixed tag below.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ __all__ = [
     "PRECONDITIONED_THRESHOLD",
     "SHARPNESS",
     "SHARPNESS_RATIO",
+    "THEORY_STATS",
     "THRESHOLD",
     "block_tag",
     "parse_block_tag",
+    "theory_tag",
 ]
 
 CURVATURE = "curvature"
@@ -36,6 +40,23 @@ BLOCK_STATS = (
     "functional_top",
     "functional_min",
     "preconditioned_top",  # λ_max(P^-1 H) with an optimiser's diagonal preconditioner P (whole model)
+)
+
+THEORY = "theory"
+
+#: Theory statistics: per query/key/value block, per attention layer (``input_norm``, ``qk_over_v``) and per
+#: head (``<layer>/head_<h>/jacobian_q`` ...). See :mod:`lightning_hessian.theory`.
+THEORY_STATS = (
+    "jacobian_norm",  # max over heads of ||G||_2, the block's Jacobian of the layer output ([O] Thm 3.1)
+    "outer_bound",  # corrected [P] Thm 1 bound on the block's outer (Gauss-Newton) part, single-layer MSE
+    "outer_ratio",  # measured λ_max / outer_bound: a normaliser, not bounded outside the papers' setting
+    "bound",  # corrected [P] Thm 1 bound on the whole block (needs the target)
+    "bound_ratio",  # measured ||H_bb|| / bound, only where proven (<= 1, else the bound_violation alert)
+    "input_norm",  # mean ||X||_2 of the layer's input: the input scale of [O]'s growth laws
+    "qk_over_v",  # max(||G_Q||, ||G_K||) / ||G_V||: [O]'s query/key versus value sensitivity
+    "jacobian_q",
+    "jacobian_k",
+    "jacobian_v",
 )
 
 SHARPNESS = "stability/sharpness"  # the whole model's λ_max
@@ -55,6 +76,11 @@ ALERT_COUNT = "alerts/count"
 def block_tag(block: str, stat: str) -> str:
     """``curvature/<block>/<stat>``."""
     return f"{CURVATURE}/{block}/{stat}"
+
+
+def theory_tag(name: str, stat: str) -> str:
+    """``theory/<block or layer>/<stat>``."""
+    return f"{THEORY}/{name}/{stat}"
 
 
 def parse_block_tag(tag: str) -> tuple[str, str] | None:
