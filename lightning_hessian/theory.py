@@ -51,8 +51,9 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,8 +72,11 @@ __all__ = ["AttentionLayer", "LayerTheory", "TheoryComparison", "compare_attenti
 
 _HEAD_ATTRS = ("num_heads", "n_head", "n_heads", "num_attention_heads", "nhead", "heads")
 _INPUT_KWARGS = ("query", "hidden_states", "x", "input", "inputs")
+_OUT_NAMES = ("out_proj", "o_proj", "c_proj", "proj", "wo", "to_out")  # output projections inside the layer
 _NAMES = {"query": "Q", "key": "K", "value": "V"}
 _REBUILD_TOL = 1e-4  # relative Frobenius error of the rebuilt layer output (float32 round-off is ~1e-6)
+_REBUILD_SEQUENCES = 4  # sequences the rebuild is checked on
+_CHUNK = 8  # sequences per batched bound evaluation (memory: chunk x heads x L^2)
 _LOSS_TOL = 1e-5  # relative error of the loss against the mean-squared error in the proven setting
 
 
@@ -251,6 +255,9 @@ def find_attention_layers(
                 weight = next((p for p in block.params if p.endswith("weight")), block.params[0])
                 out = modules.get(_owner(weight))
                 break
+        if out is None:  # a frozen output projection has no block, but the layer still applies it
+            children = (getattr(module, n, None) for n in _OUT_NAMES)
+            out = next((child for child in children if isinstance(child, nn.Module)), None)
         layers.append(AttentionLayer(name=path, module=module, blocks=found, out=out, num_heads=heads))
     return layers, skipped
 
@@ -271,6 +278,12 @@ def _projection(
             raise _Unsupported(f"unexpected parameter {part.param} of shape {tuple(t.shape)} in {block.name}")
     if weight is None:
         raise _Unsupported(f"no weight matrix in {block.name}")
+    if bias is None:  # a frozen bias is not in the block, but it is in the layer's computation
+        part = next(p for p in block.parts if params[p.param].dim() == 2)
+        head, _, tail = part.param.rpartition("weight")
+        frozen = params.get(head + "bias" + tail) if part.param.endswith("weight") else None
+        if frozen is not None and frozen.dim() == 1:
+            bias = frozen.detach() if part.dim is None else frozen.detach()[part.start : part.stop]
     return weight, bias
 
 
@@ -326,6 +339,20 @@ def _hooks(layer: AttentionLayer, capture: _Capture) -> list[Any]:
     ]
 
 
+@contextlib.contextmanager
+def _no_mha_fastpath() -> Iterator[None]:
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    enabled = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(enabled)
+
+
 # --- evaluating the theory -------------------------------------------------------------------------------
 
 
@@ -375,7 +402,9 @@ def _prepare(layer: AttentionLayer, model: nn.Module, capture: _Capture, n_batch
     x = torch.cat([x, torch.ones_like(x[..., :1])], -1)
     y = torch.cat(capture.outputs).double()
     d_out = widths["V"][1]
-    first = x[: capture.inputs[0].shape[0], None]
+    first = x[: min(capture.inputs[0].shape[0], _REBUILD_SEQUENCES), None]
+    # Half-precision layers round far more than float32: allow a few units in the last place.
+    tol = max(_REBUILD_TOL, 4 * torch.finfo(capture.outputs[0].dtype).eps)
     for mask_name, mask in (("none", None), ("causal", _causal(x.shape[1], x))):
         f = attn.forward(first, weights["Q"][None], weights["K"][None], weights["V"][None], mask=mask)["F"]
         rebuilt = f.permute(0, 2, 1, 3).reshape(first.shape[0], x.shape[1], d_out)
@@ -383,7 +412,7 @@ def _prepare(layer: AttentionLayer, model: nn.Module, capture: _Capture, n_batch
             with torch.no_grad():
                 rebuilt = layer.out(rebuilt.to(capture.outputs[0].dtype)).double()
         target = y[: first.shape[0]]
-        if rebuilt.shape == target.shape and (rebuilt - target).norm() <= _REBUILD_TOL * target.norm():
+        if rebuilt.shape == target.shape and (rebuilt - target).norm() <= tol * target.norm():
             return _Prepared(x=x, weights=weights, mask=mask, mask_name=mask_name, d_model=d_out)
     raise _Unsupported(
         "the papers' attention (scaled dot product, softmax, no mask or a causal one, heads split evenly) "
@@ -401,13 +430,22 @@ def _evaluate(
     per_head_target = None
     if targets is not None:
         per_head_target = targets.double().reshape(*targets.shape[:2], h, d_h).permute(0, 2, 1, 3)
-    terms = attn._bound_terms(
-        x[:, None], w["Q"][None], w["K"][None], w["V"][None], per_head_target, "corrected", None, mask
-    )
-    outer = {n: float((scale * terms[(n, n)]["outer"].mean(0)).max()) for n in "QKV"}
+    # Mean over sequences of the per-sequence, per-head bounds, in chunks of sequences to bound memory.
+    sums: dict[tuple[str, str], Tensor] = {}
+    for start in range(0, x.shape[0], _CHUNK):
+        chunk = slice(start, start + _CHUNK)
+        t_chunk = None if per_head_target is None else per_head_target[chunk]
+        terms = attn._bound_terms(
+            x[chunk, None], w["Q"][None], w["K"][None], w["V"][None], t_chunk, "corrected", None, mask
+        )
+        for n in "QKV":
+            for part in ("outer", "total"):
+                value = terms[(n, n)][part].sum(0)
+                sums[(n, part)] = value if (n, part) not in sums else sums[(n, part)] + value
+    outer = {n: float((scale * sums[(n, "outer")] / x.shape[0]).max()) for n in "QKV"}
     bound = None
     if per_head_target is not None:
-        bound = {n: float((scale * terms[(n, n)]["total"].mean(0)).max()) for n in "QKV"}
+        bound = {n: float((scale * sums[(n, "total")] / x.shape[0]).max()) for n in "QKV"}
     jac: dict[str, list[float]] = {n: [] for n in "QKV"}
     samples = x[: max(1, jacobian_samples)]
     for head in range(h):
@@ -487,7 +525,9 @@ def compare_attention(
     losses, mses = [], []
     handles = [h for layer in layers for h in _hooks(layer, captures[layer.name])]
     try:
-        with curvature_context(model, mode), torch.no_grad():
+        # No gradients; PyTorch's fused Transformer fast path (taken without gradients) would bypass the
+        # attention modules and their hooks.
+        with curvature_context(model, mode), torch.no_grad(), _no_mha_fastpath():
             for batch in as_batches(data):
                 batch = apply_to_collection(batch, Tensor, lambda t: t.to(device))
                 before = {name: len(c.outputs) for name, c in captures.items()}

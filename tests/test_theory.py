@@ -393,3 +393,30 @@ def test_theory_off(tmp_path):
     acc = _fit(tmp_path, HessianMonitor(every_n_steps=3, theory=False, figures=False), max_steps=3)
     assert not any(t.startswith("theory/") for t in acc.Tags()["scalars"])
     assert math.isfinite(acc.Scalars(tags.block_tag("model.attn.q", "top_eigenvalue"))[-1].value)
+
+
+def test_bounds_do_not_depend_on_the_chunking(monkeypatch):
+    model, batch = regression(seed=5, n=19)
+    monkeypatch.setattr(theory_module, "_CHUNK", 1000)
+    (whole,) = compare_attention(model, mse_loss, batch, target=lambda b: b[1]).layers.values()
+    monkeypatch.setattr(theory_module, "_CHUNK", 3)
+    (chunked,) = compare_attention(model, mse_loss, batch, target=lambda b: b[1]).layers.values()
+    for n in "QKV":
+        assert chunked.outer_bound[n] == pytest.approx(whole.outer_bound[n], rel=1e-12)
+        assert chunked.bound[n] == pytest.approx(whole.bound[n], rel=1e-12)
+
+
+def test_frozen_biases_and_output_projection_are_part_of_the_layer():
+    """LoRA-style freezing: only the in-projection weight trains. The frozen biases and output projection
+    have no block, but the layer still computes with them, so the rebuild must use them."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).eval()
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    layer.self_attn.in_proj_weight.requires_grad_(True)
+    with torch.no_grad():
+        layer.self_attn.in_proj_bias.normal_()
+    x = torch.randn(3, 5, 8)
+    result = compare_attention(layer, lambda m, b: m(b).pow(2).mean(), x)
+    assert list(result.layers) == ["self_attn"] and result.skipped == {}
+    assert result.layers["self_attn"].blocks == {"Q": "self_attn.q", "K": "self_attn.k", "V": "self_attn.v"}
