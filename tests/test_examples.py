@@ -51,3 +51,5 @@ def test_example_fast_mode(runs, script: str) -> None:
     assert any(tag.startswith("curvature/") and tag.endswith("/top_eigenvalue") for tag in found), found
     assert {"stability/sharpness", "stability/threshold", "curvature/model/gauss_newton_top"} <= found
     assert ("val/acc" if "vit" in script else "val/loss") in found
+    # Both models' attention layers are recognised: theory vs measured is logged next to the curvature.
+    assert any(tag.startswith("theory/") and tag.endswith("attn.q/outer_ratio") for tag in found), found
