@@ -107,6 +107,8 @@ def custom_scalars(page: Page, url: str, out: Path) -> None:
         ("Curvature: Attention", "dashboard_attention.png", ("λ_max",)),
         ("Curvature: Theory vs measured", "dashboard_theory.png", ("against the bounds", "/ outer bound")),
     ]:
+        # Charts render only while on screen: a viewport as tall as the longest pane keeps them all drawn.
+        page.set_viewport_size({"width": 1120, "height": 2600 if "Theory" in category else 1000})
         pane = page.locator("tf-category-paginated-view").filter(has_text=category).first
         cards = pane.locator("tf-custom-scalar-multi-line-chart-card")
         for i in range(cards.count()):
