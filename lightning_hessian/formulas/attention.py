@@ -633,7 +633,8 @@ def block_bounds(
 ) -> dict[tuple[str, str], dict[str, float | Tensor]]:
     r"""Upper bounds on the spectral norms of the nine Hessian blocks, per part ([P] Thm 1 and its proof).
 
-    With ``x = ||X||_2``, ``q, k, v`` the spectral norms of ``W_Q, W_K, W_V``, ``c = 2/(L d_V)``:
+    With ``x = ||X||_2``, ``q, k, v`` the spectral norms of ``W_Q, W_K, W_V``, ``c = 2/(L d_O)``
+    (``d_O`` the width of ``W_V``; ``d_V`` in the papers):
 
     ``variant="paper"``: the appendix constants of [P]'s proof of Thm 1 (the main text prints different
     constants, 8 and 4 and no ``1/L``; these per-block forms are the ones the proof derives), with
