@@ -1,11 +1,13 @@
 """Side by side with PyHessian, hessian-eigenthings and curvlinops (issue #5): time AND accuracy.
 
     pip install torch==2.13.0 && pip install -e ".[bench,test]"
-    python benchmarks/compare_peers.py [--quick] [--threads 1] [--tasks 1,2,...] [--out PATH]
+    python benchmarks/compare_peers.py [--quick] [--threads 1] [--tasks 1,2,...] [--device cuda] [--out PATH]
 
 ``--quick`` (about 3 minutes): fewer seeds and sweeps, no deep model, the per-tensor peers on layer 0,
 the embedding and the head only. The full run takes about 15 minutes on a 2-core machine. The results go
 to ``benchmarks/results/peers.md`` (machine, versions, settings, targets met or missed, every table).
+``--device cuda`` runs every tool on the GPU (timers synchronise it) and writes
+``benchmarks/results/peers_gpu.md``; task 6 (resident memory of a process) is then skipped.
 
 Every tool gets the same model, batch and dtype in one run, the math attention kernel
 (``sdpa_kernel(SDPBackend.MATH)``: fused kernels have no double backward) and eval mode with dropout 0,
@@ -31,7 +33,7 @@ Tasks (numbered as in the issue):
 
 How the peers are called (read their source for the details):
 
-* PyHessian 0.1: ``hessian(model, nn.CrossEntropyLoss(), data=batch, cuda=False)``, then
+* PyHessian 0.1: ``hessian(model, nn.CrossEntropyLoss(), data=batch, cuda=False)`` (``True`` on a GPU), then
   ``.eigenvalues(maxIter, tol)`` (power iteration), ``.trace(maxIter=m, tol=-inf)`` (Hutchinson: a
   negative ``tol`` forces exactly ``m`` probes, see below) and ``.density(iter, n_v)``. Its start vectors
   come from the global torch stream, seeded per run. ``density`` calls ``torch.eig``, removed from
@@ -103,10 +105,32 @@ CE = nn.CrossEntropyLoss()  # the same mean cross-entropy as loss_fn, for the pe
 # --- small helpers -------------------------------------------------------------------------------------
 
 
+DEVICE = torch.device("cpu")  # set by --device; every model, batch and vector of the run lives there
+
+
+def synchronize() -> None:
+    """Waits for the GPU's queued work, so that wall-clock timers measure it (no-op on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    synchronize()
     start = time.perf_counter()
     out = fn()
+    synchronize()
     return time.perf_counter() - start, out
+
+
+def build(spec: ModelSpec) -> tuple[nn.Module, tuple[Tensor, Tensor]]:
+    """``spec.build()`` on the run's device."""
+    model, (tokens, labels) = spec.build()
+    return model.to(DEVICE), (tokens.to(DEVICE), labels.to(DEVICE))
+
+
+def on_cuda() -> bool:
+    """Whether the run is on a GPU (PyHessian's ``cuda`` flag)."""
+    return DEVICE.type == "cuda"
 
 
 def relative(value: float, reference: float) -> float:
@@ -201,8 +225,10 @@ class ProductMeter:
         self, fn: Callable[..., Any], columns: Callable[..., int] = lambda *a, **k: 1
     ) -> Callable[..., Any]:
         def metered(*args: Any, **kwargs: Any) -> Any:
+            synchronize()
             start = time.perf_counter()
             out = fn(*args, **kwargs)
+            synchronize()
             self.seconds += time.perf_counter() - start
             self.count += columns(*args, **kwargs)
             return out
@@ -290,9 +316,9 @@ def autograd_top(model: nn.Module, batch: Any) -> float:
     n = sum(p.numel() for p in params)
 
     def matvec(x: np.ndarray) -> np.ndarray:
-        v = torch.as_tensor(np.asarray(x).reshape(-1)).split([p.numel() for p in params])
+        v = torch.as_tensor(np.asarray(x).reshape(-1), device=DEVICE).split([p.numel() for p in params])
         hv = torch.autograd.grad(grads, params, [a.view_as(p) for a, p in zip(v, params)], retain_graph=True)
-        return torch.cat([h.reshape(-1) for h in hv]).numpy()
+        return torch.cat([h.reshape(-1) for h in hv]).cpu().numpy()
 
     v0 = np.random.default_rng(0).standard_normal(n)
     op = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
@@ -315,7 +341,7 @@ def dense_hessian(model: nn.Module, batch: Any, chunk: int = 256) -> Tensor:
         return loss_fn(lambda x: functional_call(model, tensors, (x,)), batch)
 
     gradient = grad(loss)
-    eye = torch.eye(theta.numel(), dtype=theta.dtype)
+    eye = torch.eye(theta.numel(), dtype=theta.dtype, device=theta.device)
     columns = [
         vmap(lambda u: jvp(gradient, (theta,), (u,))[1])(eye[i : i + chunk])
         for i in range(0, len(eye), chunk)
@@ -409,7 +435,7 @@ def top_eigenvalue_configs(model: nn.Module, batch: Any, quick: bool) -> list[Co
         def run(seed: int) -> tuple[float, int, float]:
             torch.manual_seed(seed)  # PyHessian draws its start vector from the global stream
             with metered_pyhessian() as meter:
-                hessian = pyhessian.hessian(model, CE, data=batch, cuda=False)
+                hessian = pyhessian.hessian(model, CE, data=batch, cuda=on_cuda())
                 values, _ = hessian.eigenvalues(maxIter=max_iter, tol=tol)
             model.zero_grad(set_to_none=True)  # it leaves a create_graph gradient in .grad
             return values[0], meter.count, meter.seconds
@@ -501,7 +527,7 @@ class TopResult:
 
 
 def task_top_eigenvalue(spec: ModelSpec, seeds: Sequence[int], quick: bool) -> TopResult:
-    model, batch = spec.build()
+    model, batch = build(spec)
     reference = reference_tops(model, batch, None)["model"]
     crosscheck = autograd_top(model, batch)
     unit = GradientUnit(model, batch)
@@ -643,7 +669,7 @@ def max_error(values: dict[str, float], reference: dict[str, float]) -> float:
 def task_blocks(
     spec: ModelSpec, top: TopResult, repeats: int, peers: bool, tensor_subset: Callable[[str], bool] | None
 ) -> tuple[list[str], list[tuple[str, bool, str]]]:
-    model, batch = spec.build()
+    model, batch = build(spec)
     stepped = one_optimizer_step(model, batch)
     unit = GradientUnit(model, batch)
     blocks = lightning_hessian.find_blocks(model)
@@ -925,7 +951,7 @@ def task_trace(
     def pyhessian_trace(m: int, seed: int) -> float:
         torch.manual_seed(seed)
         with pyhessian_compat(torch.float64):
-            samples = pyhessian.hessian(model, CE, data=batch, cuda=False).trace(maxIter=m, tol=-math.inf)
+            samples = pyhessian.hessian(model, CE, data=batch, cuda=on_cuda()).trace(maxIter=m, tol=-math.inf)
         model.zero_grad(set_to_none=True)
         assert len(samples) == m
         return float(np.mean(samples))
@@ -1031,7 +1057,7 @@ def task_density(
     seeds: Sequence[int],
     description: str,
 ) -> tuple[list[str], list[tuple[str, bool, str]]]:
-    spectrum = torch.linalg.eigvalsh(hessian).numpy()
+    spectrum = torch.linalg.eigvalsh(hessian).cpu().numpy()
     width = float(spectrum[-1] - spectrum[0])
 
     def w1(nodes: np.ndarray, weights: np.ndarray) -> float:
@@ -1047,7 +1073,7 @@ def task_density(
     def pyhessian_density(probes: int, steps: int, seed: int) -> float:
         torch.manual_seed(seed)
         with pyhessian_compat(torch.float64):
-            nodes, weights = pyhessian.hessian(model, CE, data=batch, cuda=False).density(
+            nodes, weights = pyhessian.hessian(model, CE, data=batch, cuda=on_cuda()).density(
                 iter=steps, n_v=probes
             )
         model.zero_grad(set_to_none=True)
@@ -1056,7 +1082,7 @@ def task_density(
     def he_density(probes: int, steps: int, seed: int) -> float:
         op = he.HessianOperator(model, [batch], loss_fn)
         result = he.spectral_density(op, num_runs=probes, lanczos_steps=steps, seed=seed, num_grid_points=64)
-        return w1(result.raw_eigenvalues.numpy().ravel(), result.raw_weights.numpy().ravel())
+        return w1(result.raw_eigenvalues.cpu().numpy().ravel(), result.raw_weights.cpu().numpy().ravel())
 
     methods = {
         "ours: slq": ours,
@@ -1116,20 +1142,20 @@ def task_density(
 
 
 def task_hvp(spec: ModelSpec, rounds: int) -> tuple[list[str], list[tuple[str, bool, str]]]:
-    model, batch = spec.build()
+    model, batch = build(spec)
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
-    v = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(spec.dtype)
+    v = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(DEVICE, spec.dtype)
     v_list = [t.view_as(p) for t, p in zip(v.split([p.numel() for p in params]), params)]
     unit = GradientUnit(model, batch)
 
     with curvature_context(model):
         ours = CurvatureOperator(model, loss_fn, batch, [model_block(model)])
     model.zero_grad(set_to_none=True)
-    pyh = pyhessian.hessian(model, CE, data=batch, cuda=False)
+    pyh = pyhessian.hessian(model, CE, data=batch, cuda=on_cuda())
     he_op = he.HessianOperator(model, [batch], loss_fn)
     cl_op = curvlinops_operator(model, batch, params)
-    columns = torch.randn(n, 30, generator=torch.Generator().manual_seed(1)).to(spec.dtype)
+    columns = torch.randn(n, 30, generator=torch.Generator().manual_seed(1)).to(DEVICE, spec.dtype)
 
     def ours_build() -> None:
         with curvature_context(model):
@@ -1137,7 +1163,7 @@ def task_hvp(spec: ModelSpec, rounds: int) -> tuple[list[str], list[tuple[str, b
 
     def pyhessian_build() -> None:
         model.zero_grad(set_to_none=True)  # else backward(create_graph=True) accumulates onto old graphs
-        pyhessian.hessian(model, CE, data=batch, cuda=False)
+        pyhessian.hessian(model, CE, data=batch, cuda=on_cuda())
 
     def ours_hvp() -> Tensor:
         return ours.matmat([v[:, None]])[0][:, 0]
@@ -1312,7 +1338,7 @@ def task_callback(steps: int, breakdown: bool) -> list[str]:
     def fit(callbacks: list, max_steps: int, logdir: str) -> tuple[float, Any]:
         trainer = L.Trainer(
             max_steps=max_steps,
-            accelerator="cpu",
+            accelerator="gpu" if on_cuda() else "cpu",
             devices=1,
             logger=TensorBoardLogger(logdir),
             callbacks=callbacks,
@@ -1361,7 +1387,7 @@ def task_callback(steps: int, breakdown: bool) -> list[str]:
     ]
     if breakdown:
         # Profile of one pass: the callback's estimator settings, then the whole model alone.
-        model, batch = spec.build()
+        model, batch = build(spec)
         with sdpa_kernel(SDPBackend.MATH):
             all_blocks, report = timed(lambda: analyze(model, loss_fn, batch, **settings))
             whole, lean = timed(lambda: analyze(model, loss_fn, batch, **{**settings, "blocks": None}))
@@ -1383,12 +1409,24 @@ def environment(args: argparse.Namespace, settings: dict) -> list[str]:
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in PEERS)
+    flags = (" --quick" if args.quick else "") + (f" --device {args.device}" if on_cuda() else "")
+    flags += f" --tasks {args.tasks}" if args.tasks != "1,2,3,4,5,6,7" else ""
+    gpu = []
+    if on_cuda():
+        props = torch.cuda.get_device_properties(DEVICE)
+        gpu = [
+            f"- device: {props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} "
+            f"multiprocessors), CUDA {torch.version.cuda}; every tool's models, batches and products on the "
+            "GPU; timers synchronise the GPU before they stop"
+        ]
     return [
-        "## Side by side with PyHessian, hessian-eigenthings and curvlinops",
+        "## Side by side with PyHessian, hessian-eigenthings and curvlinops"
+        + (" (GPU)" if on_cuda() else ""),
         "",
-        f"`python benchmarks/compare_peers.py{' --quick' if args.quick else ''}` on "
+        f"`python benchmarks/compare_peers.py{flags}` on "
         f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
         "",
+        *gpu,
         f"- machine: {cpu}, {os.cpu_count()} cores, {platform.machine()}, {platform.system()}; torch threads "
         f"{torch.get_num_threads()} (one thread by default: on a shared 2-core machine two OpenMP threads "
         "made single timings swing by 100x; ratios within one run are what to read)",
@@ -1441,9 +1479,25 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer seeds, no deep model (about 3 minutes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see the results)")
     parser.add_argument("--tasks", default="1,2,3,4,5,6,7", help="comma-separated task numbers to run")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "peers.md")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu (default) or cuda: where every tool runs (task 6 is CPU-only)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: results/peers.md, results/peers_gpu.md with cuda"
+    )
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be cpu or cuda, got {args.device!r}")
+    if on_cuda() and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    if args.out is None:
+        args.out = Path(__file__).parent / "results" / ("peers_gpu.md" if on_cuda() else "peers.md")
     tasks = {int(t) for t in args.tasks.split(",")}
+    if on_cuda() and 6 in tasks:
+        tasks.discard(6)  # whole-process RSS says nothing about GPU memory
+        print("task 6 (peak resident memory) is measured on the CPU only: skipped", file=sys.stderr)
     torch.set_num_threads(args.threads)
     quick = args.quick
     seeds = list(range(2 if quick else 3))
@@ -1498,7 +1552,7 @@ def main() -> None:
                 targets += found
         if 3 in tasks or 4 in tasks:
             log("tiny model: dense Hessian")
-            tiny, tiny_batch = SPECS["tiny"].build()
+            tiny, tiny_batch = build(SPECS["tiny"])
             described = SPECS["tiny"].describe(tiny)
             hessian = dense_hessian(tiny, tiny_batch)
             check = reference_tops(tiny, tiny_batch, None)["model"]

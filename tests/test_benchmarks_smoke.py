@@ -63,3 +63,24 @@ def test_trace_and_density_against_the_dense_hessian():
     assert len(targets) == 1 and sum(line.startswith("| curvlinops") for line in lines) == 3
     lines, targets = compare_peers.task_density(model, batch, hessian, ((2, 5),), [0, 1], "micro")
     assert len(targets) == 1 and any(line.startswith("| PyHessian: density") for line in lines)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_every_task_runs_on_cuda(monkeypatch):
+    """``--device cuda``: the same task functions with every model, batch and product on the GPU."""
+    monkeypatch.setattr(compare_peers, "DEVICE", torch.device("cuda"))
+    model, batch = compare_peers.build(MICRO)
+    assert next(model.parameters()).is_cuda and batch[0].is_cuda
+    top = compare_peers.task_top_eigenvalue(MICRO, seeds=[0], quick=True)
+    assert top.fastest_accurate("ours") is not None and top.fastest_accurate("PyHessian") is not None
+    lines, targets = compare_peers.task_blocks(MICRO, top, repeats=1, peers=True, tensor_subset=None)
+    assert len(targets) == 2
+    lines, _ = compare_peers.task_hvp(MICRO, rounds=1)
+    agreement = [line for line in lines if line.startswith("| ours |")]
+    assert agreement and float(agreement[0].split("|")[2]) < 1e-10
+    hessian = compare_peers.dense_hessian(model, batch)
+    assert hessian.is_cuda
+    lines, targets = compare_peers.task_trace(model, batch, hessian, (12,), [0, 1], "micro")
+    assert len(targets) == 1
+    lines, targets = compare_peers.task_density(model, batch, hessian, ((2, 5),), [0, 1], "micro")
+    assert len(targets) == 1

@@ -9,10 +9,11 @@ import torch
 from torch import Tensor
 
 from lightning_hessian.estimators import _random
-from lightning_hessian.estimators._lanczos_core import LanczosChains, run_lanczos
+from lightning_hessian.estimators._lanczos_core import LanczosChains, ritz_error_bounds, run_lanczos
 from lightning_hessian.estimators._operator import BlockOperator
 
 _WARM_START_NOISE = 1e-3
+STOPPING_RULES = ("residual", "gap")
 
 
 @dataclass
@@ -22,10 +23,14 @@ class LanczosResult:
     Attributes:
         eigenvalues: The top-k Ritz values, descending (float64, CPU); fewer than k only if ``max_iter < k``.
         residuals: Their residual norms ``||A x - theta x||`` (float64, CPU), at least ``eps * scale``.
-        converged: Whether all top-k residuals are ``<= tol * scale`` (or the Krylov space was exhausted).
+        error_bounds: Their gap-based error estimates ``min(r, r^2 / gap)`` (float64, CPU; see
+            :func:`~lightning_hessian.estimators._lanczos_core.ritz_error_bounds`), at least ``eps * scale``;
+            0 where the Krylov space was exhausted.
+        converged: Whether all top-k values met the stopping rule (or the Krylov space was exhausted).
         min_eigenvalue: The smallest Ritz value (``smallest=True`` only).
         min_residual: Its residual norm.
-        min_converged: Whether that residual is ``<= tol * scale``.
+        min_error_bound: Its gap-based error estimate.
+        min_converged: Whether it met the stopping rule.
         eigenvectors: ``(n, k)`` unit Ritz vectors matching ``eigenvalues``, in the operator's dtype/device.
         min_eigenvector: ``(n,)`` unit Ritz vector of ``min_eigenvalue``.
         steps: Lanczos steps taken (the size of ``T``).
@@ -34,9 +39,11 @@ class LanczosResult:
 
     eigenvalues: Tensor
     residuals: Tensor
+    error_bounds: Tensor
     converged: bool
     min_eigenvalue: float | None
     min_residual: float | None
+    min_error_bound: float | None
     min_converged: bool | None
     eigenvectors: Tensor | None
     min_eigenvector: Tensor | None
@@ -50,6 +57,7 @@ def lanczos(
     *,
     smallest: bool = True,
     tol: float = 1e-4,
+    stop: str = "residual",
     max_iter: int = 100,
     init: Sequence[Tensor | None] | Mapping[int, Tensor | None] | None = None,
     seed: int = 0,
@@ -62,9 +70,11 @@ def lanczos(
     reorthogonalisation (classical Gram-Schmidt twice); the eigenvalues ``theta`` of the float64 tridiagonal
     ``T_L`` are the Ritz values. With ``T_L = S diag(theta) S^T``, the Ritz pair ``(theta_i, Q_L s_i)`` has
     residual norm ``r_i = beta_L |s_{L,i}|`` (Parlett 1998, Sec. 13.1) and its Ritz value lies within ``r_i``
-    of an eigenvalue of the block (within ``r_i^2 / gap`` once isolated). A block stops when its top-k (and,
-    with ``smallest``, its smallest) Ritz pairs satisfy ``r_i <= tol * max_i |theta_i|``, at ``max_iter``
-    steps, or when the Krylov space is invariant (breakdown, or ``L = n``), where the Ritz values are exact.
+    of an eigenvalue of the block (within ``r_i^2 / gap`` if every other eigenvalue is at least ``gap`` away:
+    Kato-Temple). A block stops when its top-k (and, with ``smallest``, its smallest) Ritz pairs satisfy
+    ``r_i <= tol * max_i |theta_i|`` (``stop="residual"``; with ``stop="gap"``, when the gap estimate
+    ``min(r_i, r_i^2 / gap_i)`` does), at ``max_iter`` steps, or when the Krylov space is invariant
+    (breakdown, or ``L = n``), where the Ritz values are exact.
     A breakdown with fewer than k Ritz values restarts from a random vector orthogonal to the basis.
 
     All blocks run together: every step makes one ``op.matmat`` call carrying the current vector of every
@@ -83,7 +93,12 @@ def lanczos(
         op: The block-diagonal symmetric operator.
         k: Number of largest eigenvalues per block; truncated to the block size.
         smallest: Also compute the smallest eigenvalue (it then takes part in the stopping rule).
-        tol: Relative residual tolerance.
+        tol: Relative tolerance of the stopping rule.
+        stop: ``"residual"`` (default): stop when ``r_i <= tol * scale``, a guarantee that an eigenvalue lies
+            within ``tol * scale``. ``"gap"``: stop when the gap estimate ``min(r_i, r_i^2 / gap_i)`` is
+            ``<= tol * scale``; fewer steps, but not a guarantee: an eigenvalue that the Krylov space has
+            not resolved yet (a close cluster) can make the error exceed it, see
+            :func:`~lightning_hessian.estimators._lanczos_core.ritz_error_bounds`.
         max_iter: Maximum number of steps (= matvecs) per block.
         init: Optional warm start per block (indexable by block): a ``(n,)`` or ``(n, j)`` tensor, e.g. the
             previous pass's Ritz vectors. The start vector is the normalised sum of its columns plus a seeded
@@ -97,6 +112,8 @@ def lanczos(
     """
     if k < 1 or max_iter < 1 or tol < 0:
         raise ValueError(f"Need k >= 1, max_iter >= 1, tol >= 0; got k={k}, max_iter={max_iter}, tol={tol}.")
+    if stop not in STOPPING_RULES:
+        raise ValueError(f"stop must be one of {STOPPING_RULES}, got {stop!r}.")
     num_blocks = len(op.sizes)
     selected = range(num_blocks) if blocks is None else sorted({int(b) for b in blocks})
     if any(not 0 <= b < num_blocks for b in selected):
@@ -117,22 +134,28 @@ def lanczos(
         theta, s, residuals = chain.ritz(0)
         scale = float(theta.abs().max())
         residuals = residuals.clamp(min=rounding * scale)
-        threshold = tol * max(scale, torch.finfo(torch.float64).tiny)
         invariant = chain.broken[0]  # the Krylov space is invariant: the Ritz pairs are exact
+        bounds = None if stop == "residual" else _error_bounds(theta, residuals, invariant, rounding * scale)
+        measure = residuals if bounds is None else bounds
+        threshold = tol * max(scale, torch.finfo(torch.float64).tiny)
         top = torch.arange(steps - 1, steps - 1 - min(top_k, steps), -1)
-        top_converged = steps >= top_k and (invariant or bool((residuals[top] <= threshold).all()))
-        min_converged = invariant or bool(residuals[0] <= threshold)
+        top_converged = steps >= top_k and (invariant or bool((measure[top] <= threshold).all()))
+        min_converged = invariant or bool(measure[0] <= threshold)
         done = top_converged and (min_converged or not smallest)
         if not (done or steps >= max_iter or not chain.running):
             return
         chain.stop()
+        if bounds is None:
+            bounds = _error_bounds(theta, residuals, invariant, rounding * scale)
         vectors = chain.ritz_vectors(0, torch.cat([s[:, top], s[:, :1]], 1)) if return_eigenvectors else None
         results[b] = LanczosResult(
             eigenvalues=theta[top],
             residuals=residuals[top],
+            error_bounds=bounds[top],
             converged=top_converged,
             min_eigenvalue=float(theta[0]) if smallest else None,
             min_residual=float(residuals[0]) if smallest else None,
+            min_error_bound=float(bounds[0]) if smallest else None,
             min_converged=min_converged if smallest else None,
             eigenvectors=None if vectors is None else vectors[:, :-1],
             min_eigenvector=None if vectors is None or not smallest else vectors[:, -1],
@@ -142,6 +165,13 @@ def lanczos(
 
     run_lanczos(op, chains, on_step)
     return results
+
+
+def _error_bounds(theta: Tensor, residuals: Tensor, invariant: bool, floor: float) -> Tensor:
+    """Gap-based error estimates: 0 on an invariant Krylov space, else at least the rounding floor."""
+    if invariant:
+        return torch.zeros_like(residuals)
+    return ritz_error_bounds(theta, residuals).clamp(min=floor)
 
 
 def _warm_start(init: Sequence[Tensor | None] | Mapping[int, Tensor | None] | None, b: int) -> Tensor | None:
