@@ -63,7 +63,7 @@ from torch import Tensor, nn
 
 from . import tags
 from ._context import curvature_context
-from .blocks import Block, FusedLayout, find_blocks
+from .blocks import Block, FusedLayout, _display, find_blocks
 from .formulas import attention as attn
 from .operators import as_batches
 from .report import CurvatureReport
@@ -241,13 +241,13 @@ def find_attention_layers(
     for path, found in groups.items():
         module = modules.get(path)
         if module is None or sorted(found) != ["K", "Q", "V"]:
-            skipped[path] = f"needs one query, key and value block, found {sorted(found)}"
+            skipped[_display(path)] = f"needs one query, key and value block, found {sorted(found)}"
             continue
         heads = next(
             (getattr(module, a) for a in _HEAD_ATTRS if isinstance(getattr(module, a, None), int)), None
         )
         if heads is None or heads < 1:
-            skipped[path] = f"no head count on the module (looked for {', '.join(_HEAD_ATTRS)})"
+            skipped[_display(path)] = f"no head count on the module (looked for {', '.join(_HEAD_ATTRS)})"
             continue
         out = None
         for block in blocks:
@@ -258,7 +258,11 @@ def find_attention_layers(
         if out is None:  # a frozen output projection has no block, but the layer still applies it
             children = (getattr(module, n, None) for n in _OUT_NAMES)
             out = next((child for child in children if isinstance(child, nn.Module)), None)
-        layers.append(AttentionLayer(name=path, module=module, blocks=found, out=out, num_heads=heads))
+        # Named like the blocks (without torch.compile's wrapper component), so tags of a layer and of its
+        # blocks share a prefix.
+        layers.append(
+            AttentionLayer(name=_display(path), module=module, blocks=found, out=out, num_heads=heads)
+        )
     return layers, skipped
 
 

@@ -420,3 +420,14 @@ def test_frozen_biases_and_output_projection_are_part_of_the_layer():
     result = compare_attention(layer, lambda m, b: m(b).pow(2).mean(), x)
     assert list(result.layers) == ["self_attn"] and result.skipped == {}
     assert result.layers["self_attn"].blocks == {"Q": "self_attn.q", "K": "self_attn.k", "V": "self_attn.v"}
+
+
+def test_compiled_models_are_compared_under_their_own_names():
+    model = make_model("nanogpt")
+    batch = make_batch("nanogpt")
+    plain = compare_attention(model, loss_fn, batch)
+    compiled = compare_attention(torch.compile(model, backend="eager"), loss_fn, batch)
+    assert list(compiled.layers) == list(plain.layers) == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    for name, lt in compiled.layers.items():
+        assert lt.blocks == plain.layers[name].blocks
+        assert lt.outer_bound == pytest.approx(plain.layers[name].outer_bound, rel=1e-6)
