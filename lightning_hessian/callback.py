@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -18,7 +20,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers.logger import DummyLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
@@ -51,6 +53,19 @@ _MONITORED = (
     tags.PRECONDITIONED_RATIO,
     tags.HETEROGENEITY,
 )
+
+
+def _warn(message: str) -> None:
+    """Warn (rank 0) without growing Python's warnings registry.
+
+    ``warnings.warn`` under the default filter remembers every distinct message it has shown, in the calling
+    module's ``__warningregistry__``; alert messages carry steps and values, so over a long run that
+    registry grew by a few entries per pass (found by ``benchmarks/soak.py``). Alerts have their own
+    cooldowns and errors are reported once by the callback, so no registry is kept: filters still apply.
+    """
+    if rank_zero_only.rank == 0:
+        line = sys._getframe(1).f_lineno  # the caller's line, as warnings.warn would show
+        warnings.warn_explicit(message, UserWarning, __file__, line, module=__name__, registry=None)
 
 
 def _detached_copy(batch: Any) -> Any:
@@ -415,7 +430,7 @@ class HessianMonitor(Callback):
                     if isinstance(error, torch.OutOfMemoryError)
                     else ""
                 )
-                rank_zero_warn(
+                _warn(
                     f"HessianMonitor: the curvature pass at step {step} failed and was skipped ({message})."
                     f"{hint} Training goes on; pass on_error='raise' to see the traceback."
                 )
@@ -504,9 +519,7 @@ class HessianMonitor(Callback):
                 for logger in loggers:
                     logger.log_metrics({**scalars, tags.ALERT_COUNT: float(len(fired))}, step)
             for alert in fired:
-                rank_zero_warn(
-                    f"HessianMonitor [{alert.severity}] {alert.rule} at step {alert.step}: {alert.message}"
-                )
+                _warn(f"HessianMonitor [{alert.severity}] {alert.rule} at step {alert.step}: {alert.message}")
                 if self.on_alert is not None:
                     self.on_alert(alert)
         if self.stop_on is not None and any(

@@ -208,9 +208,9 @@ def split_batch(batch: Any, chunk_size: int | None) -> list[tuple[Any, int]]:
 _DEVICE_ERRORS = re.compile(
     r"same device|expected device|device type|on the expected device|must be on|on a different device", re.I
 )
-_DTYPE_ERRORS = re.compile(
-    r"same dtype|expected scalar type|Input type .* and (weight|bias) type|expected .*dtype|found dtype", re.I
-)
+_DTYPE_ERRORS = re.compile(r"same dtype|expected scalar type|expected .*dtype|found dtype", re.I)
+# Convolutions say "Input type (torch.FloatTensor) and weight type (torch.cuda.FloatTensor)": either one.
+_EITHER_ERRORS = re.compile(r"Input type .* and (weight|bias) type", re.I)
 _REENTRANT_ERROR = "Checkpointing is not compatible with .grad()"
 
 
@@ -535,7 +535,9 @@ class CurvatureOperator:
                 from lightning_hessian._context import REENTRANT_MESSAGE, ReentrantCheckpointError
 
                 raise ReentrantCheckpointError(REENTRANT_MESSAGE) from error
-            if _DEVICE_ERRORS.search(message):
+            if _EITHER_ERRORS.search(message):
+                kind = "device or dtype"
+            elif _DEVICE_ERRORS.search(message):
                 kind = "device"
             elif _DTYPE_ERRORS.search(message):
                 kind = "dtype"

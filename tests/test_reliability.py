@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import typing
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -403,6 +404,8 @@ def test_tensors_the_pass_cannot_move_give_a_clear_error():
     # Tensors hidden in an object are not cast: the dtype mismatch inside the model is explained.
     with pytest.raises(RuntimeError, match=r"dtype mismatch.*tensors held by other objects.*inside loss_fn"):
         analyze(model, image_loss, Opaque(images, labels), dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"device or dtype mismatch.*Input type"):  # a convolution's words
+        analyze(model, lambda m, b: m.patch_embed(b[0][0].double()).sum(), ((images,), labels))
 
     # A real device mismatch inside loss_fn (meta vs cpu), raised at the first forward.
     def wrong_device(model, batch):
@@ -413,6 +416,23 @@ def test_tensors_the_pass_cannot_move_give_a_clear_error():
     # Other errors are not rewritten.
     with pytest.raises(RuntimeError, match=r"^boom$"):
         analyze(model, lambda m, b: (_ for _ in ()).throw(RuntimeError("boom")), ((images,), labels))
+
+
+@needs_cuda
+def test_cuda_model_with_cpu_batches_in_every_container():
+    """CPU batches are moved to a CUDA model in every container; an object hiding its tensors gets the
+    device-mismatch error naming the fix."""
+    model = make_model("vit").cuda()
+    (images,), labels = make_batch("vit", 4)
+    kwargs = dict(blocks=None, full=True, trace=False, tol=1e-6)
+    reference = analyze(model, image_loss, ((images.cuda(),), labels.cuda()), **kwargs).full.top_eigenvalue
+    for name, batch in containers(images, labels).items():
+        report = analyze(model, image_loss, batch, **kwargs)
+        assert relative(report.full.top_eigenvalue, reference) < 1e-5, name
+        assert image_parts(batch)[0].device.type == "cpu", name  # the user's batch is not moved in place
+    # A convolution reports "Input type (torch.FloatTensor) and weight type (torch.cuda.FloatTensor)".
+    with pytest.raises(RuntimeError, match=r"device or dtype mismatch.*tensors held by other objects"):
+        analyze(model, image_loss, Opaque(images, labels), **kwargs)
 
 
 class DictTransformer(TinyTransformer):
@@ -622,9 +642,11 @@ def test_resume_after_a_skipped_pass_continues_curves_and_alerts(tmp_path):
     events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"scalars": 0})
     events.Reload()
     top = tags.block_tag("model", "top_eigenvalue")
-    assert [e.step for e in events.Scalars(top)] == [2, 10]  # no duplicate, no restart at 0
-    assert [e.step for e in events.Scalars(tags.PASS_LOSS)] == [2, 4, 10]
-    assert math.isnan(events.Scalars(tags.PASS_LOSS)[1].value)
+    # One event file per run; their reading order is not the run order.
+    assert sorted(e.step for e in events.Scalars(top)) == [2, 10]  # no duplicate, no restart at 0
+    losses = {e.step: e.value for e in events.Scalars(tags.PASS_LOSS)}
+    assert sorted(losses) == [2, 4, 10] and len(events.Scalars(tags.PASS_LOSS)) == 3
+    assert math.isnan(losses[4]) and math.isfinite(losses[10])
 
 
 def test_sanity_checks_and_validation_make_no_pass(tmp_path):
@@ -652,6 +674,32 @@ def test_sanity_checks_and_validation_make_no_pass(tmp_path):
 
 
 # --- 7. soak ----------------------------------------------------------------------------------------------
+
+
+def remembered_monitor_warnings() -> int:
+    """Entries for HessianMonitor messages in every module's warnings registry."""
+    registries = [vars(m).get("__warningregistry__", {}) for m in list(sys.modules.values()) if m is not None]
+    return sum(
+        1
+        for registry in registries
+        for key in list(registry)
+        if isinstance(key, tuple) and str(key[0]).startswith("HessianMonitor")
+    )
+
+
+def test_alert_warnings_do_not_grow_the_warnings_registry(tmp_path):
+    """The soak found it: under Python's default filter every distinct warning message is remembered in the
+    warning module's __warningregistry__, and alert messages carry steps and values."""
+    import lightning_hessian.callback as module
+
+    before = remembered_monitor_warnings()
+    monitor = HessianMonitor(every_n_steps=1, figures=False, trace=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        fit(tmp_path, [monitor], max_steps=6, logger=False)
+    delivered = [w for w in caught if str(w.message).startswith("HessianMonitor [")]
+    assert len(delivered) >= 6 and all(w.filename == module.__file__ for w in delivered)
+    assert remembered_monitor_warnings() == before
 
 
 def test_soak_smoke(tmp_path):
