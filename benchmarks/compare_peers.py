@@ -1524,6 +1524,24 @@ def main() -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
     start = time.perf_counter()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(partial: bool) -> str:
+        """Writes what has been measured so far (after every task: a run cut short keeps its sections)."""
+        out = environment(args, settings)
+        if partial:
+            out += [f"**Partial: written after {len(sections)} section(s); the run has not finished.**", ""]
+        out += ["### Targets", ""]
+        out += table(["target", "result", "numbers"], [[t, verdict(ok), d] for t, ok, d in targets], "lll")
+        out += [""]
+        for section in sections:
+            out += [*section, ""]
+        out += CAVEATS
+        out += [f"Total wall time {time.perf_counter() - start:.0f} s."]
+        text = "\n".join(out)
+        args.out.write_text(text + "\n")
+        return text
+
     with sdpa_kernel(SDPBackend.MATH):
         tops = {}
         for name in models:
@@ -1535,6 +1553,7 @@ def main() -> None:
                 if 1 in tasks:
                     sections.append(lines)
                     targets += found
+                    write(partial=True)
         for name in models:
             if 2 in tasks:
                 log(f"task 2: every block, {name}")
@@ -1550,6 +1569,7 @@ def main() -> None:
                 )
                 sections.append(lines)
                 targets += found
+                write(partial=True)
         if 3 in tasks or 4 in tasks:
             log("tiny model: dense Hessian")
             tiny, tiny_batch = build(SPECS["tiny"])
@@ -1566,6 +1586,7 @@ def main() -> None:
                 lines, found = task_trace(tiny, tiny_batch, hessian, trace_budgets, trace_seeds, described)
                 sections.append(lines)
                 targets += found
+                write(partial=True)
             if 4 in tasks:
                 log("task 4: density")
                 lines, found = task_density(
@@ -1573,31 +1594,25 @@ def main() -> None:
                 )
                 sections.append(lines)
                 targets += found
+                write(partial=True)
         if 5 in tasks:
             for name in models:
                 log(f"task 5: one HVP, {name}")
                 lines, found = task_hvp(SPECS[name], 10 if quick else 20)
                 sections.append(lines)
                 targets += found
+                write(partial=True)
     if 6 in tasks:
         log("task 6: peak memory")
         sections.append(task_memory("reference", args.threads, quick))
+        write(partial=True)
     if 7 in tasks:
         log("task 7: callback overhead")
         sections.append(task_callback(100 if quick else 300, breakdown=not quick))
+        write(partial=True)
 
-    out = environment(args, settings)
-    out += ["### Targets", ""]
-    out += table(["target", "result", "numbers"], [[t, verdict(ok), d] for t, ok, d in targets], "lll")
-    out += [""]
-    for section in sections:
-        out += [*section, ""]
-    out += CAVEATS
-    out += [f"Total wall time {time.perf_counter() - start:.0f} s."]
-    text = "\n".join(out)
+    text = write(partial=False)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
     log(f"written to {args.out}")
 
 
