@@ -486,16 +486,21 @@ class HessianMonitor(Callback):
             self._note(f"the theory comparison failed at step {step} and was left out "
                        f"({type(error).__name__}: {error}); the measured curvature is logged as usual")
             return None
+        by_reason: dict[str, list[str]] = {}
         for layer, reason in comparison.skipped.items():
-            self._note(f"attention layer {layer} is not compared with the theory: {reason}")
+            by_reason.setdefault(reason, []).append(layer)
+        for reason, layers in by_reason.items():
+            self._note(f"attention layer(s) {', '.join(layers)} not compared with the theory: {reason}")
         if target is not None and comparison.proven_reason is not None:
             self._note(f"theory_target was given but the bounds are not proven for this model: "
                        f"{comparison.proven_reason}; bound_ratio is not logged")
         return comparison
 
     def _note(self, message: str) -> None:
-        if message not in self._theory_notes:
-            self._theory_notes.add(message)
+        """Warn once per kind of message: ones that differ only in numbers (steps, losses) are one."""
+        key = re.sub(r"\d+(\.\d+)?(e[-+]?\d+)?", "#", message)
+        if key not in self._theory_notes:
+            self._theory_notes.add(key)
             rank_zero_warn(f"HessianMonitor: {message}.")
 
     def _record(

@@ -528,6 +528,9 @@ def compare_attention(
     device = next(model.parameters()).device
     losses, mses = [], []
     handles = [h for layer in layers for h in _hooks(layer, captures[layer.name])]
+    # The forward runs on the live module: in training mode normalisation layers would update their running
+    # statistics, so every buffer is restored afterwards.
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
     try:
         # No gradients; PyTorch's fused Transformer fast path (taken without gradients) would bypass the
         # attention modules and their hooks.
@@ -545,6 +548,9 @@ def compare_attention(
     finally:
         for handle in handles:
             handle.remove()
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
 
     proven_layer = None
     if target is not None:

@@ -431,3 +431,40 @@ def test_compiled_models_are_compared_under_their_own_names():
     for name, lt in compiled.layers.items():
         assert lt.blocks == plain.layers[name].blocks
         assert lt.outer_bound == pytest.approx(plain.layers[name].outer_bound, rel=1e-6)
+
+
+def test_training_mode_forward_leaves_normalisation_statistics_alone():
+    from test_callback import TinyTransformer
+
+    module = TinyTransformer()
+    tokens = torch.randint(13, (8, 6))
+    batch = (tokens, tokens[:, 0] % 3)
+    before = {k: v.clone() for k, v in module.named_buffers()}
+
+    def ce(m, b):
+        return F.cross_entropy(m(b[0]), b[1])
+
+    # With attention dropout active the formula does not describe the layer: it is skipped, with a reason.
+    result = compare_attention(module, ce, batch, mode="train")
+    assert result.layers == {} and "does not reproduce" in result.skipped["layer.self_attn"]
+    module.layer.self_attn.dropout = 0.0
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    result = compare_attention(module, ce, batch, mode="train")
+    assert list(result.layers) == ["layer.self_attn"]
+    assert all(torch.equal(before[k], v) for k, v in module.named_buffers())
+    assert module.bn.num_batches_tracked.item() == 0
+
+
+def test_theory_warnings_are_given_once_per_kind(tmp_path):
+    """A proven-setting check that fails with different numbers at every pass warns once."""
+
+    def doubled(module, batch):
+        return 2 * F.mse_loss(module(batch[0]), batch[1])
+
+    monitor = HessianMonitor(every_n_steps=1, loss_fn=doubled, theory_target=lambda b: b[1], figures=False)
+    with pytest.warns(UserWarning) as record:
+        _fit(tmp_path, monitor, max_steps=4)
+    notes = [str(w.message) for w in record if "not proven" in str(w.message)]
+    assert monitor.passes == 4 and len(notes) == 1 and "mean-squared error" in notes[0]
