@@ -137,8 +137,8 @@ def main() -> None:
     lines += ["", "Top eigenvalues less accurate than `tol`:", ""]
     if misses:
         lines += [
-            "| model | block | tol | stop | pass | seed | steps | rel. error | gap estimate | residual | "
-            "top 3 reference eigenvalues |",
+            "| model | block | tol | stop | pass | seed | steps | rel. error | gap estimate (abs.) | "
+            "residual (abs.) | top 3 reference eigenvalues |",
             "|---|---|---:|---|---|---:|---:|---:|---:|---:|---|",
             *misses,
         ]
