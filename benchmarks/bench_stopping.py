@@ -122,7 +122,7 @@ def main() -> None:
                                         top = ", ".join(f"{float(v):.6g}" for v in ref)
                                         misses.append(
                                             f"| {name} | `{b.name}` | {tol:g} | {stop} | {key} | {seed} | "
-                                            f"{r.steps} | {e:.2e} | {float(r.error_bounds[0]):.1e} | "
+                                            f"{r.steps} | {e:.2e} | {float(r.error_estimates[0]):.1e} | "
                                             f"{float(r.residuals[0]):.1e} | {top} |"
                                         )
                         cells = []

@@ -17,7 +17,7 @@ from lightning_hessian.estimators import (
     power_iteration,
     slq,
 )
-from lightning_hessian.estimators._lanczos_core import ritz_error_bounds
+from lightning_hessian.estimators._lanczos_core import ritz_error_estimates
 
 
 def symmetric(eigenvalues: Tensor | list[float], seed: int = 0, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -171,25 +171,25 @@ def test_lanczos_without_smallest():
         assert abs(r.eigenvalues[0] - torch.linalg.eigvalsh(a)[-1]) <= 1e-6 * a.norm(2)
 
 
-def test_ritz_error_bounds_discount_the_neighbours_residuals():
+def test_ritz_error_estimates_discount_the_neighbours_residuals():
     theta = torch.tensor([0.0, 1.0, 5.0], dtype=torch.float64)
     residuals = torch.tensor([0.5, 0.1, 0.01], dtype=torch.float64)
-    bounds = ritz_error_bounds(theta, residuals)
+    estimates = ritz_error_estimates(theta, residuals)
     # gap_i = min_j |theta_j - theta_i| - r_j: 0.9, 0.5 and 3.9; then min(r, r^2 / gap) where gap > r.
     expected = torch.tensor([0.5**2 / 0.9, 0.1**2 / 0.5, 0.01**2 / 3.9], dtype=torch.float64)
-    assert torch.allclose(bounds, expected, rtol=1e-12)
+    assert torch.allclose(estimates, expected, rtol=1e-12)
     # A neighbour whose residual interval reaches theta_i leaves no gap: the residual itself.
     close = torch.tensor([0.05, 0.96], dtype=torch.float64)
-    assert torch.equal(ritz_error_bounds(torch.tensor([0.0, 1.0], dtype=torch.float64), close), close)
-    assert torch.equal(ritz_error_bounds(theta[:1], residuals[:1]), residuals[:1])  # one Ritz value
+    assert torch.equal(ritz_error_estimates(torch.tensor([0.0, 1.0], dtype=torch.float64), close), close)
+    assert torch.equal(ritz_error_estimates(theta[:1], residuals[:1]), residuals[:1])  # one Ritz value
 
 
-def test_lanczos_error_bounds_are_reported_and_zero_when_exact():
+def test_lanczos_error_estimates_are_reported_and_zero_when_exact():
     op, _ = mixed_operator()
     for name, r in zip(SPECTRA, lanczos(op, 2, tol=1e-8), strict=True):
-        assert (r.error_bounds <= r.residuals).all() and r.min_error_bound <= r.min_residual, name
+        assert (r.error_estimates <= r.residuals).all() and r.min_error_estimate <= r.min_residual, name
         if name in ("size1", "size3"):  # L = n: the Krylov space is invariant and the Ritz values exact
-            assert (r.error_bounds == 0).all() and r.min_error_bound == 0, name
+            assert (r.error_estimates == 0).all() and r.min_error_estimate == 0, name
     with pytest.raises(ValueError, match="stop"):
         lanczos(op, 1, stop="eigenvalue")
 
@@ -203,7 +203,7 @@ def test_gap_stop_takes_fewer_steps_and_holds_on_an_isolated_top_eigenvalue(seed
         (gap,) = lanczos(DenseBlockOperator([a]), 1, smallest=False, tol=tol, stop="gap")
         assert gap.converged and gap.steps < residual.steps
         error = abs(gap.eigenvalues[0].item() - exact)
-        assert error <= gap.error_bounds[0].item() <= tol * abs(exact)
+        assert error <= gap.error_estimates[0].item() <= tol * abs(exact)
         assert abs(residual.eigenvalues[0].item() - exact) <= residual.residuals[0].item() <= tol * abs(exact)
 
 
@@ -221,7 +221,7 @@ def test_gap_estimate_fails_on_an_unresolved_cluster_and_the_residual_rule_does_
     (gap,) = lanczos(op, 1, smallest=False, tol=tol, stop="gap", seed=seed)
     (residual,) = lanczos(op, 1, smallest=False, tol=tol, stop="residual", seed=seed)
     gap_error = 1.0 - gap.eigenvalues[0].item()
-    assert gap.converged and gap_error > 10 * tol and gap_error > 10 * gap.error_bounds[0].item()
+    assert gap.converged and gap_error > 10 * tol and gap_error > 10 * gap.error_estimates[0].item()
     assert residual.converged and 1.0 - residual.eigenvalues[0].item() <= residual.residuals[0].item() <= tol
 
 

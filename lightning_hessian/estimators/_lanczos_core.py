@@ -162,8 +162,8 @@ class LanczosChains:
         self.basis = grown
 
 
-def ritz_error_bounds(theta: Tensor, residuals: Tensor) -> Tensor:
-    """Gap-based error bounds ``min(r_i, r_i^2 / gap_i)`` of Ritz values, with a residual-discounted gap.
+def ritz_error_estimates(theta: Tensor, residuals: Tensor) -> Tensor:
+    """Gap-based error estimates ``min(r_i, r_i^2 / gap_i)`` of Ritz values, with a residual-discounted gap.
 
     For a unit ``y`` with Rayleigh quotient ``theta`` and residual ``r = ||A y - theta y||``, some eigenvalue
     of a symmetric ``A`` lies within ``r`` of ``theta``; if ``lambda`` is the eigenvalue nearest ``theta`` and
@@ -189,7 +189,7 @@ def ritz_error_bounds(theta: Tensor, residuals: Tensor) -> Tensor:
         residuals: ``(L,)`` their residual norms.
 
     Returns:
-        ``(L,)`` bounds, each ``<= residuals``.
+        ``(L,)`` estimates, each ``<= residuals``.
     """
     length = theta.numel()
     if length < 2:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_hessian.estimators import _random
-from lightning_hessian.estimators._lanczos_core import LanczosChains, ritz_error_bounds, run_lanczos
+from lightning_hessian.estimators._lanczos_core import LanczosChains, ritz_error_estimates, run_lanczos
 from lightning_hessian.estimators._operator import BlockOperator
 
 _WARM_START_NOISE = 1e-3
@@ -23,13 +23,13 @@ class LanczosResult:
     Attributes:
         eigenvalues: The top-k Ritz values, descending (float64, CPU); fewer than k only if ``max_iter < k``.
         residuals: Their residual norms ``||A x - theta x||`` (float64, CPU), at least ``eps * scale``.
-        error_bounds: Their gap-based error estimates ``min(r, r^2 / gap)`` (float64, CPU; see
-            :func:`~lightning_hessian.estimators._lanczos_core.ritz_error_bounds`), at least ``eps * scale``;
-            0 where the Krylov space was exhausted.
+        error_estimates: Their gap-based error estimates ``min(r, r^2 / gap)`` (float64, CPU; see
+            :func:`~lightning_hessian.estimators._lanczos_core.ritz_error_estimates`), at least
+            ``eps * scale``; 0 where the Krylov space was exhausted.
         converged: Whether all top-k values met the stopping rule (or the Krylov space was exhausted).
         min_eigenvalue: The smallest Ritz value (``smallest=True`` only).
         min_residual: Its residual norm.
-        min_error_bound: Its gap-based error estimate.
+        min_error_estimate: Its gap-based error estimate.
         min_converged: Whether it met the stopping rule.
         eigenvectors: ``(n, k)`` unit Ritz vectors matching ``eigenvalues``, in the operator's dtype/device.
         min_eigenvector: ``(n,)`` unit Ritz vector of ``min_eigenvalue``.
@@ -39,11 +39,11 @@ class LanczosResult:
 
     eigenvalues: Tensor
     residuals: Tensor
-    error_bounds: Tensor
+    error_estimates: Tensor
     converged: bool
     min_eigenvalue: float | None
     min_residual: float | None
-    min_error_bound: float | None
+    min_error_estimate: float | None
     min_converged: bool | None
     eigenvectors: Tensor | None
     min_eigenvector: Tensor | None
@@ -87,7 +87,9 @@ def lanczos(
     Limitations: a single Krylov sequence sees an eigenvalue of multiplicity > 1 once (its copies show up,
     if at all, only through rounding or a restart), so exactly repeated eigenvalues among the top k may be
     missed. A start vector (nearly) orthogonal to the top eigenvector can converge to the wrong eigenvalue;
-    random starts and the warm-start perturbation make this unlikely.
+    random starts and the warm-start perturbation make this unlikely. Close but distinct top eigenvalues can
+    also meet a loose ``tol`` with the second of them before the first is resolved (seen on attention
+    blocks at ``tol=1e-3``: ``benchmarks/results/stopping.md``); ``stop="gap"`` makes this much likelier.
 
     Args:
         op: The block-diagonal symmetric operator.
@@ -95,10 +97,10 @@ def lanczos(
         smallest: Also compute the smallest eigenvalue (it then takes part in the stopping rule).
         tol: Relative tolerance of the stopping rule.
         stop: ``"residual"`` (default): stop when ``r_i <= tol * scale``, a guarantee that an eigenvalue lies
-            within ``tol * scale``. ``"gap"``: stop when the gap estimate ``min(r_i, r_i^2 / gap_i)`` is
-            ``<= tol * scale``; fewer steps, but not a guarantee: an eigenvalue that the Krylov space has
-            not resolved yet (a close cluster) can make the error exceed it, see
-            :func:`~lightning_hessian.estimators._lanczos_core.ritz_error_bounds`.
+            within ``tol * scale`` (which one: see the limitations). ``"gap"``: stop when the gap estimate
+            ``min(r_i, r_i^2 / gap_i)`` is ``<= tol * scale``; fewer steps, but not a guarantee: an
+            eigenvalue that the Krylov space has not resolved yet (a close cluster) can make the error
+            exceed it, see :func:`~lightning_hessian.estimators._lanczos_core.ritz_error_estimates`.
         max_iter: Maximum number of steps (= matvecs) per block.
         init: Optional warm start per block (indexable by block): a ``(n,)`` or ``(n, j)`` tensor, e.g. the
             previous pass's Ritz vectors. The start vector is the normalised sum of its columns plus a seeded
@@ -135,8 +137,9 @@ def lanczos(
         scale = float(theta.abs().max())
         residuals = residuals.clamp(min=rounding * scale)
         invariant = chain.broken[0]  # the Krylov space is invariant: the Ritz pairs are exact
-        bounds = None if stop == "residual" else _error_bounds(theta, residuals, invariant, rounding * scale)
-        measure = residuals if bounds is None else bounds
+        floor = rounding * scale
+        estimates = None if stop == "residual" else _error_estimates(theta, residuals, invariant, floor)
+        measure = residuals if estimates is None else estimates
         threshold = tol * max(scale, torch.finfo(torch.float64).tiny)
         top = torch.arange(steps - 1, steps - 1 - min(top_k, steps), -1)
         top_converged = steps >= top_k and (invariant or bool((measure[top] <= threshold).all()))
@@ -145,17 +148,17 @@ def lanczos(
         if not (done or steps >= max_iter or not chain.running):
             return
         chain.stop()
-        if bounds is None:
-            bounds = _error_bounds(theta, residuals, invariant, rounding * scale)
+        if estimates is None:
+            estimates = _error_estimates(theta, residuals, invariant, floor)
         vectors = chain.ritz_vectors(0, torch.cat([s[:, top], s[:, :1]], 1)) if return_eigenvectors else None
         results[b] = LanczosResult(
             eigenvalues=theta[top],
             residuals=residuals[top],
-            error_bounds=bounds[top],
+            error_estimates=estimates[top],
             converged=top_converged,
             min_eigenvalue=float(theta[0]) if smallest else None,
             min_residual=float(residuals[0]) if smallest else None,
-            min_error_bound=float(bounds[0]) if smallest else None,
+            min_error_estimate=float(estimates[0]) if smallest else None,
             min_converged=min_converged if smallest else None,
             eigenvectors=None if vectors is None else vectors[:, :-1],
             min_eigenvector=None if vectors is None or not smallest else vectors[:, -1],
@@ -167,11 +170,11 @@ def lanczos(
     return results
 
 
-def _error_bounds(theta: Tensor, residuals: Tensor, invariant: bool, floor: float) -> Tensor:
+def _error_estimates(theta: Tensor, residuals: Tensor, invariant: bool, floor: float) -> Tensor:
     """Gap-based error estimates: 0 on an invariant Krylov space, else at least the rounding floor."""
     if invariant:
         return torch.zeros_like(residuals)
-    return ritz_error_bounds(theta, residuals).clamp(min=floor)
+    return ritz_error_estimates(theta, residuals).clamp(min=floor)
 
 
 def _warm_start(init: Sequence[Tensor | None] | Mapping[int, Tensor | None] | None, b: int) -> Tensor | None:
