@@ -174,7 +174,7 @@ def ritz_error_estimates(theta: Tensor, residuals: Tensor) -> Tensor:
 
         gap_i = min_{j != i} (|theta_j - theta_i| - r_j),
 
-    and the bound falls back to ``r_i`` where ``gap_i <= r_i`` (or ``L = 1``).
+    and the estimate falls back to ``r_i`` where ``gap_i <= r_i`` (or ``L = 1``).
 
     This is an estimate, not a guarantee. No Ritz value stands for an eigenvalue that the Krylov space has
     not resolved yet, such as the second member of a close cluster ``{lambda, lambda - eps}``: it can lie
