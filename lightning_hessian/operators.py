@@ -504,10 +504,17 @@ class CurvatureOperator:
             if reduce is None:
                 raise
             error = exc  # raised after the collective below, so no other process waits forever
-        totals = torch.tensor([float(error is not None), local_size, local_loss], dtype=torch.float64)
-        failed, size, loss_sum = self._sum(totals.to(self.device)).tolist()
+        non_finite = isinstance(error, NonFiniteLossError)
+        totals = torch.tensor(
+            [float(error is not None), float(non_finite), local_size, local_loss], dtype=torch.float64
+        )
+        failed, failed_non_finite, size, loss_sum = self._sum(totals.to(self.device)).tolist()
         if error is not None:
             raise error
+        if failed_non_finite:  # the same kind of failure everywhere: the model diverged, not the pass
+            raise NonFiniteLossError(
+                "The curvature loss is non-finite on another process: the union's curvature is undefined."
+            )
         if failed:
             raise RuntimeError(
                 "The curvature pass failed on another process (see its error); skipped here too."

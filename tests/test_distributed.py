@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -124,3 +125,58 @@ def test_hessian_monitor_under_ddp_spawn(tmp_path):
     events = EventAccumulator(str(files[0]), size_guidance={"scalars": 0})
     events.Reload()
     assert [e.step for e in events.Scalars(tags.SHARPNESS_RATIO)] == [2, 4]
+
+
+def _nan_on_rank_one(module, batch):
+    """The curvature loss of TinyTransformer, NaN on process 1 only."""
+    import torch.nn.functional as F
+
+    loss = F.cross_entropy(module(batch[0]), batch[1])
+    return loss * float("nan") if dist.get_rank() == 1 else loss
+
+
+def _fit_ddp(tmp_path: Path, monitor, max_steps: int = 6):
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_callback import TinyTransformer
+
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        logger=TensorBoardLogger(tmp_path, name="ddp"),
+        callbacks=[monitor],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(TinyTransformer())
+    (events,) = [EventAccumulator(str(f), size_guidance={"scalars": 0}) for f in tmp_path.rglob("events.*")]
+    events.Reload()
+    return events
+
+
+def test_an_alert_that_stops_training_stops_every_process(tmp_path):
+    """stop_on: every process sees the same (summed) numbers, fires the same alert and stops at the same step,
+    so none waits for the others in a collective call."""
+    from lightning_hessian import HessianMonitor, tags
+    from lightning_hessian.alerts import ThresholdRule
+
+    rule = ThresholdRule("loss_positive", tags.PASS_LOSS, above=0.0, severity="critical")
+    monitor = HessianMonitor(every_n_steps=2, figures=False, alerts=[rule], stop_on="critical")
+    events = _fit_ddp(tmp_path, monitor)
+    assert [e.step for e in events.Scalars(tags.PASS_LOSS)] == [2]  # stopped after the first pass
+    assert [e.value for e in events.Scalars(tags.ALERT_COUNT)] == [1.0]
+
+
+def test_a_nan_curvature_loss_on_one_process_skips_the_pass_on_all(tmp_path):
+    from lightning_hessian import HessianMonitor, tags
+
+    monitor = HessianMonitor(every_n_steps=2, figures=False, loss_fn=_nan_on_rank_one, theory=False)
+    events = _fit_ddp(tmp_path, monitor, max_steps=4)
+    losses = events.Scalars(tags.PASS_LOSS)
+    assert [e.step for e in losses] == [2, 4] and all(math.isnan(e.value) for e in losses)
+    assert tags.SHARPNESS_RATIO not in events.Tags()["scalars"]  # no pass completed, on any process
