@@ -16,6 +16,7 @@ hessian-eigenthings) and as ``criterion(outputs, targets)`` / an ``nn.CrossEntro
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,16 @@ def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch
     """``loss_fn(model, batch)``: mean cross-entropy of the model's logits."""
     tokens, labels = batch
     return F.cross_entropy(model(tokens), labels)
+
+
+def one_optimizer_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` after one AdamW step (lr 1e-3) on ``batch``: the weights of the next pass."""
+    stepped = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(stepped.parameters(), lr=1e-3)
+    loss_fn(stepped, batch).backward()
+    optimizer.step()
+    stepped.zero_grad(set_to_none=True)
+    return stepped.eval()
 
 
 @dataclass(frozen=True)

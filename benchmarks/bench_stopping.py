@@ -29,22 +29,12 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _models import SPECS, loss_fn
+from _models import SPECS, loss_fn, one_optimizer_step
 
 import lightning_hessian
 from lightning_hessian import Block, CurvatureOperator, find_blocks, model_block
 from lightning_hessian._context import curvature_context
 from lightning_hessian.estimators import LanczosResult, lanczos
-
-
-def one_optimizer_step(model: nn.Module, batch: Any) -> nn.Module:
-    """A copy of ``model`` after one AdamW step (lr 1e-3), as in ``compare_peers.py``."""
-    stepped = copy.deepcopy(model)
-    optimizer = torch.optim.AdamW(stepped.parameters(), lr=1e-3)
-    loss_fn(stepped, batch).backward()
-    optimizer.step()
-    stepped.zero_grad(set_to_none=True)
-    return stepped.eval()
 
 
 def run(

@@ -77,7 +77,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _models import SPECS, Classifier, ModelSpec, loss_fn
+from _models import SPECS, Classifier, ModelSpec, loss_fn, one_optimizer_step
 
 import lightning_hessian
 from lightning_hessian import Block, BlockPart, CurvatureOperator, analyze, model_block
@@ -651,15 +651,6 @@ def report_top_eigenvalue(
 
 # --- task 2: every block's top eigenvalue ------------------------------------------------------------
 
-
-def one_optimizer_step(model: nn.Module, batch: Any) -> nn.Module:
-    """A copy of ``model`` after one AdamW step (lr 1e-3) on ``batch``: the weights of the next pass."""
-    stepped = copy.deepcopy(model)
-    optimizer = torch.optim.AdamW(stepped.parameters(), lr=1e-3)
-    loss_fn(stepped, batch).backward()
-    optimizer.step()
-    stepped.zero_grad(set_to_none=True)
-    return stepped.eval()
 
 
 def max_error(values: dict[str, float], reference: dict[str, float]) -> float:
