@@ -450,15 +450,10 @@ def _evaluate(
     bound = None
     if per_head_target is not None:
         bound = {n: float((scale * sums[(n, "total")] / x.shape[0]).max()) for n in "QKV"}
-    jac: dict[str, list[float]] = {n: [] for n in "QKV"}
-    samples = x[: max(1, jacobian_samples)]
-    for head in range(h):
-        norms = [
-            attn.jacobian_norms(s, w["Q"][head], w["K"][head], w["V"][head], iters=iters, mask=mask)
-            for s in samples
-        ]
-        for n in "QKV":
-            jac[n].append(sum(v[n] for v in norms) / len(norms))
+    # Every (sequence, head) Gram operator in one batched Lanczos: sequences x heads broadcast.
+    samples = x[: max(1, jacobian_samples), None]
+    norms = attn.jacobian_norms(samples, w["Q"][None], w["K"][None], w["V"][None], iters=iters, mask=mask)
+    jac = {n: [float(v) for v in norms[n].mean(0)] for n in "QKV"}  # type: ignore[union-attr]
     input_norm = float(torch.linalg.matrix_norm(x[..., :-1], ord=2).mean())
     return LayerTheory(
         layer=layer.name,

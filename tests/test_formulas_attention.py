@@ -519,3 +519,20 @@ def test_corrected_bounds_hold_for_rectangular_values_and_masks():
                 n_draws += X.shape[0]
     assert n_draws >= 2700
     assert 0.5 < worst <= 1 + 1e-9
+
+
+@pytest.mark.parametrize("mask_name", ["none", "causal"])
+def test_batched_jacobian_norms_equal_the_unbatched_ones(mask_name):
+    """Sequences x heads at once (broadcast), exact once iters >= d_V d_K, equal to one-at-a-time Lanczos."""
+    g = torch.Generator().manual_seed(11)
+    L, d, dk, heads, seqs = 5, 4, 2, 3, 4
+    X = torch.randn(seqs, 1, L, d, generator=g, dtype=DT) * 2
+    W_Q, W_K, W_V = (torch.randn(1, heads, d, dk, generator=g, dtype=DT) for _ in range(3))
+    mask = _masks(L, g)[mask_name]
+    batched = attention.jacobian_norms(X, W_Q, W_K, W_V, mask=mask, iters=d * dk)
+    assert all(batched[n].shape == (seqs, heads) for n in "QKV")
+    for s in range(seqs):
+        for h in range(heads):
+            one = attention.jacobian_norms(X[s, 0], W_Q[0, h], W_K[0, h], W_V[0, h], mask=mask)
+            for n in "QKV":
+                assert float(batched[n][s, h]) == pytest.approx(one[n], rel=1e-9), (s, h, n)

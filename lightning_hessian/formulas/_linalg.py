@@ -188,6 +188,58 @@ def extreme_eigenvalues(
     return float(result.min_eigenvalue), float(result.eigenvalues[0])
 
 
+def batched_top_eigenvalue(
+    matvec: Callable[[Tensor], Tensor],
+    batch: tuple[int, ...],
+    n: int,
+    *,
+    iters: int,
+    like: Tensor,
+    seed: int = 0,
+) -> Tensor:
+    """Largest eigenvalue of each positive semi-definite operator of a batch (e.g. Gram operators).
+
+    Lanczos with full (twice repeated Gram-Schmidt) reorthogonalisation, ``min(iters, n)`` steps for every
+    operator at once: ``matvec`` maps ``(*batch, n)`` to ``(*batch, n)``, one operator per batch index. The
+    top Ritz value approaches the top eigenvalue from below and is exact (to rounding) once the Krylov space
+    is invariant, in particular when ``iters >= n``. A Krylov space that becomes invariant early leaves zero
+    rows in the tridiagonal matrix, harmless for positive semi-definite operators only.
+
+    Args:
+        matvec: batched ``v -> H v``.
+        batch: the batch shape.
+        n: dimension of each operator.
+        iters: Lanczos steps.
+        like: tensor giving dtype and device.
+        seed: seed of the random start vectors (drawn on the CPU: reproducible across devices).
+
+    Returns:
+        A tensor of shape ``batch``.
+    """
+    steps = max(1, min(int(iters), n))
+    start = torch.randn(*batch, n, generator=torch.Generator().manual_seed(seed), dtype=like.dtype)
+    q = start.to(like.device)
+    basis = [q / q.norm(dim=-1, keepdim=True)]
+    diag, off = [], []
+    for j in range(steps):
+        w = matvec(basis[-1])
+        diag.append((w * basis[-1]).sum(-1))
+        if j == steps - 1:
+            break
+        vs = torch.stack(basis, -2)  # (*batch, j + 1, n)
+        for _ in range(2):
+            w = w - ((vs @ w.unsqueeze(-1)).transpose(-1, -2) @ vs).squeeze(-2)
+        beta = w.norm(dim=-1)
+        off.append(beta)
+        alive = beta > 1e-12 * diag[0].abs().clamp_min(torch.finfo(like.dtype).tiny)
+        basis.append(torch.where(alive.unsqueeze(-1), w / beta.clamp_min(1e-300).unsqueeze(-1), 0.0))
+    t = torch.diag_embed(torch.stack(diag, -1))
+    if off:
+        sub = torch.diag_embed(torch.stack(off, -1), offset=1)
+        t = t + sub + sub.transpose(-1, -2)
+    return torch.linalg.eigvalsh(t)[..., -1]
+
+
 def symmetric_spectral_norm(
     matvec: Callable[[Tensor], Tensor], n: int, *, iters: int, like: Tensor, seed: int = 0
 ) -> float:

@@ -52,6 +52,7 @@ from torch import Tensor
 
 from ._linalg import (
     HessianBlock,
+    batched_top_eigenvalue,
     commutation,
     extreme_eigenvalues,
     eye,
@@ -508,14 +509,31 @@ def jacobian_norms(
     iters: int = 100,
     seed: int = 0,
     mask: Tensor | None = None,
-) -> dict[str, float]:
+) -> dict[str, float] | dict[str, Tensor]:
     """Spectral norms ``||G_Q||_2, ||G_K||_2, ||G_V||_2`` of the Jacobians without forming them.
 
     ``||G_V||_2 = ||(A X) ⊗ I||_2 = ||A X||_2`` exactly. For ``Q`` and ``K``, Lanczos on the Gram operator
     ``G^T G v = J^T (J v)`` (``min(iters, d_V d_K)`` steps, from below, exact once the Krylov space is
     exhausted). Memory ``O(iters d_V d_K + L^2 + L d)``. ``mask``: as in :func:`forward`.
+
+    Leading batch dimensions of the inputs (they broadcast, e.g. sequences x heads) give tensors of the
+    batch shape: every operator of the batch runs the same ``min(iters, d_V d_K)`` Lanczos steps at once.
     """
     state = _State(X, W_Q, W_K, W_V, None, tau, mask)
+    batch = state.a.shape[:-2]
+    if batch:
+        out_b: dict[str, Tensor] = {"V": spectral_norm(state.a @ X)}
+        for name in ("Q", "K"):
+            shape = state.shapes[name]
+
+            def gram_b(v: Tensor, name: str = name, shape: tuple[int, int] = shape) -> Tensor:
+                u = v.reshape(*batch, *shape)
+                return state.vjp(name, state.jvp(name, u)).reshape(*batch, -1)
+
+            n = shape[0] * shape[1]
+            top = batched_top_eigenvalue(gram_b, tuple(batch), n, iters=iters, like=X, seed=seed)
+            out_b[name] = top.clamp_min(0).sqrt()
+        return {k: out_b[k].expand(batch) for k in NAMES}  # type: ignore[return-value]
     out = {"V": float(spectral_norm(state.a @ X))}
     for name in ("Q", "K"):
         shape = state.shapes[name]
