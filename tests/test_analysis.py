@@ -258,6 +258,7 @@ def test_bad_loss_functions_get_clear_errors():
         ({"blocks": None}, "Nothing to analyse"),
         ({"mode": "inference"}, "mode must be one of"),
         ({"batching": "fast"}, "batching must be one of"),
+        ({"start": "warm"}, "start must be one of"),
     ],
 )
 def test_bad_arguments_get_clear_errors(kwargs, message):
@@ -319,3 +320,36 @@ def test_warm_start_also_helps_the_smallest_eigenvalue():
     assert warm.matvecs < 0.5 * cold.matvecs
     for name, result in warm.blocks.items():
         assert result.min_eigenvalue == pytest.approx(cold.blocks[name].min_eigenvalue, rel=1e-2, abs=1e-6)
+
+
+def test_gradient_and_random_starts_agree():
+    """The default start (gradient plus an equal-norm random vector) and a random start find the same
+    eigenvalues, for a block and for the whole model."""
+    model = make_model("gpt2", torch.float64)
+    batch = make_batch("gpt2", dtype=torch.float64)
+    block = next(b for b in find_blocks(model) if b.name == "transformer.h.0.attn.q")
+    with sdpa_kernel(SDPBackend.MATH):
+        dense = torch.linalg.eigvalsh(dense_hessian(model, loss_fn, batch, block))
+    kwargs = dict(blocks=[block], full=True, tol=1e-8, max_iter=300, trace=False)
+    reports = [analyze(model, loss_fn, batch, start=s, seed=seed, **kwargs) for s in ("gradient", "random")
+               for seed in (0, 1)]
+    for report in reports:
+        got = report.blocks[block.name]
+        assert got.top_eigenvalue == pytest.approx(float(dense[-1]), rel=1e-7)
+        assert got.min_eigenvalue == pytest.approx(float(dense[0]), rel=1e-6, abs=1e-9)
+        assert report.full.top_eigenvalue == pytest.approx(reports[0].full.top_eigenvalue, rel=1e-7)
+
+
+def test_gradient_start_at_a_stationary_point_falls_back_to_random():
+    """A zero gradient gives no direction: the start is the random vector alone."""
+    target = torch.linspace(-1, 1, 6, dtype=torch.float64)
+    model = nn.Linear(6, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(target)
+
+    def quadratic(m, batch):
+        return ((m.weight[0] - target) ** 2 * torch.arange(1, 7, dtype=torch.float64)).sum()
+
+    report = analyze(model, quadratic, None, blocks=None, full=True, tol=1e-10, trace=False)
+    assert report.full.top_eigenvalue == pytest.approx(12.0)  # 2 x the largest weight
+    assert report.full.min_eigenvalue == pytest.approx(2.0)
