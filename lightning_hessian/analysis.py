@@ -160,8 +160,8 @@ def analyze(
             plus an equal-norm random vector: training gradients lie mostly in the top Hessian eigenspace
             (Gur-Ari, Roberts & Dyer, arXiv:1812.04754), and the random half keeps every eigenvector in the
             Krylov space. Measured over eight benchmark and test models: about 10% fewer products for the
-            whole model and for all blocks (0-20% per model, never more), same accuracy. ``"random"``: a
-            random vector.
+            whole model and for all blocks (0-20% per model, none needing more), same accuracy.
+            ``"random"``: a random vector.
 
     Batches are moved to the parameters' device, and their floating tensors cast to the compute dtype, when
     the tensors sit in tuples, lists, dicts, other ``Mapping``\ s or dataclasses; tensors inside other
