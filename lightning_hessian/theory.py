@@ -450,7 +450,7 @@ def _evaluate(
     bound = None
     if per_head_target is not None:
         bound = {n: float((scale * sums[(n, "total")] / x.shape[0]).max()) for n in "QKV"}
-    # Every (sequence, head) Gram operator in one batched Lanczos: sequences x heads broadcast.
+    # Every (sequence, head) Gram operator in one Lanczos loop: sequences x heads broadcast.
     samples = x[: max(1, jacobian_samples), None]
     norms = attn.jacobian_norms(samples, w["Q"][None], w["K"][None], w["V"][None], iters=iters, mask=mask)
     jac = {n: [float(v) for v in norms[n].mean(0)] for n in "QKV"}  # type: ignore[union-attr]

@@ -517,7 +517,8 @@ def jacobian_norms(
     exhausted). Memory ``O(iters d_V d_K + L^2 + L d)``. ``mask``: as in :func:`forward`.
 
     Leading batch dimensions of the inputs (they broadcast, e.g. sequences x heads) give tensors of the
-    batch shape: every operator of the batch runs the same ``min(iters, d_V d_K)`` Lanczos steps at once.
+    batch shape: the operators of the batch are the blocks of one Lanczos run (one batched product per
+    step, at most ``min(iters, d_V d_K)`` steps, each stopped at a relative Ritz residual of 1e-10).
     """
     state = _State(X, W_Q, W_K, W_V, None, tau, mask)
     batch = state.a.shape[:-2]
