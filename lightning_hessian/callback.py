@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers.logger import DummyLogger
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
@@ -271,7 +271,6 @@ class HessianMonitor(Callback):
         self.theory = theory
         self.theory_target = theory_target
         self.theory_samples = theory_samples
-        self._theory_notes: set[str] = set()
         # Checked here rather than at the first pass: analyze validates the same arguments.
         self._analyze_kwargs = dict(
             blocks=blocks,
@@ -329,7 +328,7 @@ class HessianMonitor(Callback):
         self._last_step = -1
         self._last_pass_step = -1
         self._last_report: CurvatureReport | None = None
-        self._reported_errors: set[str] = set()
+        self._warned: set[str] = set()  # kinds of errors and theory notes already reported
         self._train_start: float | None = None
         self._train_seconds = 0.0  # training time before a resume (from the checkpoint)
         self._pass_seconds = 0.0
@@ -420,20 +419,17 @@ class HessianMonitor(Callback):
             if self.on_error == "raise":
                 raise
             message = f"{type(error).__name__}: {error}"
-            # Reported once per kind of error: messages that differ only in numbers (steps, sizes) are one.
-            key = re.sub(r"\d+(\.\d+)?", "#", message)
-            if key not in self._reported_errors:
-                self._reported_errors.add(key)
-                hint = (
-                    " Pass chunk_size= (samples per chunk) to keep a pass inside a memory budget, or measure "
-                    "fewer or smaller curvature batches."
-                    if isinstance(error, torch.OutOfMemoryError)
-                    else ""
-                )
-                _warn(
-                    f"HessianMonitor: the curvature pass at step {step} failed and was skipped ({message})."
-                    f"{hint} Training goes on; pass on_error='raise' to see the traceback."
-                )
+            hint = (
+                " Pass chunk_size= (samples per chunk) to keep a pass inside a memory budget, or measure "
+                "fewer or smaller curvature batches."
+                if isinstance(error, torch.OutOfMemoryError)
+                else ""
+            )
+            self._warn_once(
+                message,
+                f"HessianMonitor: the curvature pass at step {step} failed and was skipped ({message})."
+                f"{hint} Training goes on; pass on_error='raise' to see the traceback.",
+            )
             return
         scalars = report.scalars()
         scalars.update(self._stability(trainer, report, preconditioned))
@@ -497,11 +493,15 @@ class HessianMonitor(Callback):
         return comparison
 
     def _note(self, message: str) -> None:
-        """Warn once per kind of message: ones that differ only in numbers (steps, losses) are one."""
-        key = re.sub(r"\d+(\.\d+)?(e[-+]?\d+)?", "#", message)
-        if key not in self._theory_notes:
-            self._theory_notes.add(key)
-            rank_zero_warn(f"HessianMonitor: {message}.")
+        self._warn_once(message, f"HessianMonitor: {message}.")
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        """Warn ``message`` once per kind: ``kind`` strings that differ only in numbers (steps, sizes,
+        losses) are one kind."""
+        key = re.sub(r"\d+(\.\d+)?(e[-+]?\d+)?", "#", kind)
+        if key not in self._warned:
+            self._warned.add(key)
+            _warn(message)
 
     def _record(
         self,
