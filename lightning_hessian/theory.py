@@ -58,14 +58,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from . import tags
 from ._context import curvature_context
 from .blocks import Block, FusedLayout, _display, find_blocks
 from .formulas import attention as attn
-from .operators import as_batches
+from .operators import as_batches, map_tensors
 from .report import CurvatureReport
 
 __all__ = ["AttentionLayer", "LayerTheory", "TheoryComparison", "compare_attention", "find_attention_layers"]
@@ -531,7 +530,7 @@ def compare_attention(
         # attention modules and their hooks.
         with curvature_context(model, mode), torch.no_grad(), _no_mha_fastpath():
             for batch in as_batches(data):
-                batch = apply_to_collection(batch, Tensor, lambda t: t.to(device))
+                batch = map_tensors(batch, lambda t: t.to(device))  # the containers analyze accepts
                 before = {name: len(c.outputs) for name, c in captures.items()}
                 losses.append(_loss_value(loss_fn(model, batch)))
                 if target is not None and len(layers) == 1:

@@ -468,3 +468,17 @@ def test_theory_warnings_are_given_once_per_kind(tmp_path):
         _fit(tmp_path, monitor, max_steps=4)
     notes = [str(w.message) for w in record if "not proven" in str(w.message)]
     assert monitor.passes == 4 and len(notes) == 1 and "mean-squared error" in notes[0]
+
+
+def test_batches_in_the_containers_analyze_accepts():
+    """The capture forward moves batches with the same mechanism as the curvature pass (UserDict here)."""
+    from collections import UserDict
+
+    model, (x, target) = regression(seed=2)
+    batch = UserDict(x=x, target=target)
+
+    def loss(m, b):
+        return F.mse_loss(m(b["x"]), b["target"])
+
+    result = compare_attention(model, loss, batch, target=lambda b: b["target"])
+    assert result.proven_reason is None and list(result.layers) == ["attn"]
