@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from _models import loss_fn, make_batch, make_model
+from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_hessian import Batches, analyze
 
@@ -96,35 +97,66 @@ def test_an_error_on_one_process_is_raised_on_all_without_hanging(tmp_path):
     assert second["error"] == "broken on this process"
 
 
-def test_hessian_monitor_under_ddp_spawn(tmp_path):
-    """Two gloo processes train with the callback: no hang, one event file, the stability scalars logged."""
+class _CleanDDPSpawn(DDPStrategy):
+    """``ddp_spawn`` that destroys the gloo process group after a barrier when training ends.
+
+    Lightning leaves the group to the interpreter's exit, where the processes tear down their gloo
+    connections while the others may still be exiting; on a loaded 2-core CI machine this once aborted a
+    process (SIGABRT). A script that ends its process group cleanly is what we test against.
+    """
+
+    def teardown(self) -> None:
+        super().teardown()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+@pytest.fixture
+def fresh_port(monkeypatch):
+    """Lightning's launcher reuses an inherited MASTER_PORT: give every distributed test its own."""
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+
+
+def _trainer(tmp_path: Path, monitor, max_steps: int, strategy):
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from test_callback import TinyTransformer
-
-    from lightning_hessian import HessianMonitor, tags
 
     L.seed_everything(0, verbose=False)
-    logger = TensorBoardLogger(tmp_path, name="ddp")
-    monitor = HessianMonitor(every_n_steps=2, density=False, figures=False)
-    trainer = L.Trainer(
-        max_steps=4,
-        strategy="ddp_spawn",
+    return L.Trainer(
+        max_steps=max_steps,
+        strategy=strategy,
         accelerator="cpu",
         devices=2,
-        logger=logger,
+        logger=TensorBoardLogger(tmp_path, name="ddp"),
         callbacks=[monitor],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    trainer.fit(TinyTransformer())
-    files = list(tmp_path.rglob("events.out.tfevents.*"))  # the spawned rank 0 picked the version
-    assert len(files) == 1
+
+
+def _events(tmp_path: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert len(files) == 1, files  # only rank 0 writes
     events = EventAccumulator(str(files[0]), size_guidance={"scalars": 0})
     events.Reload()
-    assert [e.step for e in events.Scalars(tags.SHARPNESS_RATIO)] == [2, 4]
+    return events
+
+
+def test_hessian_monitor_under_ddp_spawn(tmp_path, fresh_port):
+    """Two gloo processes started by Lightning train with the callback: no hang, one event file, the
+    stability scalars logged."""
+    from test_callback import TinyTransformer
+
+    from lightning_hessian import HessianMonitor, tags
+
+    monitor = HessianMonitor(every_n_steps=2, density=False, figures=False)
+    _trainer(tmp_path, monitor, 4, _CleanDDPSpawn(start_method="spawn")).fit(TinyTransformer())
+    assert [e.step for e in _events(tmp_path).Scalars(tags.SHARPNESS_RATIO)] == [2, 4]
 
 
 def _nan_on_rank_one(module, batch):
@@ -135,28 +167,27 @@ def _nan_on_rank_one(module, batch):
     return loss * float("nan") if dist.get_rank() == 1 else loss
 
 
-def _fit_ddp(tmp_path: Path, monitor, max_steps: int = 6):
-    import lightning as L
-    from lightning.pytorch.loggers import TensorBoardLogger
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+def _ddp_worker(rank: int, port: int, out: str, monitor, max_steps: int) -> None:
+    """One process of a ``strategy="ddp"`` run launched from outside, as torchrun or SLURM would."""
     from test_callback import TinyTransformer
 
-    L.seed_everything(0, verbose=False)
-    trainer = L.Trainer(
-        max_steps=max_steps,
-        strategy="ddp_spawn",
-        accelerator="cpu",
-        devices=2,
-        logger=TensorBoardLogger(tmp_path, name="ddp"),
-        callbacks=[monitor],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0", LOCAL_RANK=str(rank)
     )
-    trainer.fit(TinyTransformer())
-    (events,) = [EventAccumulator(str(f), size_guidance={"scalars": 0}) for f in tmp_path.rglob("events.*")]
-    events.Reload()
-    return events
+    torch.set_num_threads(1)
+    try:
+        _trainer(Path(out), monitor, max_steps, "ddp").fit(TinyTransformer())
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _fit_ddp(tmp_path: Path, monitor, max_steps: int = 6):
+    mp.start_processes(
+        _ddp_worker, args=(_free_port(), str(tmp_path), monitor, max_steps), nprocs=2, start_method="spawn"
+    )
+    return _events(tmp_path)
 
 
 def test_an_alert_that_stops_training_stops_every_process(tmp_path):
