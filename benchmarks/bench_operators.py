@@ -5,6 +5,7 @@ sequence 32, batch 16, ~120k parameters). Everything is reported as a ratio to o
 batch, measured in the same run (these machines are noisy), as the median of several repeats.
 
     python benchmarks/bench_operators.py [--repeats 5] [--out benchmarks/results/operators.md]
+    python benchmarks/bench_operators.py --device cuda --batch-size 128 --out operators_gpu.md
 
 Rows:
 * gradient: ``torch.autograd.grad`` of the loss (the unit).
@@ -33,12 +34,20 @@ from lightning_hessian import CurvatureOperator, analyze, find_blocks, model_blo
 from lightning_hessian._context import curvature_context
 
 
-def median_seconds(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int, device: torch.device) -> float:
+    """Median wall time of ``fn()`` after one warm-up call; on a GPU the queue is drained before and after."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     fn()  # warm-up
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -50,48 +59,57 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest when shared)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "operators.md")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per batch (32 tokens each)")
+    parser.add_argument("--layers", type=int, default=2, help="encoder layers (2: the reference model)")
     args = parser.parse_args()
 
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = Classifier()
-    batch = (torch.randint(0, 50, (16, 32)), torch.randint(0, 10, (16,)))
+    model = Classifier(layers=args.layers).to(device)
+    batch = (
+        torch.randint(0, 50, (args.batch_size, 32), device=device),
+        torch.randint(0, 10, (args.batch_size,), device=device),
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     blocks = find_blocks(model)
     rows: list[tuple[str, float]] = []
 
+    def timed(fn) -> float:
+        return median_seconds(fn, args.repeats, device)
+
     def gradient() -> None:
         torch.autograd.grad(loss_fn(model, batch), params)
 
-    unit = median_seconds(gradient, args.repeats)
+    unit = timed(gradient)
     rows.append(("gradient", unit))
     with curvature_context(model):
         rows.append(
             (
                 "graph build (forward + create_graph gradient)",
-                median_seconds(lambda: CurvatureOperator(model, loss_fn, batch, blocks), args.repeats),
+                timed(lambda: CurvatureOperator(model, loss_fn, batch, blocks)),
             )
         )
         full = CurvatureOperator(model, loss_fn, batch, [model_block(model)])
-        v = [torch.randn(full.sizes[0], 1)]
-        rows.append(("full-model HVP", median_seconds(lambda: full.matmat(v), args.repeats)))
+        v = [torch.randn(full.sizes[0], 1, device=device)]
+        rows.append(("full-model HVP", timed(lambda: full.matmat(v))))
         for batching in ("loop", "vmap"):
             op = CurvatureOperator(model, loss_fn, batch, blocks, batching=batching)
             for m in (1, 8):
-                vs = [torch.randn(n, m) for n in op.sizes]
+                vs = [torch.randn(n, m, device=device) for n in op.sizes]
                 rows.append(
                     (
                         f"all {len(blocks)} blocks, {m} vector(s) each, {batching}",
-                        median_seconds(lambda vs=vs, op=op: op.matmat(vs), args.repeats),
+                        timed(lambda vs=vs, op=op: op.matmat(vs)),
                     )
                 )
     cold_full = analyze(model, loss_fn, batch, blocks=None, full=True, smallest=False, trace=False)
     rows.append(
         (
             f"Lanczos top eigenvalue, whole model, cold ({cold_full.matvecs} matvecs)",
-            median_seconds(
+            timed(
                 lambda: analyze(model, loss_fn, batch, blocks=None, full=True, smallest=False, trace=False),
-                args.repeats,
             ),
         )
     )
@@ -99,24 +117,22 @@ def main() -> None:
     rows.append(
         (
             f"Lanczos top eigenvalue, all blocks, cold ({cold.matvecs} matvecs)",
-            median_seconds(lambda: analyze(model, loss_fn, batch, smallest=False, trace=False), args.repeats),
+            timed(lambda: analyze(model, loss_fn, batch, smallest=False, trace=False)),
         )
     )
     warm = analyze(model, loss_fn, batch, smallest=False, trace=False, init=cold)
     rows.append(
         (
             f"Lanczos top eigenvalue, all blocks, warm ({warm.matvecs} matvecs)",
-            median_seconds(
-                lambda: analyze(model, loss_fn, batch, smallest=False, trace=False, init=cold), args.repeats
-            ),
+            timed(lambda: analyze(model, loss_fn, batch, smallest=False, trace=False, init=cold)),
         )
     )
 
     lines = [
         f"lightning_hessian {lightning_hessian.__version__}, torch {torch.__version__}, "
-        f"Python {platform.python_version()}, {platform.machine()}, {torch.get_num_threads()} threads; "
-        f"model {sum(p.numel() for p in params)} parameters, {len(blocks)} blocks, batch 16 x 32 tokens; "
-        f"median of {args.repeats}.",
+        f"Python {platform.python_version()}, {platform.machine()}, {_device_name(device)}, "
+        f"{torch.get_num_threads()} threads; {args.layers}-layer model, {sum(p.numel() for p in params)} "
+        f"parameters, {len(blocks)} blocks, batch {args.batch_size} x 32 tokens; median of {args.repeats}.",
         "",
         "| operation | seconds | / gradient |",
         "|---|---:|---:|",
@@ -127,6 +143,12 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")
     print(f"\nwritten to {args.out}", file=sys.stderr)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return "CPU"
 
 
 if __name__ == "__main__":

@@ -382,8 +382,11 @@ class CurvatureOperator:
         dtype: compute dtype (e.g. ``torch.float64``); ``None`` keeps the parameters' dtype. Floating inputs
             in the batches are cast to it.
         batching: how several vectors of one block are multiplied: ``"loop"`` (one backward per vector) or
-            ``"vmap"`` (one ``is_grads_batched`` backward for all). ``"auto"`` picks ``"loop"``, the faster on
-            CPU in ``benchmarks/bench_operators.py``. Gauss-Newton products always loop.
+            ``"vmap"`` (one ``is_grads_batched`` backward for all; its memory grows with the number of
+            vectors). ``"auto"`` picks, per call, what ``benchmarks/bench_operators.py`` measured to be
+            faster: ``"vmap"`` for several vectors on a CUDA device without ``chunk_size`` (3-5x faster for
+            8 vectors per block on an H100), ``"loop"`` otherwise (on CPU the loop was as fast or faster, and
+            for one vector always). Gauss-Newton products always loop.
         split: also prepare the Gauss-Newton graphs, so that :meth:`using` can switch between all three
             curvatures on one forward pass (``loss_fn`` must then return ``(loss, output)``).
         reduce: for data split over processes: a function that sums a tensor over all processes and
@@ -435,7 +438,8 @@ class CurvatureOperator:
             )
         self.blocks = tuple(blocks)
         self.curvature = curvature
-        self.batching = "loop" if batching == "auto" else batching
+        self.batching = batching
+        self._vmap_failed = False
         self.sizes = tuple(block.numel for block in self.blocks)
         self.block_matvecs = [0] * len(self.blocks)
         self.block_seconds = [0.0] * len(self.blocks)
@@ -626,14 +630,26 @@ class CurvatureOperator:
 
     # --- products ---------------------------------------------------------------------------------------
 
+    def _vmap(self, columns: int) -> bool:
+        """Whether to multiply ``columns`` vectors of a block with one batched backward."""
+        if self.batching != "auto":
+            return self.batching == "vmap"
+        on_gpu = self.device.type == "cuda" and self.chunk_size is None
+        return columns > 1 and on_gpu and not self._vmap_failed
+
     def _hessian(self, graph: _Graph, block: Block, columns: Tensor) -> Tensor:
         names = block.params
         leaves = [self._leaves[n] for n in names]
         grads = [graph.grads[n] for n in names]
         vectors = self._scatter(block, columns)
-        if self.batching == "vmap":
-            result = _grad(grads, leaves, [vectors[n] for n in names], batched=True)
-            return self._gather(block, dict(zip(names, result)))
+        if self._vmap(columns.shape[1]):
+            try:
+                result = _grad(grads, leaves, [vectors[n] for n in names], batched=True)
+                return self._gather(block, dict(zip(names, result)))
+            except RuntimeError:  # out of memory (m graphs at once) or an op without a batching rule
+                if self.batching != "auto":
+                    raise
+                self._vmap_failed = True  # "auto" falls back to the loop, for good
         products = []
         for j in range(columns.shape[1]):
             # The vector enters as the backward's grad_outputs: no extra products or sums in the graph.

@@ -10,6 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_hessian import Batches, CurvatureOperator, find_blocks
 from lightning_hessian._context import curvature_context
+from lightning_hessian.operators import map_tensors
 
 FAMILIES = ["encoder", "mha", "vit", "nanogpt", "gpt2", "bert", "llama"]
 
@@ -112,6 +113,67 @@ def test_vmap_batching_equals_loop():
         loop = CurvatureOperator(model, loss_fn, batch, blocks, batching="loop").matmat(vectors)
         vmap = CurvatureOperator(model, loss_fn, batch, blocks, batching="vmap").matmat(vectors)
     for a, b in zip(loop, vmap):
+        assert_close_matrix(b, a, 1e-12)
+
+
+def test_auto_batching_picks_vmap_only_where_it_was_measured_faster():
+    """``batching="auto"``: one batched backward for several vectors on CUDA, a loop on CPU, for one vector
+    and under ``chunk_size`` (vmap's memory grows with the vectors)."""
+    model = make_model("encoder", torch.float64)
+    batch = make_batch("encoder", dtype=torch.float64)
+    blocks = find_blocks(model)[:2]
+    with curvature_context(model):
+        op = CurvatureOperator(model, loss_fn, batch, blocks)
+        chunked = CurvatureOperator(model, loss_fn, batch, blocks, chunk_size=2)
+        forced = CurvatureOperator(model, loss_fn, batch, blocks, batching="vmap")
+    assert op.batching == "auto" and not op._vmap(1) and not op._vmap(8)  # CPU
+    assert forced._vmap(1) and forced._vmap(8)
+    op.device = chunked.device = torch.device("cuda")  # the decision only; no product is run
+    assert op._vmap(2) and op._vmap(8) and not op._vmap(1)
+    assert not chunked._vmap(8)
+
+
+def test_auto_batching_falls_back_to_the_loop_when_vmap_fails(monkeypatch):
+    """An out-of-memory error (vmap holds all vectors' graphs at once) or a missing batching rule: "auto"
+    recomputes with the loop and keeps looping; an explicit "vmap" raises."""
+    import lightning_hessian.operators as operators
+
+    model = make_model("encoder", torch.float64)
+    batch = make_batch("encoder", dtype=torch.float64)
+    blocks = find_blocks(model)[:2]
+    columns = torch.randn(blocks[0].numel, 3, dtype=torch.float64)
+    real_grad = operators._grad
+
+    def failing_when_batched(*args, batched=False, **kwargs):
+        if batched:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_grad(*args, **kwargs)
+
+    with curvature_context(model):
+        op = CurvatureOperator(model, loss_fn, batch, blocks)
+        forced = CurvatureOperator(model, loss_fn, batch, blocks, batching="vmap")
+        loop = CurvatureOperator(model, loss_fn, batch, blocks, batching="loop")
+        expected = loop._hessian(loop._graph, blocks[0], columns)
+        monkeypatch.setattr(operators, "_grad", failing_when_batched)
+        op.device = torch.device("cuda")  # as if on a GPU: "auto" tries vmap first
+        assert op._vmap(3)
+        got = op._hessian(op._graph, blocks[0], columns)
+        assert not op._vmap(3)  # for good
+        with pytest.raises(torch.OutOfMemoryError):
+            forced._hessian(forced._graph, blocks[0], columns)
+    assert_close_matrix(got, expected, 1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_batching_on_cuda_equals_the_loop():
+    model = make_model("nanogpt", torch.float64).cuda()
+    batch = map_tensors(make_batch("nanogpt", dtype=torch.float64), lambda t: t.cuda())
+    blocks = find_blocks(model)
+    vectors = [torch.randn(b.numel, 3, dtype=torch.float64, device="cuda") for b in blocks]
+    with curvature_context(model):
+        auto = CurvatureOperator(model, loss_fn, batch, blocks).matmat(vectors)
+        loop = CurvatureOperator(model, loss_fn, batch, blocks, batching="loop").matmat(vectors)
+    for a, b in zip(loop, auto):
         assert_close_matrix(b, a, 1e-12)
 
 
