@@ -749,10 +749,13 @@ def task_blocks(
         cl_choice = top.best_or_tightest("curvlinops: eigsh")
         params = dict(model.named_parameters())
 
-        def he_one(name: str) -> tuple[float, int]:
+        def he_one(name: str, lanczos_steps: int | None = None) -> tuple[float, int]:
             op, meter = metered_eigenthings(
                 he.HessianOperator(model, [batch], loss_fn, param_filter=he.match_names(name))
             )
+            if lanczos_steps is not None:
+                value = he.lanczos(op, k=1, max_iter=min(lanczos_steps, op.size), which="LA", seed=0)
+                return value.eigenvalues[0].item(), meter.count
             if he_choice.config.family == "eigenthings: power":
                 value = he.power_iteration_one(op, tol=he_choice.config.params["tol"], max_iter=1000, seed=0)[
                     0
@@ -771,41 +774,65 @@ def task_blocks(
             value = eigsh(op, k=1, which="LA", tol=tol, ncv=ncv, v0=v0, return_eigenvectors=False)[0]
             return float(value), meter.count
 
-        for tool, one, choice in (
-            ("hessian-eigenthings", he_one, he_choice),
-            ("curvlinops", cl_one, cl_choice),
-        ):
+        def per_tensor_run(tool: str, one: Callable[[str], tuple[float, int]], label: str) -> float:
+            """Run ``one`` on every tensor; add the row; return the worst relative error."""
             unit.sample()
             values, products, seconds = {}, {}, {}
             for name in names:
                 seconds[name], (values[name], products[name]) = timed(lambda one=one, name=name: one(name))
-            per_tensor[tool] = (seconds, products)
-            total = sum(seconds.values())
-            method = choice.config.family.split(": ")[1]
-            label = f"{tool}: {nt} per-tensor operators, {method} {choice.config.label}"
+            per_tensor.setdefault(tool, (seconds, products))  # the profile shows the task-1 choice
+            totals[label] = sum(seconds.values())
+            error = errors[label] = max_error(values, ref_tensors)
             peer_rows.append(
                 [
                     label,
-                    f"{total:.3f}",
-                    f"{total / nt * 1e3:.1f}",
-                    f"{total / g:.1f}",
+                    f"{totals[label]:.3f}",
+                    f"{totals[label] / nt * 1e3:.1f}",
+                    f"{totals[label] / g:.1f}",
                     f"{sum(products.values())}",
-                    fmt(max_error(values, ref_tensors)),
+                    fmt(error),
                 ]
             )
+            return error
+
+        totals: dict[str, float] = {}
+        errors: dict[str, float] = {}
+        for tool, one, choice in (
+            ("hessian-eigenthings", he_one, he_choice),
+            ("curvlinops", cl_one, cl_choice),
+        ):
+            method = choice.config.family.split(": ")[1]
+            label = f"{tool}: {nt} per-tensor operators, {method} {choice.config.label}"
+            error = per_tensor_run(tool, one, label)
+            if tool == "hessian-eigenthings":
+                task1_label = he_label = label
+                he_error = error
+                # Task 1's choice was accurate on the whole model; per tensor it may not be. The target
+                # compares accurate with accurate: more Lanczos steps until every tensor is within 1e-4.
+                for steps in (15, 20, 30, 40):
+                    if he_error <= ACCURACY:
+                        break
+                    he_label = f"{tool}: {nt} per-tensor operators, lanczos k=1, max_iter={steps}, LA"
+                    he_error = per_tensor_run(tool, lambda n, s=steps: he_one(n, s), he_label)
         unit.sample()
         g = unit.seconds
-        he_total = sum(per_tensor["hessian-eigenthings"][0].values())
-        ours_tensors, ours_tuned = measured["tensors"][2][0], measured["tuned tensors"][2][0]
+        he_total = totals[he_label]
+        ours_tensors, ours_tuned = measured["tensors"][2], measured["tuned tensors"][2]
+        ours_best = min((m for m in (ours_tensors, ours_tuned) if m[2] <= ACCURACY), default=ours_tensors)
         cold_per_block, warm_per_block = measured["cold"][2][0] / nb, measured["warm"][2][0] / nb
+        he_accurate = he_error <= ACCURACY
         targets.append(
             (
                 f"task 2 ({spec.name}): ≥ 5x faster than hessian-eigenthings per block",
-                he_total / ours_tensors >= 5,
-                f"the same {nt} per-tensor blocks: eigenthings {he_total:.2f} s vs ours {ours_tensors:.2f} s "
-                f"(tol=1e-4) → {he_total / ours_tensors:.1f}x; ours at tol={tuned:g}: "
-                f"{he_total / ours_tuned:.1f}x. Per block against ours on our own {nb} blocks: "
-                f"{he_total / nt / cold_per_block:.1f}x cold, {he_total / nt / warm_per_block:.1f}x warm",
+                he_total / ours_best[0] >= 5 if he_accurate else "tie",
+                f"the same {nt} per-tensor blocks, both accurate to {ACCURACY:g}"
+                f"{'' if he_accurate else ' (eigenthings never was: its most accurate run compared)'}: "
+                f"eigenthings ({he_label.split(', ', 1)[1]}) {he_total:.2f} s, error {he_error:.1e}, vs ours "
+                f"{ours_best[0]:.2f} s, error {ours_best[2]:.1e} → {he_total / ours_best[0]:.1f}x "
+                f"(ours at tol=1e-4: {he_total / ours_tensors[0]:.1f}x; against task 1's eigenthings choice, "
+                f"error {errors[task1_label]:.1e}: {totals[task1_label] / ours_best[0]:.1f}x). Per "
+                f"block against ours on our own {nb} blocks: {he_total / nt / cold_per_block:.1f}x cold, "
+                f"{he_total / nt / warm_per_block:.1f}x warm",
             )
         )
         notes.append(
