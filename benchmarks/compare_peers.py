@@ -98,6 +98,7 @@ except ImportError as error:  # pragma: no cover - a message, not a crash
     ) from error
 
 ACCURACY = 1e-4  # the issue's target relative error for top eigenvalues
+LOOSER_TOLS = (1e-2, 3e-2)  # task 2: ours per tensor at these too, so that ours gets its fastest accurate tol
 PEERS = ("pyhessian", "hessian-eigenthings", "curvlinops-for-pytorch", "scipy")
 CE = nn.CrossEntropyLoss()  # the same mean cross-entropy as loss_fn, for the peers that take a criterion
 
@@ -707,6 +708,9 @@ def task_blocks(
         if peers:
             runs["tensors"].append(timed(lambda seed=seed: ours(model, tensors, seed)))
             runs["tuned tensors"].append(timed(lambda seed=seed: ours(model, tensors, seed, tuned)))
+            for tol in LOOSER_TOLS:
+                key = f"tensors {tol:g}"
+                runs.setdefault(key, []).append(timed(lambda seed=seed, t=tol: ours(model, tensors, seed, t)))
     unit.sample()
 
     def summary(key: str, reference: dict[str, float]) -> tuple[float, float, float]:
@@ -726,6 +730,7 @@ def task_blocks(
         "tensors": ref_tensors,
         "tuned warm": ref_stepped,
         "tuned tensors": ref_tensors,
+        **{f"tensors {tol:g}": ref_tensors for tol in LOOSER_TOLS},
         "whole": {"model": top.reference},
         "tuned whole": {"model": top.reference},
     }
@@ -736,6 +741,7 @@ def task_blocks(
         "tensors": (f"ours: cold, the peers' {nt} per-tensor blocks", nt),
         "tuned warm": (f"ours: warm after the step, tol={tuned:g} (task 1's choice)", nb),
         "tuned tensors": (f"ours: cold, {nt} per-tensor blocks, tol={tuned:g}", nt),
+        **{f"tensors {t:g}": (f"ours: cold, {nt} per-tensor blocks, tol={t:g}", nt) for t in LOOSER_TOLS},
         "whole": ("ours: whole model, tol=1e-4", 1),
         "tuned whole": (f"ours: whole model, tol={tuned:g}", 1),
     }
@@ -823,8 +829,11 @@ def task_blocks(
         unit.sample()
         g = unit.seconds
         he_total = totals[he_label]
-        ours_tensors, ours_tuned = measured["tensors"][2], measured["tuned tensors"][2]
-        ours_best = min((m for m in (ours_tensors, ours_tuned) if m[2] <= ACCURACY), default=ours_tensors)
+        ours_tensors = measured["tensors"][2]
+        accurate = [k for k in measured if k == "tuned tensors" or k.startswith("tensors")]
+        accurate = [k for k in accurate if measured[k][2][2] <= ACCURACY] or ["tensors"]
+        best_key = min(accurate, key=lambda k: measured[k][2][0])
+        ours_best = measured[best_key][2]
         cold_per_block, warm_per_block = measured["cold"][2][0] / nb, measured["warm"][2][0] / nb
         he_accurate = he_error <= ACCURACY
         targets.append(
@@ -834,7 +843,8 @@ def task_blocks(
                 f"the same {nt} per-tensor blocks, both accurate to {ACCURACY:g}"
                 f"{'' if he_accurate else ' (eigenthings never was: its most accurate run compared)'}: "
                 f"eigenthings ({he_label.split(', ', 1)[1]}) {he_total:.2f} s, error {he_error:.1e}, vs ours "
-                f"{ours_best[0]:.2f} s, error {ours_best[2]:.1e} → {he_total / ours_best[0]:.1f}x "
+                f"({measured[best_key][0].split(', ')[-1]}) {ours_best[0]:.2f} s, error {ours_best[2]:.1e} → "
+                f"{he_total / ours_best[0]:.1f}x "
                 f"(ours at tol=1e-4: {he_total / ours_tensors[0]:.1f}x; against task 1's eigenthings choice, "
                 f"error {errors[task1_label]:.1e}: {totals[task1_label] / ours_best[0]:.1f}x). Per "
                 f"block against ours on our own {nb} blocks: {he_total / nt / cold_per_block:.1f}x cold, "
