@@ -687,6 +687,7 @@ def task_blocks(
         "tensors": [],
         "tuned warm": [],
         "tuned tensors": [],
+        **{f"tensors {t:g}": [] for t in LOOSER_TOLS},
         "whole": [],
         "tuned whole": [],
     }
@@ -709,8 +710,7 @@ def task_blocks(
             runs["tensors"].append(timed(lambda seed=seed: ours(model, tensors, seed)))
             runs["tuned tensors"].append(timed(lambda seed=seed: ours(model, tensors, seed, tuned)))
             for tol in LOOSER_TOLS:
-                key = f"tensors {tol:g}"
-                runs.setdefault(key, []).append(timed(lambda seed=seed, t=tol: ours(model, tensors, seed, t)))
+                runs[f"tensors {tol:g}"].append(timed(lambda seed=seed, t=tol: ours(model, tensors, seed, t)))
     unit.sample()
 
     def summary(key: str, reference: dict[str, float]) -> tuple[float, float, float]:
