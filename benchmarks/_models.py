@@ -17,7 +17,9 @@ hessian-eigenthings) and as ``criterion(outputs, targets)`` / an ``nn.CrossEntro
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,25 @@ class Classifier(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(self.embed(tokens)).mean(1))
+
+
+def reference_batch(
+    batch_size: int = 16, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch for ``Classifier()``: ``batch_size`` sequences of 32 tokens and their labels (draws
+    from torch's global generator: seed it first)."""
+    return (
+        torch.randint(0, 50, (batch_size, 32), device=device),
+        torch.randint(0, 10, (batch_size,), device=device),
+    )
+
+
+def publish(text: str, out: Path) -> None:
+    """Print a benchmark's Markdown result and write it to ``out`` (creating its folder)."""
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    print(f"\nwritten to {out}", file=sys.stderr)
 
 
 def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-from _models import Classifier, loss_fn
+from _models import Classifier, loss_fn, publish, reference_batch
 from torch.func import functional_call, grad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -56,7 +55,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = Classifier().eval()
-    batch = (torch.randint(0, 50, (16, 32)), torch.randint(0, 10, (16,)))
+    batch = reference_batch()
     names = [name for name, _ in model.named_parameters()]
     leaves = list(model.parameters())
     params = {name: p.detach() for name, p in model.named_parameters()}
@@ -123,11 +122,7 @@ def main() -> None:
         "",
         f"Double backward through a `torch.compile`d module: {refused}.",
     ]
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    print(f"\nwritten to {args.out}", file=sys.stderr)
+    publish("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

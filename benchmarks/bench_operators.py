@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-from _models import Classifier, loss_fn
+from _models import Classifier, loss_fn, publish, reference_batch
 
 import lightning_hessian
 from lightning_hessian import CurvatureOperator, analyze, find_blocks, model_block
@@ -68,10 +67,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = Classifier(layers=args.layers).to(device)
-    batch = (
-        torch.randint(0, 50, (args.batch_size, 32), device=device),
-        torch.randint(0, 10, (args.batch_size,), device=device),
-    )
+    batch = reference_batch(args.batch_size, device)
     params = [p for p in model.parameters() if p.requires_grad]
     blocks = find_blocks(model)
     rows: list[tuple[str, float]] = []
@@ -138,11 +134,7 @@ def main() -> None:
         "|---|---:|---:|",
         *[f"| {name} | {sec:.4f} | {sec / unit:.2f} |" for name, sec in rows],
     ]
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    print(f"\nwritten to {args.out}", file=sys.stderr)
+    publish("\n".join(lines), args.out)
 
 
 def _device_name(device: torch.device) -> str:

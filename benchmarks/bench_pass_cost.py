@@ -15,12 +15,11 @@ import argparse
 import copy
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-from _models import Classifier, loss_fn, one_optimizer_step
+from _models import Classifier, loss_fn, one_optimizer_step, publish, reference_batch
 
 import lightning_hessian
 from lightning_hessian import HessianMonitor, analyze
@@ -48,7 +47,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = Classifier()
-    batch = (torch.randint(0, 50, (16, 32)), torch.randint(0, 10, (16,)))
+    batch = reference_batch()
     stepped = one_optimizer_step(model, batch)
     defaults = {k: v for k, v in HessianMonitor()._analyze_kwargs.items() if k not in ("rules", "seed")}
 
@@ -100,11 +99,7 @@ def main() -> None:
         "starts from the previous pass, `warm_start=True`). A pass of the callback also draws its figures "
         "and, with `theory=True`, compares the attention theory (0.06 s on the demo).",
     ]
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    print(f"\nwritten to {args.out}", file=sys.stderr)
+    publish("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -281,8 +281,7 @@ def _check_loss(value: Any, index: int, need_output: bool) -> tuple[Tensor, Tens
     if not torch.isfinite(value).all():
         raise NonFiniteLossError(
             f"loss_fn returned {value.item()} on batch {index}; the curvature of a non-finite loss is "
-            "undefined."
-            " Check the batch and the model, or analyse another batch."
+            "undefined. Check the batch and the model, or analyse another batch."
         )
     if not value.requires_grad:
         raise ValueError(
