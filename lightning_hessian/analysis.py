@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -12,7 +13,16 @@ from torch import Tensor, nn
 from lightning_hessian._context import curvature_context
 from lightning_hessian.blocks import Block, FusedLayout, find_blocks, model_block
 from lightning_hessian.estimators import hutchpp, lanczos, slq
-from lightning_hessian.operators import CURVATURES, CurvatureOperator, LossFn, PreconditionedOperator
+from lightning_hessian.operators import (
+    CURVATURES,
+    Batches,
+    CurvatureOperator,
+    LossFn,
+    PreconditionedOperator,
+    as_batches,
+    find_tensors,
+    map_tensors,
+)
 from lightning_hessian.report import BlockCurvature, CurvatureReport
 
 __all__ = ["analyze"]
@@ -22,27 +32,51 @@ def _select_blocks(
     model: nn.Module,
     blocks: str | Sequence[Block | str] | None,
     rules: Mapping[str, str | FusedLayout] | None,
+    loss_fn: LossFn,
+    example: Any,
 ) -> list[Block]:
     if blocks is None:
         return []
-    if isinstance(blocks, str):
-        if blocks != "auto":
-            raise ValueError(
-                f'blocks must be "auto", None, or a list of Blocks / block names; got {blocks!r}.'
-            )
-        return find_blocks(model, rules)
-    found: dict[str, Block] | None = None
+    if isinstance(blocks, str) and blocks != "auto":
+        raise ValueError(f'blocks must be "auto", None, or a list of Blocks / block names; got {blocks!r}.')
+    if isinstance(blocks, str) or not all(isinstance(item, Block) for item in blocks):
+        found = _found_blocks(model, rules, loss_fn, example)
+        if isinstance(blocks, str):
+            return list(found)
     selected = []
     for item in blocks:
         if isinstance(item, Block):
             selected.append(item)
             continue
-        if found is None:
-            found = {b.name: b for b in find_blocks(model, rules)}
-        if item not in found:
-            raise ValueError(f"No block named {item!r}. Known blocks: {', '.join(found)}.")
-        selected.append(found[item])
+        known = {b.name: b for b in found}
+        if item not in known:
+            raise ValueError(f"No block named {item!r}. Known blocks: {', '.join(known)}.")
+        selected.append(known[item])
     return selected
+
+
+# find_blocks' answer per model, for repeated analyses (a monitor's passes): reading the layouts off the
+# attention costs a forward and a few backward passes. Keyed by what the answer depends on.
+_FOUND: weakref.WeakKeyDictionary[nn.Module, tuple[Any, list[Block]]] = weakref.WeakKeyDictionary()
+
+
+def _found_blocks(
+    model: nn.Module, rules: Mapping[str, str | FusedLayout] | None, loss_fn: LossFn, example: Any
+) -> list[Block]:
+    """``find_blocks`` with the layouts read off ``loss_fn`` on the example batch (cached per model)."""
+    device = next((p.device for p in model.parameters()), None)
+    example = map_tensors(example, lambda t: t.to(device)) if device is not None else example
+    key = (
+        tuple((name, p.shape, p.requires_grad) for name, p in model.named_parameters()),
+        None if rules is None else tuple((k, repr(v)) for k, v in rules.items()),
+        loss_fn,
+        tuple(t.shape for t in find_tensors(example)),
+    )
+    cached = _FOUND.get(model)
+    if cached is None or cached[0] != key:
+        cached = key, find_blocks(model, rules, example=example, loss_fn=loss_fn)
+        _FOUND[model] = cached
+    return list(cached[1])
 
 
 _STARTS = ("gradient", "random")
@@ -196,7 +230,9 @@ def analyze(
         float,
     )
 
-    selected = _select_blocks(model, blocks, rules)
+    batches = as_batches(data)
+    data = Batches(batches)
+    selected = _select_blocks(model, blocks, rules, loss_fn, batches[0])
     if full:
         selected.append(model_block(model))
     if not selected:

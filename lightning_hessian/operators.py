@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader
 
-from lightning_hessian.blocks import Block
+from lightning_hessian.blocks import Block, check_blocks
 
 __all__ = [
     "BATCHING",
@@ -450,6 +450,7 @@ class CurvatureOperator:
                 raise ValueError(f"Block parameter {name!r} is not a parameter of the model.")
             if not params[name].requires_grad:
                 raise ValueError(f"Block parameter {name!r} is frozen (requires_grad=False).")
+        check_blocks(self.blocks, model)
         devices = {params[name].device for name in needed}
         if len(devices) > 1:
             raise ValueError(f"The analysed parameters live on several devices {devices}; move them to one.")
@@ -606,26 +607,18 @@ class CurvatureOperator:
         offset = 0
         for part in block.parts:
             shape = self._shapes[part.param]
-            if part.param not in out:
-                out[part.param] = columns.new_zeros((m, *shape))
-            target = out[part.param]
-            if part.dim is not None:
-                target = target.narrow(part.dim + 1, part.start, part.stop - part.start)
-            n = target[0].numel()
-            target.copy_(columns[offset : offset + n].T.reshape(target.shape))
+            target = out.setdefault(part.param, columns.new_zeros((m, *shape)))
+            piece_shape = part.select(target, leading=1).shape
+            n = piece_shape[1:].numel()
+            part.assign(target, columns[offset : offset + n].T.reshape(piece_shape), leading=1)
             offset += n
         return out
 
     @staticmethod
     def _gather(block: Block, tensors: dict[str, Tensor]) -> Tensor:
         """Inverse of :meth:`_scatter`: per parameter (m, *shape) tensors -> (numel, m) block vectors."""
-        pieces = []
-        for part in block.parts:
-            t = tensors[part.param]
-            if part.dim is not None:
-                t = t.narrow(part.dim + 1, part.start, part.stop - part.start)
-            pieces.append(t.reshape(t.shape[0], -1))
-        return torch.cat(pieces, dim=1).T
+        pieces = [part.select(tensors[part.param], leading=1) for part in block.parts]
+        return torch.cat([p.reshape(p.shape[0], -1) for p in pieces], dim=1).T
 
     # --- products ---------------------------------------------------------------------------------------
 

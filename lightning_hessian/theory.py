@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 from . import tags
 from ._context import curvature_context
-from .blocks import Block, FusedLayout, _display, find_blocks
+from .blocks import Block, BlockPart, FusedLayout, _display, find_blocks
 from .formulas import attention as attn
 from .operators import as_batches, map_tensors
 from .report import CurvatureReport
@@ -271,7 +271,7 @@ def _projection(
     """A block's weight as ``d_in x d_out`` (the papers' orientation) and its bias."""
     weight = bias = None
     for part in block.parts:
-        t = part.narrow(params[part.param].detach())
+        t = part.select(params[part.param].detach())
         if t.dim() == 2 and weight is None:
             conv1d = type(modules.get(_owner(part.param))).__name__ == "Conv1D"  # HF's transposed Linear
             weight = t if part.dim == 1 or (part.dim is None and conv1d) else t.T
@@ -286,7 +286,11 @@ def _projection(
         head, _, tail = part.param.rpartition("weight")
         frozen = params.get(head + "bias" + tail) if part.param.endswith("weight") else None
         if frozen is not None and frozen.dim() == 1:
-            bias = frozen.detach() if part.dim is None else frozen.detach()[part.start : part.stop]
+            bias = (
+                frozen.detach()
+                if part.dim is None
+                else BlockPart.along(part.param, 0, part.indices).select(frozen.detach())
+            )
     return weight, bias
 
 
@@ -514,6 +518,11 @@ def compare_attention(
         raise ValueError(f"jacobian_samples must be a positive int, got {jacobian_samples!r}.")
     if target is not None and not callable(target):
         raise TypeError("target must be a callable target(batch) -> Tensor (batch, tokens, features).")
+    batches = as_batches(data)
+    if blocks is None:  # the layouts read off the attention, as analyze finds them
+        device = next(model.parameters()).device
+        example = map_tensors(batches[0], lambda t: t.to(device))
+        blocks = find_blocks(model, rules, example=example, loss_fn=loss_fn, warn=False)
     layers, skipped = find_attention_layers(model, blocks, rules)
     result = TheoryComparison(skipped=dict(skipped))
     if not layers:
@@ -529,7 +538,7 @@ def compare_attention(
         # No gradients; PyTorch's fused Transformer fast path (taken without gradients) would bypass the
         # attention modules and their hooks.
         with curvature_context(model, mode), torch.no_grad(), _no_mha_fastpath():
-            for batch in as_batches(data):
+            for batch in batches:
                 batch = map_tensors(batch, lambda t: t.to(device))  # the containers analyze accepts
                 before = {name: len(c.outputs) for name, c in captures.items()}
                 losses.append(_loss_value(loss_fn(model, batch)))

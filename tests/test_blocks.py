@@ -394,7 +394,22 @@ VARIANTS = [
     ("model.pooler.dense", "head", None),
     ("cls.predictions.transform.dense", "head", None),
     ("pre_classifier", "head", None),
-    ("blocks.0.ls1", "other", 0),  # LayerScale: known, so no warning
+    # LayerScale gains end their branch: counted with its output projection
+    ("blocks.0.ls1", "attn_out", 0),
+    ("blocks.0.ls2", "ffn_out", 0),
+    ("blocks.0.gamma_1", "attn_out", 0),
+    ("blocks.0.gamma_2", "ffn_out", 0),
+    # relative-position bias tables, distillation heads, litgpt MLPs, RoBERTa's classifier
+    ("layers.0.attn.relative_position_bias_table", "embedding", 0),
+    ("head_dist", "head", None),
+    ("transformer.h.0.mlp.fc", "ffn_in", 0),
+    ("transformer.h.0.mlp.fc_1", "ffn_in", 0),
+    ("transformer.h.0.mlp.fc_2", "ffn_in", 0),
+    ("transformer.h.0.mlp.proj", "ffn_out", 0),
+    ("classifier.out_proj", "head", None),
+    ("classifier.dense", "head", None),
+    ("layers.0.attn.q_bias", "query", 0),
+    ("layers.0.attn.v_bias", "value", 0),
 ]
 
 
@@ -527,17 +542,17 @@ def test_rule_giving_one_block_two_kinds_raises():
 
 
 def test_one_warning_lists_unrecognised_parameters():
-    model = _tree({"layers.0.attn.rel_pos": _linear(), "layers.0.mlp.fc1": _linear()})
+    model = _tree({"layers.0.attn.mystery": _linear(), "layers.0.mlp.fc1": _linear()})
     model.register_parameter("logit_scale", nn.Parameter(torch.ones(())))
     with pytest.warns(UserWarning) as record:
         blocks = find_blocks(model)
     assert len(record) == 1
     message = str(record[0].message)
-    assert "logit_scale, layers.0.attn.rel_pos.weight, layers.0.attn.rel_pos.bias." in message
+    assert "logit_scale, layers.0.attn.mystery.weight, layers.0.attn.mystery.bias." in message
     assert "rules=" in message and "fc1" not in message
     assert _summary(blocks) == [
         ("logit_scale", "other", None),
-        ("layers.0.attn.rel_pos", "other", 0),
+        ("layers.0.attn.mystery", "other", 0),
         ("layers.0.mlp.fc1", "ffn_in", 0),
     ]
 
