@@ -9,7 +9,15 @@ Quick start without Lightning::
 
 from lightning_hessian import estimators, formulas, tags, theory
 from lightning_hessian.analysis import analyze
-from lightning_hessian.blocks import KINDS, Block, BlockPart, FusedLayout, find_blocks, model_block
+from lightning_hessian.blocks import (
+    KINDS,
+    Block,
+    BlockPart,
+    FusedLayout,
+    describe_blocks,
+    find_blocks,
+    model_block,
+)
 from lightning_hessian.callback import HessianMonitor
 from lightning_hessian.operators import Batches, CurvatureOperator
 from lightning_hessian.report import BlockCurvature, CurvatureReport
@@ -31,6 +39,7 @@ __all__ = [
     "__version__",
     "analyze",
     "compare_attention",
+    "describe_blocks",
     "estimators",
     "find_blocks",
     "formulas",

@@ -33,6 +33,11 @@ def _call(
     return functional_call(_Apply(model, fn), {f"model.{k}": v for k, v in tensors.items()}, (batch,))
 
 
+def _rows(part: Any, length: int) -> list[int]:
+    """The indices a part selects along its dim, from its ranges (independent of the library's select)."""
+    return [i for start, stop in part.runs for i in range(start, stop) if i < length]
+
+
 def block_vector(model: nn.Module, block: Block) -> Tensor:
     """The block's current entries as a flat vector (the operators' ordering)."""
     params = dict(model.named_parameters())
@@ -40,7 +45,7 @@ def block_vector(model: nn.Module, block: Block) -> Tensor:
     for part in block.parts:
         t = params[part.param].detach()
         if part.dim is not None:
-            t = t.narrow(part.dim, part.start, part.stop - part.start)
+            t = t.index_select(part.dim, torch.tensor(_rows(part, t.shape[part.dim])))
         pieces.append(t.reshape(-1))
     return torch.cat(pieces)
 
@@ -56,14 +61,12 @@ def _substitute(model: nn.Module, block: Block, theta: Tensor) -> dict[str, Tens
             n = t.numel()
             tensors[part.param] = theta[offset : offset + n].reshape(t.shape)
         else:
-            length = part.stop - part.start
+            rows = torch.tensor(_rows(part, t.shape[part.dim]))
             piece_shape = list(t.shape)
-            piece_shape[part.dim] = length
+            piece_shape[part.dim] = len(rows)
             n = int(torch.Size(piece_shape).numel())
-            before = t.narrow(part.dim, 0, part.start)
-            after = t.narrow(part.dim, part.stop, t.shape[part.dim] - part.stop)
             piece = theta[offset : offset + n].reshape(piece_shape)
-            tensors[part.param] = torch.cat([before, piece, after], dim=part.dim)
+            tensors[part.param] = t.index_copy(part.dim, rows, piece)  # differentiable in the piece
         offset += n
     assert offset == theta.numel()
     return tensors
