@@ -40,7 +40,7 @@ def _select_blocks(
     if isinstance(blocks, str) and blocks != "auto":
         raise ValueError(f'blocks must be "auto", None, or a list of Blocks / block names; got {blocks!r}.')
     if isinstance(blocks, str) or not all(isinstance(item, Block) for item in blocks):
-        found = _found_blocks(model, rules, loss_fn, example)
+        found = cached_blocks(model, rules, loss_fn, example)
         if isinstance(blocks, str):
             return list(found)
     selected = []
@@ -60,10 +60,14 @@ def _select_blocks(
 _FOUND: weakref.WeakKeyDictionary[nn.Module, tuple[Any, list[Block]]] = weakref.WeakKeyDictionary()
 
 
-def _found_blocks(
+def cached_blocks(
     model: nn.Module, rules: Mapping[str, str | FusedLayout] | None, loss_fn: LossFn, example: Any
 ) -> list[Block]:
-    """``find_blocks`` with the layouts read off ``loss_fn`` on the example batch (cached per model)."""
+    """``find_blocks`` with the layouts read off ``loss_fn`` on one batch, cached per model.
+
+    The cache is keyed by what the answer depends on (parameter names, shapes and trainability, the rules,
+    the loss function and the batch's tensor shapes), so a monitor's passes infer the layouts once.
+    """
     device = next((p.device for p in model.parameters()), None)
     example = map_tensors(example, lambda t: t.to(device)) if device is not None else example
     key = (

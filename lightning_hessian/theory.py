@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from . import tags
 from ._context import curvature_context
+from .analysis import cached_blocks
 from .blocks import Block, BlockPart, FusedLayout, _display, find_blocks
 from .formulas import attention as attn
 from .operators import as_batches, map_tensors
@@ -520,9 +521,7 @@ def compare_attention(
         raise TypeError("target must be a callable target(batch) -> Tensor (batch, tokens, features).")
     batches = as_batches(data)
     if blocks is None:  # the layouts read off the attention, as analyze finds them
-        device = next(model.parameters()).device
-        example = map_tensors(batches[0], lambda t: t.to(device))
-        blocks = find_blocks(model, rules, example=example, loss_fn=loss_fn, warn=False)
+        blocks = cached_blocks(model, rules, loss_fn, batches[0])
     layers, skipped = find_attention_layers(model, blocks, rules)
     result = TheoryComparison(skipped=dict(skipped))
     if not layers:

@@ -53,3 +53,13 @@ def test_example_fast_mode(runs, script: str) -> None:
     assert ("val/acc" if "vit" in script else "val/loss") in found
     # Both models' attention layers are recognised: theory vs measured is logged next to the curvature.
     assert any(tag.startswith("theory/") and tag.endswith("attn.q/outer_ratio") for tag in found), found
+
+
+def test_describe_blocks_example() -> None:
+    pytest.importorskip("transformers")
+    command = [sys.executable, str(EXAMPLES / "describe_blocks.py")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "qkv_proj.weight[rows 32:40]" in result.stdout  # Phi-3's single key head, read off the attention
+    assert "query_key_value.weight[rows 0:8, 24:32, 48:56, 72:80]" in result.stdout  # GPT-NeoX per head
+    assert result.stdout.count("warning: find_blocks") == 2  # names only: both fused weights refused

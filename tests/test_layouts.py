@@ -258,3 +258,21 @@ def test_kinds_of_sequential_mlps_norm_gains_and_heads():
         "blocks.0.mlp.0": "ffn_in",
         "blocks.0.mlp.2": "ffn_out",
     }
+
+
+def test_interleaved_blocks_through_the_process_reduction():
+    """The DDP path (products summed over processes) on interleaved blocks: two equal processes."""
+    model, tokens = _entry("hf_gpt_neox_sdpa")
+    batch = {"input_ids": tokens["input_ids"]}
+
+    def loss_fn(m, b):
+        return m(**b).logits.pow(2).mean()
+
+    settings = dict(trace=False, smallest=False, tol=1e-8, max_iter=200)
+    alone = analyze(model, loss_fn, batch, **settings)
+    doubled = analyze(model, loss_fn, batch, reduce=lambda t: 2 * t, **settings)
+    for name in ("gpt_neox.layers.0.attention.q", "gpt_neox.layers.1.attention.v"):
+        assert alone.blocks[name].numel == 1056
+        assert doubled.blocks[name].top_eigenvalues[0] == pytest.approx(
+            alone.blocks[name].top_eigenvalues[0], rel=1e-6
+        )
