@@ -606,3 +606,17 @@ def criterion(output: Tensor, batch: Batch) -> Tensor:
 def loss_fn(model: nn.Module, batch: Batch) -> Tensor:
     """``criterion(forward_fn(model, batch), batch)``: the scalar loss."""
     return criterion(forward_fn(model, batch), batch)
+
+
+def tree(modules: dict[str, nn.Module]) -> nn.Module:
+    """A model holding ``modules`` at the given dotted paths (plain containers in between)."""
+    root = nn.Module()
+    for path, module in modules.items():
+        parent = root
+        *parents, leaf = path.split(".")
+        for name in parents:
+            if name not in parent._modules:
+                parent.add_module(name, nn.Module())
+            parent = parent._modules[name]
+        parent.add_module(leaf, module)
+    return root

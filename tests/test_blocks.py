@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from _models import MODELS, RMSNorm, forward_fn, make_batch, make_model
+from _models import MODELS, RMSNorm, forward_fn, make_batch, make_model, tree
 from torch import nn
 
 from lightning_hessian.blocks import KINDS, Block, BlockPart, FusedLayout, find_blocks, model_block
@@ -28,20 +28,6 @@ def _find(model: nn.Module, **kwargs) -> list[Block]:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         return find_blocks(model, **kwargs)
-
-
-def _tree(modules: dict[str, nn.Module]) -> nn.Module:
-    """A model holding ``modules`` at the given dotted paths (plain containers in between)."""
-    root = nn.Module()
-    for path, module in modules.items():
-        parent = root
-        *parents, leaf = path.split(".")
-        for name in parents:
-            if name not in parent._modules:
-                parent.add_module(name, nn.Module())
-            parent = parent._modules[name]
-        parent.add_module(leaf, module)
-    return root
 
 
 def _rows(block: Block, param: str) -> tuple[int | None, int, int]:
@@ -415,7 +401,7 @@ VARIANTS = [
 
 @pytest.mark.parametrize(("path", "kind", "layer"), VARIANTS)
 def test_naming_variants(path, kind, layer):
-    (block,) = _find(_tree({path: _linear()}))
+    (block,) = _find(tree({path: _linear()}))
     assert (block.name, block.kind, block.layer) == (path, kind, layer)
 
 
@@ -429,12 +415,12 @@ def test_naming_variants(path, kind, layer):
     ],
 )
 def test_class_names_resolve_ambiguous_names(modules, kind):
-    (block,) = _find(_tree(modules))
+    (block,) = _find(tree(modules))
     assert block.kind == kind
 
 
 def test_fused_key_value():
-    blocks = _find(_tree({"layers.0.cross.kv": nn.Linear(4, 8)}))
+    blocks = _find(tree({"layers.0.cross.kv": nn.Linear(4, 8)}))
     assert _summary(blocks) == [("layers.0.cross.k", "key", 0), ("layers.0.cross.v", "value", 0)]
     assert _rows(blocks[1], "layers.0.cross.kv.weight") == (0, 4, 8)
 
@@ -444,7 +430,7 @@ def test_fused_key_value():
 
 def _gqa_model() -> nn.Module:
     """A fused grouped-query projection: 16 query rows, 8 key rows, 8 value rows (32: not a 3-way split)."""
-    return _tree({"layers.0.attn.wqkv": nn.Linear(16, 32), "layers.0.attn.o_proj": nn.Linear(16, 16)})
+    return tree({"layers.0.attn.wqkv": nn.Linear(16, 32), "layers.0.attn.o_proj": nn.Linear(16, 16)})
 
 
 def test_fused_projection_that_does_not_split_warns():
@@ -484,7 +470,7 @@ def test_rules_take_precedence_and_first_match_wins():
 
 
 def test_rule_to_other_silences_the_warning():
-    model = _tree({"layers.0.attn.rel_pos": _linear(), "layers.0.attn.q": _linear()})
+    model = tree({"layers.0.attn.rel_pos": _linear(), "layers.0.attn.q": _linear()})
     blocks = _find(model, rules={"rel_pos": "other"})
     assert _summary(blocks) == [("layers.0.attn.rel_pos", "other", 0), ("layers.0.attn.q", "query", 0)]
 
@@ -524,7 +510,7 @@ def test_invalid_fused_layout(kwargs, message):
 def test_fused_layout_accepts_lists_and_repeated_kinds_with_names():
     layout = FusedLayout(["ffn_in", "ffn_in"], [3, 5], names=["gate", "up"])
     assert layout.sizes == (3, 5) and layout.suffixes == ("gate", "up")
-    blocks = _find(_tree({"layers.0.mlp.gate_up": nn.Linear(4, 8)}), rules={"gate_up": layout})
+    blocks = _find(tree({"layers.0.mlp.gate_up": nn.Linear(4, 8)}), rules={"gate_up": layout})
     assert _summary(blocks) == [("layers.0.mlp.gate", "ffn_in", 0), ("layers.0.mlp.up", "ffn_in", 0)]
 
 
@@ -542,7 +528,7 @@ def test_rule_giving_one_block_two_kinds_raises():
 
 
 def test_one_warning_lists_unrecognised_parameters():
-    model = _tree({"layers.0.attn.mystery": _linear(), "layers.0.mlp.fc1": _linear()})
+    model = tree({"layers.0.attn.mystery": _linear(), "layers.0.mlp.fc1": _linear()})
     model.register_parameter("logit_scale", nn.Parameter(torch.ones(())))
     with pytest.warns(UserWarning) as record:
         blocks = find_blocks(model)
@@ -558,7 +544,7 @@ def test_one_warning_lists_unrecognised_parameters():
 
 
 def test_warning_is_truncated_and_can_be_disabled():
-    model = _tree({f"stack.{i}.mystery": nn.Linear(2, 2, bias=False) for i in range(15)})
+    model = tree({f"stack.{i}.mystery": nn.Linear(2, 2, bias=False) for i in range(15)})
     with pytest.warns(
         UserWarning, match=r"15 trainable.*stack\.9\.mystery\.weight, \.\.\. \(5 more\)"
     ) as record:

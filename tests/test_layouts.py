@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _dense import dense_hessian
+from _models import tree
 from _zoo import VOCAB, ZOO
 from torch import nn
 
@@ -195,23 +196,10 @@ def test_cross_attention_and_layers_in_an_encoder_decoder():
     assert layers["shared"] is None
 
 
-def _tree(paths: dict[str, nn.Module]) -> nn.Module:
-    root = nn.Module()
-    for path, module in paths.items():
-        parent = root
-        *parents, leaf = path.split(".")
-        for name in parents:
-            if name not in parent._modules:
-                parent.add_module(name, nn.Module())
-            parent = parent._modules[name]
-        parent.add_module(leaf, module)
-    return root
-
-
 def _layers(paths: list[str]) -> dict[str, int | None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return {b.name: b.layer for b in find_blocks(_tree({p: nn.Linear(4, 4) for p in paths}))}
+        return {b.name: b.layer for b in find_blocks(tree({p: nn.Linear(4, 4) for p in paths}))}
 
 
 def test_layers_count_transformer_blocks_not_stages_or_sub_layers():
@@ -241,7 +229,7 @@ def test_layers_count_transformer_blocks_not_stages_or_sub_layers():
 
 
 def test_kinds_of_sequential_mlps_norm_gains_and_heads():
-    model = _tree(
+    model = tree(
         {
             "blocks.0.attn.q": nn.Linear(4, 4),
             "blocks.0.norm": nn.Module(),
