@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -20,7 +21,6 @@ from lightning_hessian.operators import (
     LossFn,
     PreconditionedOperator,
     as_batches,
-    find_tensors,
     map_tensors,
 )
 from lightning_hessian.report import BlockCurvature, CurvatureReport
@@ -34,13 +34,14 @@ def _select_blocks(
     rules: Mapping[str, str | FusedLayout] | None,
     loss_fn: LossFn,
     example: Any,
+    reduce: Callable[[Tensor], Tensor] | None,
 ) -> list[Block]:
     if blocks is None:
         return []
     if isinstance(blocks, str) and blocks != "auto":
         raise ValueError(f'blocks must be "auto", None, or a list of Blocks / block names; got {blocks!r}.')
     if isinstance(blocks, str) or not all(isinstance(item, Block) for item in blocks):
-        found = cached_blocks(model, rules, loss_fn, example)
+        found = cached_blocks(model, rules, loss_fn, example, reduce)
         if isinstance(blocks, str):
             return list(found)
     selected = []
@@ -56,31 +57,51 @@ def _select_blocks(
 
 
 # find_blocks' answer per model, for repeated analyses (a monitor's passes): reading the layouts off the
-# attention costs a forward and a few backward passes. Keyed by what the answer depends on.
+# attention costs a forward and a few backward passes. Keyed by what the answer depends on, and not by the
+# batch, so that every process of a distributed run hits or misses the cache together.
 _FOUND: weakref.WeakKeyDictionary[nn.Module, tuple[Any, list[Block]]] = weakref.WeakKeyDictionary()
 
 
 def cached_blocks(
-    model: nn.Module, rules: Mapping[str, str | FusedLayout] | None, loss_fn: LossFn, example: Any
+    model: nn.Module,
+    rules: Mapping[str, str | FusedLayout] | None,
+    loss_fn: LossFn,
+    example: Any,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> list[Block]:
     """``find_blocks`` with the layouts read off ``loss_fn`` on one batch, cached per model.
 
-    The cache is keyed by what the answer depends on (parameter names, shapes and trainability, the rules,
-    the loss function and the batch's tensor shapes), so a monitor's passes infer the layouts once.
+    The cache is keyed by the parameter names, shapes and trainability, the rules and the loss function,
+    so a monitor's passes infer the layouts once. If running ``loss_fn`` fails here, the blocks come from
+    the names alone (on every process, when ``reduce`` sums over processes) and the failure is left to
+    the curvature pass, which reports it with what to do.
     """
-    device = next((p.device for p in model.parameters()), None)
-    example = map_tensors(example, lambda t: t.to(device)) if device is not None else example
     key = (
         tuple((name, p.shape, p.requires_grad) for name, p in model.named_parameters()),
         None if rules is None else tuple((k, repr(v)) for k, v in rules.items()),
         loss_fn,
-        tuple(t.shape for t in find_tensors(example)),
     )
     cached = _FOUND.get(model)
-    if cached is None or cached[0] != key:
-        cached = key, find_blocks(model, rules, example=example, loss_fn=loss_fn)
-        _FOUND[model] = cached
-    return list(cached[1])
+    if cached is not None and cached[0] == key:
+        return list(cached[1])
+    device = next((p.device for p in model.parameters()), None)
+    try:
+        example = map_tensors(example, lambda t: t.to(device)) if device is not None else example
+        found, failed = find_blocks(model, rules, example=example, loss_fn=loss_fn), False
+    except Exception as error:
+        found, failed = None, True
+        warnings.warn(
+            f"find_blocks: running loss_fn on the first batch to read the query / key / value layouts off "
+            f"the attention failed ({type(error).__name__}: {error}); the blocks come from the names alone.",
+            UserWarning,
+            stacklevel=3,
+        )
+    if reduce is not None:
+        failed = bool(reduce(torch.tensor([float(failed)], device=device)).item())
+    if failed:
+        return find_blocks(model, rules)  # not cached: the next pass tries again
+    _FOUND[model] = key, found
+    return list(found)
 
 
 _STARTS = ("gradient", "random")
@@ -236,7 +257,7 @@ def analyze(
 
     batches = as_batches(data)
     data = Batches(batches)
-    selected = _select_blocks(model, blocks, rules, loss_fn, batches[0])
+    selected = _select_blocks(model, blocks, rules, loss_fn, batches[0], reduce)
     if full:
         selected.append(model_block(model))
     if not selected:

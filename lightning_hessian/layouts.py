@@ -8,7 +8,8 @@ call:
 
 * ``torch.nn.functional.scaled_dot_product_attention`` (Hugging Face's ``"sdpa"``, PyTorch 2 models),
 * ``torch.nn.functional.multi_head_attention_forward`` (:class:`torch.nn.MultiheadAttention`, whose
-  ``q, k, v`` are rebuilt with PyTorch's own in-projection helpers from the call's arguments),
+  ``q, k, v`` are internal to the function: its parameters are labelled by the function's documented
+  layout, and the call still tells self- from cross-attention),
 * plain attention: a ``matmul`` / ``bmm`` / ``baddbmm`` / ``einsum`` whose result goes through a
   ``softmax`` (with any scaling, masking, bias, dtype casts or dropout in between) into a second
   ``matmul``: its operands are the query and key, the second matmul's other operand the value
@@ -111,6 +112,7 @@ class _Capture(TorchFunctionMode):
         super().__init__()
         self.stack = stack
         self.calls: list[tuple[Tensor, Tensor, Tensor, str, tuple[str, ...]]] = []
+        self.modules: list[tuple[Tensor, Tensor, tuple[str, ...]]] = []  # nn.MultiheadAttention calls
         self._tags: dict[int, tuple[Tensor, _Tag]] = {}  # id -> (tensor kept alive, tag)
 
     def _tag(self, value: Any) -> _Tag | None:
@@ -137,8 +139,9 @@ class _Capture(TorchFunctionMode):
             named = dict(zip(("query", "key", "value"), args))
             named.update({k: kwargs[k] for k in ("query", "key", "value") if k in kwargs})
             self._record(named["query"], named["key"], named["value"], "sdpa")
-        elif func in _MHA:
-            self._record(*_mha_qkv(*args, **kwargs), "multi_head_attention")
+        elif func in _MHA:  # its q, k, v are internal: its documented layout labels the entries below
+            query, key = (args[i] if len(args) > i else kwargs[n] for i, n in ((0, "query"), (1, "key")))
+            self.modules.append((query, key, tuple(self.stack)))
         elif func in _MATMUL or func in _BADDBMM or func in _EINSUM:
             operands = _operands(func, args, kwargs)
             if operands is not None:
@@ -203,53 +206,34 @@ def _is_parameter_view(t: Tensor) -> bool:
     return type(node).__name__ == "AccumulateGrad"
 
 
-def _mha_qkv(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    embed_dim: int,
-    num_heads: int,
-    in_proj_weight: Tensor | None,
-    in_proj_bias: Tensor | None,
-    bias_k: Tensor | None,
-    bias_v: Tensor | None,
-    *args: Any,
-    **kwargs: Any,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The q, k, v that :func:`torch.nn.functional.multi_head_attention_forward` computes from its arguments.
+def _mha_labels(module: str, params: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """Role masks of an :class:`torch.nn.MultiheadAttention`'s parameters, from PyTorch's own layout.
 
-    Built with the same in-projection helpers PyTorch's function calls, so the dependence of each on the
-    projection parameters is the function's own.
+    ``F.multi_head_attention_forward`` takes rows ``[0, E)``, ``[E, 2E)``, ``[2E, 3E)`` of ``in_proj_weight``
+    / ``in_proj_bias`` for q, k, v (or the separate ``q/k/v_proj_weight``) and appends ``bias_k`` /
+    ``bias_v`` to k / v. Labelling from this contract, instead of re-running the in-projection, adds no
+    operation to the forward (activation checkpointing counts the saved tensors).
     """
-    names = (
-        "add_zero_attn",
-        "dropout_p",
-        "out_proj_weight",
-        "out_proj_bias",
-        "training",
-        "key_padding_mask",
-        "need_weights",
-        "attn_mask",
-        "use_separate_proj_weight",
-        "q_proj_weight",
-        "k_proj_weight",
-        "v_proj_weight",
-    )
-    options = dict(zip(names, args))
-    options.update(kwargs)
-    if options.get("use_separate_proj_weight", False):
-        w_q, w_k, w_v = (options[n] for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
-        b_q = b_k = b_v = None
-        if in_proj_bias is not None:
-            b_q, b_k, b_v = in_proj_bias.chunk(3)
-        q, k, v = F._in_projection(query, key, value, w_q, w_k, w_v, b_q, b_k, b_v)
-    else:
-        q, k, v = F._in_projection_packed(query, key, value, in_proj_weight, in_proj_bias)
-    if bias_k is not None:
-        k = torch.cat([k, bias_k.expand(1, *k.shape[1:])])
-    if bias_v is not None:
-        v = torch.cat([v, bias_v.expand(1, *v.shape[1:])])
-    return q, k, v
+    prefix = f"{module}." if module else ""
+    labels: dict[str, dict[str, Tensor]] = {}
+    for name, roles in (
+        ("in_proj_weight", ROLES),
+        ("in_proj_bias", ROLES),
+        ("q_proj_weight", ("query",)),
+        ("k_proj_weight", ("key",)),
+        ("v_proj_weight", ("value",)),
+        ("bias_k", ("key",)),
+        ("bias_v", ("value",)),
+    ):
+        param = params.get(prefix + name)
+        if param is None:
+            continue
+        rows = param.shape[0] // len(roles)
+        masks = labels.setdefault(prefix + name, {})
+        for i, role in enumerate(roles):
+            masks[role] = torch.zeros(param.shape, dtype=torch.bool)
+            masks[role][i * rows : (i + 1) * rows] = True
+    return labels
 
 
 @contextlib.contextmanager
@@ -308,6 +292,7 @@ def infer_layouts(model: nn.Module, forward: Callable[[nn.Module], Any], seed: i
     }
     names = {t: name for name, t in tensors.items() if t.requires_grad}
     state = {**tensors, **{name: b.detach().clone() for name, b in model.named_buffers()}}
+    modules = dict(model.named_modules())
     with curvature_context(model, "eval"), _module_stack(model) as stack, _Capture(stack) as capture:
         functional_call(_Forward(model, forward), {f"model.{k}": v for k, v in state.items()}, ())
     gen = torch.Generator().manual_seed(seed)
@@ -326,6 +311,16 @@ def infer_layouts(model: nn.Module, forward: Callable[[nn.Module], Any], seed: i
                 if g is not None and bool((g != 0).any()):
                     masks = labels.setdefault(names[p], {})
                     masks[role] = masks.get(role, torch.zeros(p.shape, dtype=torch.bool)) | (g != 0).cpu()
+    by_name = {name: t for t, name in names.items()}
+    for query, key, path in capture.modules:
+        module = next((p for p in reversed(path) if isinstance(modules.get(p), nn.MultiheadAttention)), None)
+        if module is None:
+            continue
+        owned = {t for n, t in by_name.items() if n.startswith(f"{module}." if module else "")}
+        same = query is key or _reached(query) - owned == _reached(key) - owned
+        calls.append(AttentionCall(module, same, "multi_head_attention"))
+        for name, masks in _mha_labels(module, by_name).items():
+            labels.setdefault(name, {}).update(masks)
     return Layouts({name: _layout(name, masks) for name, masks in labels.items()}, tuple(calls))
 
 
