@@ -255,8 +255,7 @@ def analyze(
         float,
     )
 
-    batches = as_batches(data)
-    data = Batches(batches)
+    batches = as_batches(data)  # read once (a DataLoader or iterator): the blocks' example and the pass
     selected = _select_blocks(model, blocks, rules, loss_fn, batches[0], reduce)
     if full:
         selected.append(model_block(model))
@@ -274,7 +273,7 @@ def analyze(
         op = CurvatureOperator(
             model,
             loss_fn,
-            data,
+            Batches(batches),
             selected,
             curvature=curvature,
             dtype=dtype,
