@@ -35,15 +35,17 @@ def _select_blocks(
     loss_fn: LossFn,
     example: Any,
     reduce: Callable[[Tensor], Tensor] | None,
-) -> list[Block]:
+) -> tuple[list[Block], str | None]:
+    """The blocks to analyse, and why the layouts could not be read off the attention (or ``None``)."""
     if blocks is None:
-        return []
+        return [], None
     if isinstance(blocks, str) and blocks != "auto":
         raise ValueError(f'blocks must be "auto", None, or a list of Blocks / block names; got {blocks!r}.')
+    problem = None
     if isinstance(blocks, str) or not all(isinstance(item, Block) for item in blocks):
-        found = cached_blocks(model, rules, loss_fn, example, reduce)
+        found, problem = cached_blocks(model, rules, loss_fn, example, reduce)
         if isinstance(blocks, str):
-            return list(found)
+            return list(found), problem
     selected = []
     for item in blocks:
         if isinstance(item, Block):
@@ -53,7 +55,7 @@ def _select_blocks(
         if item not in known:
             raise ValueError(f"No block named {item!r}. Known blocks: {', '.join(known)}.")
         selected.append(known[item])
-    return selected
+    return selected, problem
 
 
 # find_blocks' answer per model, for repeated analyses (a monitor's passes): reading the layouts off the
@@ -68,13 +70,17 @@ def cached_blocks(
     loss_fn: LossFn,
     example: Any,
     reduce: Callable[[Tensor], Tensor] | None = None,
-) -> list[Block]:
+) -> tuple[list[Block], str | None]:
     """``find_blocks`` with the layouts read off ``loss_fn`` on one batch, cached per model.
 
     The cache is keyed by the parameter names, shapes and trainability, the rules and the loss function,
     so a monitor's passes infer the layouts once. If running ``loss_fn`` fails here, the blocks come from
-    the names alone (on every process, when ``reduce`` sums over processes) and the failure is left to
-    the curvature pass, which reports it with what to do.
+    the names alone (on every process, when ``reduce`` sums over processes), nothing is cached, and the
+    failure is returned: the curvature pass then runs ``loss_fn`` itself and reports its error with what to
+    do, or, if it succeeds, the caller warns that the layouts were not read.
+
+    Returns:
+        The blocks, and why the layouts could not be read off the attention (``None`` when they were).
     """
     key = (
         tuple((name, p.shape, p.requires_grad) for name, p in model.named_parameters()),
@@ -83,25 +89,21 @@ def cached_blocks(
     )
     cached = _FOUND.get(model)
     if cached is not None and cached[0] == key:
-        return list(cached[1])
+        return list(cached[1]), None
     device = next((p.device for p in model.parameters()), None)
+    problem = None
     try:
         example = map_tensors(example, lambda t: t.to(device)) if device is not None else example
-        found, failed = find_blocks(model, rules, example=example, loss_fn=loss_fn), False
+        found = find_blocks(model, rules, example=example, loss_fn=loss_fn)
     except Exception as error:
-        found, failed = None, True
-        warnings.warn(
-            f"find_blocks: running loss_fn on the first batch to read the query / key / value layouts off "
-            f"the attention failed ({type(error).__name__}: {error}); the blocks come from the names alone.",
-            UserWarning,
-            stacklevel=3,
-        )
+        problem = f"{type(error).__name__}: {error}"
+    failed = problem is not None
     if reduce is not None:
         failed = bool(reduce(torch.tensor([float(failed)], device=device)).item())
     if failed:
-        return find_blocks(model, rules)  # not cached: the next pass tries again
+        return find_blocks(model, rules), problem or "it failed on another process"
     _FOUND[model] = key, found
-    return list(found)
+    return list(found), None
 
 
 _STARTS = ("gradient", "random")
@@ -256,7 +258,7 @@ def analyze(
     )
 
     batches = as_batches(data)  # read once (a DataLoader or iterator): the blocks' example and the pass
-    selected = _select_blocks(model, blocks, rules, loss_fn, batches[0], reduce)
+    selected, probe_problem = _select_blocks(model, blocks, rules, loss_fn, batches[0], reduce)
     if full:
         selected.append(model_block(model))
     if not selected:
@@ -282,6 +284,14 @@ def analyze(
             reduce=reduce,
             chunk_size=chunk_size,
         )
+        if probe_problem is not None:  # loss_fn works in the pass, so the probe's failure is ours to report
+            warnings.warn(
+                "analyze: reading the query / key / value layouts off the attention failed "
+                f"({probe_problem}); the blocks come from the names alone. Pass blocks= (e.g. "
+                "find_blocks(model, rules=...)) to choose them yourself.",
+                UserWarning,
+                stacklevel=2,
+            )
         if start == "gradient":
             starts = _gradient_starts(op, starts, seed)
         for r, eig in zip(

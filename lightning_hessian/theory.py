@@ -521,7 +521,7 @@ def compare_attention(
         raise TypeError("target must be a callable target(batch) -> Tensor (batch, tokens, features).")
     batches = as_batches(data)
     if blocks is None:  # the layouts read off the attention, as analyze finds them
-        blocks = cached_blocks(model, rules, loss_fn, batches[0])
+        blocks, _ = cached_blocks(model, rules, loss_fn, batches[0])
     layers, skipped = find_attention_layers(model, blocks, rules)
     result = TheoryComparison(skipped=dict(skipped))
     if not layers:

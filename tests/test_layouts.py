@@ -264,3 +264,21 @@ def test_interleaved_blocks_through_the_process_reduction():
         assert doubled.blocks[name].top_eigenvalues[0] == pytest.approx(
             alone.blocks[name].top_eigenvalues[0], rel=1e-6
         )
+
+
+def test_a_failing_layout_probe_falls_back_to_names_with_a_warning():
+    """The probe's failure is reported when the pass itself works (it is then the probe's fault)."""
+    model, tokens = _entry("hf_gpt_neox_sdpa")
+    calls = []
+
+    def flaky(m, batch):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("only the first call fails")
+        return m(**batch).logits.pow(2).mean()
+
+    with pytest.warns(UserWarning, match=r"layouts off the attention failed \(RuntimeError: only the first"):
+        report = analyze(model, flaky, tokens, trace=False, smallest=False, max_iter=3)
+    assert "gpt_neox.layers.0.attention.query_key_value" in report.blocks  # names only: left whole
+    again = analyze(model, flaky, tokens, trace=False, smallest=False, max_iter=3)  # the probe works now
+    assert "gpt_neox.layers.0.attention.q" in again.blocks
