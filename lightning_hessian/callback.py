@@ -95,7 +95,7 @@ def _check_data(data: Any) -> None:
     elif isinstance(data, Iterator):
         raise TypeError(
             "data is an iterator, which the first pass would use up: pass a list of batches or a DataLoader "
-            "(read afresh at every pass)."
+            "(read again at every pass)."
         )
     elif not isinstance(data, Iterable):
         raise TypeError(
@@ -140,7 +140,7 @@ def training_step_loss(module: nn.Module, batch: Any, batch_idx: int = 0) -> Ten
         out = out["loss"]
     if not isinstance(out, Tensor):
         raise TypeError(
-            f"training_step returned {type(out).__name__} for batch_idx={batch_idx}, not a loss tensor; "
+            f"training_step returned {type(out).__name__}, not a loss tensor (batch_idx={batch_idx}); "
             "pass loss_fn=lambda module, batch: ... to HessianMonitor."
         )
     return out
@@ -206,7 +206,8 @@ class HessianMonitor(Callback):
         early_steps: extra optimizer steps to measure at (curvature changes fastest early in training).
         at_end: measure once more at the end of training.
         data: ``"fixed"``, ``"current"``, or the curvature batches themselves: a sequence of batches, or a
-            DataLoader whose first ``num_batches`` batches are read afresh at every pass.
+            DataLoader whose first ``num_batches`` batches are read at every pass (with ``seed``: the same
+            ones).
         num_batches: with ``data="fixed"`` (or a DataLoader), how many batches to use.
         loss_fn: ``loss_fn(module, batch)`` returning the loss or ``(loss, output)``.
         blocks: ``"auto"`` (:func:`~lightning_hessian.find_blocks`), block names or ``Block`` objects, or

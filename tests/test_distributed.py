@@ -54,16 +54,16 @@ def _worker(rank: int, world: int, port: int, out: str, fail_on: int, fail_produ
             def fn(model, batch):
                 raise RuntimeError("broken on this process")
 
-        if rank == fail_product_on:  # out of memory in the middle of the products, at the 12th matmat call
-            products, calls = CurvatureOperator._products, [0]
+        if rank == fail_product_on:  # out of memory in the middle of the products, at the 12th one
+            product, calls = CurvatureOperator._product, [0]
 
-            def failing(self, jobs, results):
+            def failing(self, graph, block, columns):
                 calls[0] += 1
                 if calls[0] == 12:
                     raise torch.OutOfMemoryError("simulated out of memory at the 12th product call")
-                return products(self, jobs, results)
+                return product(self, graph, block, columns)
 
-            CurvatureOperator._products = failing
+            CurvatureOperator._product = failing
 
         try:
             report = analyze(model, fn, batch, reduce=_sum, **SETTINGS)

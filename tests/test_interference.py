@@ -445,14 +445,14 @@ def test_a_failing_product_with_a_reduce_still_makes_the_collective_call(monkeyp
 
     model = make_model("encoder", torch.float64)
     batch = make_batch("encoder", dtype=torch.float64)
-    original = CurvatureOperator._products
+    original = CurvatureOperator._product
 
-    def failing(self, jobs, results):
+    def failing(self, graph, block, columns):
         if len(calls) >= 3:
             raise torch.OutOfMemoryError("simulated")
-        return original(self, jobs, results)
+        return original(self, graph, block, columns)
 
-    monkeypatch.setattr(CurvatureOperator, "_products", failing)
+    monkeypatch.setattr(CurvatureOperator, "_product", failing)
     with pytest.raises(torch.OutOfMemoryError, match="simulated"):
         analyze(model, loss_fn, batch, reduce=reduce, blocks=None, full=True, trace=False)
     assert len(calls) >= 4  # the failing call still reduced
