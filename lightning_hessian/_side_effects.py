@@ -50,6 +50,14 @@ _SKIPPED = frozenset(
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None))
 
 
+def _version(tensor: Tensor) -> int | None:
+    """The tensor's in-place version counter; ``None`` for inference tensors, which have none."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
 def _is_metric(module: nn.Module) -> bool:
     return any(cls.__module__.startswith("torchmetrics") for cls in type(module).__mro__)
 
@@ -61,7 +69,7 @@ class _Saved:
 
     def __init__(self, value: Any) -> None:
         self.value = value
-        self.version = value._version if isinstance(value, Tensor) else None
+        self.version = _version(value) if isinstance(value, Tensor) else None
         if isinstance(value, Tensor):
             self.contents: Any = value.detach().clone()
         elif isinstance(value, list | dict | set):
@@ -75,7 +83,9 @@ class _Saved:
             both_immutable = isinstance(now, _IMMUTABLE) and isinstance(self.value, _IMMUTABLE)
             return not (both_immutable and type(now) is type(self.value) and now == self.value)
         if isinstance(now, Tensor):
-            return now._version != self.version
+            if self.version is None:  # an inference tensor cannot change in place outside inference mode
+                return False
+            return _version(now) != self.version
         if isinstance(now, list):
             return len(now) != len(self.contents) or any(a is not b for a, b in zip(now, self.contents))
         if isinstance(now, dict):
@@ -89,7 +99,7 @@ class _Saved:
     def restore(self) -> Any:
         """The original object with its original contents."""
         value = self.value
-        if isinstance(value, Tensor) and value._version != self.version:
+        if isinstance(value, Tensor) and self.version is not None and _version(value) != self.version:
             with torch.no_grad():
                 value.copy_(self.contents)
         elif isinstance(value, list):

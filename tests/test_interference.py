@@ -108,6 +108,24 @@ def test_training_step_side_effects_are_undone_and_reported_once(tmp_path):
     assert "acc." not in notes[0]  # torchmetrics states are put back silently
 
 
+def test_the_guard_puts_back_every_kind_of_change_and_names_it():
+    from lightning_hessian._side_effects import TrainingStepGuard
+
+    module = nn.Sequential(nn.Linear(2, 2))
+    with torch.inference_mode():
+        module.cache = torch.zeros(3)  # an inference tensor: no version counter
+    module.count, module.items, module[0].stats = 1, [1], torch.zeros(2)
+    with TrainingStepGuard(module) as guard:
+        module.count += 1
+        module.items.append(2)
+        module[0].stats += 1
+        module.new = 5
+        del module.cache
+    assert sorted(guard.changed) == ["0.stats", "cache", "count", "items", "new"]
+    assert module.count == 1 and module.items == [1] and not hasattr(module, "new")
+    assert torch.equal(module[0].stats, torch.zeros(2)) and torch.equal(module.cache, torch.zeros(3))
+
+
 # --- 3. a forward that writes to its weights ---------------------------------------------------------------
 
 
