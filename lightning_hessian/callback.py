@@ -8,26 +8,34 @@ numbers to the dashboard (:mod:`lightning_hessian.dashboard`) and the alert rule
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import random
 import re
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.seed import isolate_rng
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_hessian import tags
+from lightning_hessian._side_effects import TrainingStepGuard
 from lightning_hessian.alerts import Alert, AlertManager, AlertRule, PassRecord
-from lightning_hessian.analysis import analyze
-from lightning_hessian.blocks import Block, FusedLayout
+from lightning_hessian.analysis import analyze, check_settings
+from lightning_hessian.blocks import Block, FusedLayout, find_blocks
 from lightning_hessian.dashboard import CurvatureDashboard
 from lightning_hessian.formulas.stability import (
     adam_preconditioner,
@@ -35,7 +43,7 @@ from lightning_hessian.formulas.stability import (
     block_heterogeneity,
     sgd_threshold,
 )
-from lightning_hessian.operators import Batches, NonFiniteLossError
+from lightning_hessian.operators import Batches, NonFiniteLossError, PassFailedElsewhere
 from lightning_hessian.report import CurvatureReport
 from lightning_hessian.theory import TheoryComparison, compare_attention
 
@@ -76,6 +84,33 @@ def _to_cpu(batch: Any) -> Any:
     return apply_to_collection(batch, Tensor, lambda t: t.detach().cpu())
 
 
+def _check_data(data: Any) -> None:
+    """Refuse a ``data=`` that cannot give curvature batches at every pass, saying what works."""
+    if isinstance(data, str):
+        if data not in _DATA_MODES:
+            raise ValueError(f'data must be "fixed", "current", or the curvature batches; got {data!r}.')
+    elif isinstance(data, Sequence):
+        if len(data) == 0:
+            raise ValueError('data=[] holds no batches: pass at least one batch, or data="fixed".')
+    elif isinstance(data, Iterator):
+        raise TypeError(
+            "data is an iterator, which the first pass would use up: pass a list of batches or a DataLoader "
+            "(read again at every pass)."
+        )
+    elif not isinstance(data, Iterable):
+        raise TypeError(
+            f'data must be "fixed", "current", a list of batches or a DataLoader; got {type(data).__name__}.'
+        )
+
+
+def _is_rule_list(alerts: Any) -> bool:
+    return (
+        isinstance(alerts, Sequence)
+        and not isinstance(alerts, str)
+        and all(isinstance(rule, AlertRule) for rule in alerts)
+    )
+
+
 class _SilencedLogging:
     """Turns ``LightningModule.log`` / ``log_dict`` into no-ops, so a curvature pass logs nothing."""
 
@@ -90,13 +125,13 @@ class _SilencedLogging:
         del self.module.log, self.module.log_dict
 
 
-def training_step_loss(module: nn.Module, batch: Any) -> Tensor:
-    """The loss of ``module.training_step(batch, 0)`` with the module's logging silenced.
+def training_step_loss(module: nn.Module, batch: Any, batch_idx: int = 0) -> Tensor:
+    """The loss of ``module.training_step(batch, batch_idx)`` with the module's logging silenced.
 
     Accepts a ``training_step`` that returns the loss tensor or a dict with a ``"loss"`` entry.
     """
     with _SilencedLogging(module):
-        out = module.training_step(batch, 0)
+        out = module.training_step(batch, batch_idx)
     if isinstance(out, Mapping):
         if "loss" not in out:
             raise ValueError(
@@ -105,10 +140,23 @@ def training_step_loss(module: nn.Module, batch: Any) -> Tensor:
         out = out["loss"]
     if not isinstance(out, Tensor):
         raise TypeError(
-            f"training_step returned {type(out).__name__}, not a loss tensor; pass "
-            "loss_fn=lambda module, batch: ... to HessianMonitor."
+            f"training_step returned {type(out).__name__}, not a loss tensor (batch_idx={batch_idx}); "
+            "pass loss_fn=lambda module, batch: ... to HessianMonitor."
         )
     return out
+
+
+def _optimizer_steps(trainer: pl.Trainer, *, ending_batch: bool = True) -> int:
+    """The step axis Lightning logs the user's ``self.log`` metrics on: batches that stepped.
+
+    With automatic optimisation and one optimiser this is ``trainer.global_step``; with manual
+    optimisation and several optimisers ``global_step`` counts every ``optimizer.step()`` (twice per batch
+    for two), while Lightning's loggers count batches. In ``on_train_batch_end`` the current batch is
+    counted (once its gradient-accumulation window closes), as ``global_step`` already counts it.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    steps = loop._batches_that_stepped
+    return steps + 1 if ending_batch and not loop._should_accumulate() else steps
 
 
 class HessianMonitor(Callback):
@@ -127,13 +175,27 @@ class HessianMonitor(Callback):
 
     Curvature data: by default (``data="fixed"``) the first ``num_batches`` training batches are captured
     and reused at every pass, so that curves over time measure the change of the model, not of the batch;
-    they are saved in the callback's checkpoint state so a resumed run continues the same curves.
+    they are saved in the callback's checkpoint state so a resumed run continues the same curves. Every
+    pass of a curve uses the same data: a pass due before ``num_batches`` batches have been seen is skipped
+    with a warning (pass the batches yourself to measure that early), and a first epoch shorter than
+    ``num_batches`` makes every pass use the batches it had (with a warning; never repeated samples).
     ``data="current"`` uses the batch of the step that triggers the pass; a sequence of batches or a
-    ``DataLoader`` uses those.
+    ``DataLoader`` uses those (the loader's first ``num_batches`` batches are read at every pass with the
+    same random seed, so a shuffling loader gives the same batches, and the training's random streams are
+    left alone).
 
     Loss: ``loss_fn(module, batch)`` if given (return ``(loss, output)`` for the Gauss-Newton split);
-    otherwise the module's ``training_step(batch, 0)`` with its ``self.log`` calls silenced, so the
-    metrics the user logs are unchanged.
+    otherwise the module's ``training_step(batch, batch_idx)`` (``batch_idx`` of the step that triggered the
+    pass) with its ``self.log`` calls and the loggers' ``log_metrics`` silenced. Re-running
+    ``training_step`` repeats its side effects: the module's plain attributes (torchmetrics states and
+    counters included) are put back after the pass, changes other than metrics are reported once, and what
+    lies outside the module (forward hooks' closures, globals) is not restored; ``loss_fn=`` avoids all of
+    it.
+
+    Steps: a pass at step ``s`` follows the ``s``-th batch that stepped, the step axis Lightning logs the
+    module's own ``self.log`` metrics on (``trainer.global_step`` with automatic optimisation and one
+    optimiser; with manual optimisation and two optimisers ``global_step`` advances twice per batch, this
+    axis once).
 
     A pass never changes training: weights, ``.grad``, optimiser state, random streams, buffers and
     train/eval flags are left exactly as they were (see :func:`~lightning_hessian.analyze`), and an error
@@ -144,7 +206,8 @@ class HessianMonitor(Callback):
         early_steps: extra optimizer steps to measure at (curvature changes fastest early in training).
         at_end: measure once more at the end of training.
         data: ``"fixed"``, ``"current"``, or the curvature batches themselves: a sequence of batches, or a
-            DataLoader whose first ``num_batches`` batches are read afresh at every pass.
+            DataLoader whose first ``num_batches`` batches are read at every pass (with ``seed``: the same
+            ones).
         num_batches: with ``data="fixed"`` (or a DataLoader), how many batches to use.
         loss_fn: ``loss_fn(module, batch)`` returning the loss or ``(loss, output)``.
         blocks: ``"auto"`` (:func:`~lightning_hessian.find_blocks`), block names or ``Block`` objects, or
@@ -181,7 +244,11 @@ class HessianMonitor(Callback):
             errors are caught like any other; ``chunk_size`` keeps a pass inside a memory budget.
         chunk_size: split every curvature batch into chunks of at most this many samples and keep only one
             chunk's graph alive at a time (see :func:`~lightning_hessian.analyze`): less memory, more time.
-        seed: seed of the estimators' random vectors.
+        seed: seed of the estimators' random vectors (and of reading a ``DataLoader`` given as ``data``).
+        name: tell two monitors in one Trainer apart (e.g. a frequent cheap one and a rare full one):
+            every tag they log and every ``trainer.callback_metrics`` key is prefixed with ``"<name>/"``,
+            and their checkpoint states are kept apart. ``None`` (default): unprefixed tags; two unnamed
+            monitors in one Trainer are refused at setup.
     """
 
     def __init__(
@@ -221,19 +288,34 @@ class HessianMonitor(Callback):
         theory: bool = True,
         theory_target: Callable[[Any], Tensor] | None = None,
         theory_samples: int = 2,
+        name: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
             raise ValueError(
                 f"every_n_steps must be an int >= 0 (0: only early_steps and the end), got {every_n_steps!r}."
             )
+        if isinstance(early_steps, str) or not isinstance(early_steps, Iterable):
+            raise ValueError(
+                f"early_steps must be a list of optimizer steps >= 1 (e.g. [1, 2, 5]; [] for none), got "
+                f"{early_steps!r}."
+            )
         early = list(early_steps)
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in early):
             raise ValueError(f"early_steps must be optimizer steps >= 1, got {early_steps!r}.")
         if every_n_steps == 0 and not early and not at_end:
             raise ValueError("Nothing scheduled: set every_n_steps > 0, early_steps, or at_end=True.")
-        if isinstance(data, str) and data not in _DATA_MODES:
-            raise ValueError(f'data must be "fixed", "current", or the curvature batches; got {data!r}.')
+        _check_data(data)
+        if name is not None and (not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name)):
+            raise ValueError(
+                f"name must be None or a non-empty tag prefix of letters, digits, '_', '.', '-' (e.g. "
+                f"'full'), got {name!r}."
+            )
+        if not (isinstance(alerts, bool | AlertManager) or _is_rule_list(alerts)):
+            raise TypeError(
+                "alerts must be True (the default rules), False (none), a list of AlertRule objects or an "
+                f"AlertManager; got {alerts!r}."
+            )
         if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
             raise ValueError(f"num_batches must be a positive int, got {num_batches!r}.")
         if loss_fn is not None and not callable(loss_fn):
@@ -271,7 +353,23 @@ class HessianMonitor(Callback):
         self.theory = theory
         self.theory_target = theory_target
         self.theory_samples = theory_samples
-        # Checked here rather than at the first pass: analyze validates the same arguments.
+        self.name = name
+        # Checked here rather than at the first pass, by the function analyze checks them with. Block names
+        # need the model: they are checked at setup.
+        check_settings(
+            blocks=blocks,
+            rules=rules,
+            top_k=top_k,
+            max_iter=max_iter,
+            trace_matvecs=trace_matvecs,
+            density_probes=density_probes,
+            density_steps=density_steps,
+            tol=tol,
+            dtype=dtype,
+            mode=mode,
+            seed=seed,
+            chunk_size=chunk_size,
+        )
         self._analyze_kwargs = dict(
             blocks=blocks,
             rules=rules,
@@ -296,23 +394,6 @@ class HessianMonitor(Callback):
                 f"max_overhead must be a positive fraction of training time, e.g. 0.05; got {max_overhead!r}."
             )
         self.max_overhead = max_overhead
-        for name, value in [
-            ("top_k", top_k),
-            ("max_iter", max_iter),
-            ("trace_matvecs", trace_matvecs),
-            ("density_probes", density_probes),
-            ("density_steps", density_steps),
-        ]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}.")
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ValueError(
-                f"chunk_size must be a positive int (samples per chunk) or None, got {chunk_size!r}."
-            )
-        if not isinstance(tol, int | float) or tol <= 0:
-            raise ValueError(f"tol must be a positive float, got {tol!r}.")
         if isinstance(alerts, AlertManager):
             self.alerts = alerts
         elif alerts is True:
@@ -321,12 +402,22 @@ class HessianMonitor(Callback):
             self.alerts = AlertManager(rules=[])
         else:
             self.alerts = AlertManager(rules=list(alerts))
-        self.dashboard = CurvatureDashboard(figures=figures)
+        self._figures = figures
+        self._fresh_alerts = self.alerts.state_dict()  # what a new fit starts from
+        self._reset()
 
+    def _reset(self) -> None:
+        """Forget everything a fit left: a monitor reused in a second fit starts new curves."""
+        self.alerts.load_state_dict(self._fresh_alerts)
+        self.dashboard = CurvatureDashboard(figures=self._figures, prefix=self._prefix)
         self._batches: list[Any] = []
+        self._captured = False  # data="fixed": the curvature batches are complete
         self._current: Any = None
+        self._batch_idx = 0  # batch_idx of the latest batch that trained: the default loss calls it so
         self._last_step = -1
         self._last_pass_step = -1
+        self._in_flight: int | None = None  # the step of a pass under way (interrupted if still set)
+        self._resume_pass: int | None = None  # a pass a checkpoint says was interrupted: redo it
         self._last_report: CurvatureReport | None = None
         self._warned: set[str] = set()  # kinds of errors and theory notes already reported
         self._train_start: float | None = None
@@ -335,6 +426,16 @@ class HessianMonitor(Callback):
         self.passes = 0
         self.skipped = 0
 
+    @property
+    def _prefix(self) -> str:
+        return f"{self.name}/" if self.name else ""
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # Unnamed: the class name, as before (old checkpoints load). Named: one state per name.
+        return self._generate_state_key(name=self.name) if self.name else super().state_key
+
     # --- schedule ------------------------------------------------------------------------------------------
 
     def _due(self, step: int) -> bool:
@@ -342,6 +443,7 @@ class HessianMonitor(Callback):
             return True
         return self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Sharded strategies hold only a shard of each parameter per process: the per-block products would
         # be wrong or hang. Refuse before training starts, with what to use instead.
@@ -352,10 +454,54 @@ class HessianMonitor(Callback):
                 "processes). Use a single device or DDP (strategy='ddp') for the runs you monitor, or call "
                 "lightning_hessian.analyze on a gathered copy of the model."
             )
+        if stage != "fit":
+            return
+        # What needs the model or the Trainer is checked here, before the first step, not at the first pass.
+        if self.loss_fn is None and not pl_module.automatic_optimization:
+            raise ValueError(
+                "HessianMonitor: with manual optimization training_step does not return the loss alone: pass "
+                "loss_fn=lambda module, batch: <the loss> to HessianMonitor."
+            )
+        names = [b for b in self._analyze_kwargs["blocks"] or () if isinstance(b, str)]
+        if names and not isinstance(self._analyze_kwargs["blocks"], str):
+            known = [b.name for b in find_blocks(pl_module, self._analyze_kwargs["rules"], warn=False)]
+            # The first pass reads fused layouts off the attention: a projection left whole here may then
+            # become the blocks <module>.q / .k / .v.
+            splits = {f"{name.rpartition('.')[0]}.{s}" for name in known for s in ("q", "k", "v")}
+            missing = [n for n in names if n not in known and n not in splits]
+            if missing:
+                raise ValueError(
+                    f"HessianMonitor(blocks=...): no block named {', '.join(map(repr, missing))} in "
+                    f"{type(pl_module).__name__}. Known blocks: {', '.join(known)} (lightning_hessian."
+                    "find_blocks(model) lists them; pass rules= to split parameters differently)."
+                )
+        twins = [
+            c
+            for c in trainer.callbacks
+            if isinstance(c, HessianMonitor) and c is not self and c.name == self.name
+        ]
+        if twins:
+            raise ValueError(
+                f"Two HessianMonitors with name={self.name!r} in one Trainer would log the same tags and "
+                "share one checkpoint state: give each its own name= (e.g. name='cheap' and name='full')."
+            )
+        # A new fit starts new curves; a resumed one gets its state from the checkpoint right after this.
+        self._reset()
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A resumed run continues the time budget: the training time before the checkpoint counts too.
         self._train_start = time.perf_counter() - self._train_seconds
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._resume_pass is not None:
+            # The checkpoint was written while the pass of this step was under way (e.g. Ctrl-C with
+            # OnExceptionCheckpoint): it never finished, so make it now, on the checkpoint's weights.
+            step, self._resume_pass = self._resume_pass, None
+            self._measure(trainer, pl_module, step)
 
     def _over_budget(self) -> bool:
         if self.max_overhead is None or self._train_start is None or self.passes == 0:
@@ -363,14 +509,20 @@ class HessianMonitor(Callback):
         training = time.perf_counter() - self._train_start - self._pass_seconds
         return self._pass_seconds > self.max_overhead * max(training, 1e-9)
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.data == "fixed" and len(self._batches) < self.num_batches:
+        # A batch training skipped (training_step returned None) is neither captured nor given to the loss.
+        trained = outputs is not None or not pl_module.automatic_optimization
+        if trained:
+            self._batch_idx = batch_idx
+        if self.data == "fixed" and not self._captured and trained:
             self._batches.append(_detached_copy(batch))
+            self._captured = len(self._batches) >= self.num_batches
         elif self.data == "current":
-            self._current = batch
-        step = trainer.global_step
+            self._current = batch if trained else None
+        step = _optimizer_steps(trainer)
         if step == self._last_step:  # a gradient-accumulation micro-batch: no optimizer step happened
             return
         self._last_step = step
@@ -381,33 +533,102 @@ class HessianMonitor(Callback):
             if over_budget:
                 self.skipped += 1
                 return
-            self._measure(trainer, pl_module)
+            self._measure(trainer, pl_module, step)
 
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close_capture("the first training epoch had")
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.at_end and trainer.global_step > 0 and trainer.global_step != self._last_pass_step:
-            self._measure(trainer, pl_module)
+        step = _optimizer_steps(trainer, ending_batch=False)
+        if self.at_end and step > 0 and step != self._last_pass_step:
+            self._close_capture("training ended after")
+            self._measure(trainer, pl_module, step)
+
+    def _close_capture(self, what: str) -> None:
+        """``data="fixed"`` saw fewer than ``num_batches`` batches: every pass from now on uses those."""
+        if self.data == "fixed" and not self._captured and self._batches:
+            self._captured = True
+            self._note(
+                f"{what} {len(self._batches)} batch(es), fewer than num_batches={self.num_batches}: every "
+                f"curvature pass uses those {len(self._batches)} (no sample is repeated)"
+            )
 
     # --- one pass ------------------------------------------------------------------------------------------
 
-    def _curvature_data(self) -> Batches | None:
+    def _curvature_data(self, step: int) -> Batches | None:
         if self.data == "current":
             return None if self._current is None else Batches([self._current])
         if self.data == "fixed":
+            if self._batches and not self._captured:
+                self.skipped += 1
+                self._note(
+                    f"the pass at step {step} was skipped: data='fixed' had seen {len(self._batches)} of its "
+                    f"num_batches={self.num_batches} curvature batches, and every pass of a curve uses the "
+                    "same batches. To measure this early, pass the curvature batches yourself (data=[...] or "
+                    "a DataLoader) or lower num_batches"
+                )
+                return None
             return Batches(self._batches) if self._batches else None
         if isinstance(self.data, Sequence):
             return Batches(self.data)
-        # A DataLoader (or other iterable) is read afresh at every pass.
-        return Batches(batch for batch, _ in zip(self.data, range(self.num_batches)))
+        return self._read_loader()
 
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        data = self._curvature_data()
+    def _read_loader(self) -> Batches:
+        """A DataLoader's first ``num_batches`` batches, the same at every pass, random streams untouched.
+
+        Creating a DataLoader iterator draws from the global random generator (the sampler's shuffle seed
+        and the workers' base seed, also with ``shuffle=False``), and a loader or sampler may have its own
+        generator: all of them are seeded with ``seed`` for the read and put back afterwards.
+        """
+        loader = self.data
+        owners = (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None))
+        found = (getattr(owner, "generator", None) for owner in owners)
+        generators = list({id(g): g for g in found if isinstance(g, torch.Generator)}.values())
+        states = [g.get_state() for g in generators]
+        seed = self._analyze_kwargs["seed"]
+        try:
+            with isolate_rng(include_cuda=torch.cuda.is_available()):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed % 2**32)  # noqa: NPY002 - datasets draw from it
+                for g in generators:
+                    g.manual_seed(seed)
+                batches = [batch for batch, _ in zip(loader, range(self.num_batches))]
+        finally:
+            for g, state in zip(generators, states):
+                g.set_state(state)
+        if not batches:
+            raise ValueError("The DataLoader given as data= gave no batches.")
+        if len(batches) < self.num_batches:
+            self._note(
+                f"the DataLoader given as data= has {len(batches)} batch(es), fewer than "
+                f"num_batches={self.num_batches}: every pass uses those {len(batches)}"
+            )
+        return Batches(batches)
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        # Until the pass has finished (or failed), a checkpoint records it as under way: an interrupted pass
+        # (KeyboardInterrupt with OnExceptionCheckpoint) is made again by the resumed run.
+        self._in_flight = step
+        self._pass(trainer, pl_module, step)
+        self._in_flight = None
+        self._last_pass_step = step
+
+    def _pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        data = self._curvature_data(step)
         if data is None:
             return
-        step = trainer.global_step
-        self._last_pass_step = step
         start = time.perf_counter()
+        guard = None
+        if self.loss_fn is None:
+            loggers = [lg for lg in trainer.loggers if not isinstance(lg, DummyLogger)]
+            guard = TrainingStepGuard(pl_module, loggers)
         try:
-            report, preconditioned = self._analyze(trainer, pl_module, data)
+            with guard if guard is not None else contextlib.nullcontext():
+                report, preconditioned = self._analyze(trainer, pl_module, data)
+                theory = self._theory(trainer, pl_module, data, report, step) if self.theory else None
         except NonFiniteLossError:
             if self.on_error == "raise":
                 raise
@@ -418,11 +639,11 @@ class HessianMonitor(Callback):
         except Exception as error:  # a monitoring pass must never stop training
             if self.on_error == "raise":
                 raise
-            message = f"{type(error).__name__}: {error}"
+            message = self._cause(trainer, error)
             hint = (
                 " Pass chunk_size= (samples per chunk) to keep a pass inside a memory budget, or measure "
                 "fewer or smaller curvature batches."
-                if isinstance(error, torch.OutOfMemoryError)
+                if "OutOfMemoryError" in message
                 else ""
             )
             self._warn_once(
@@ -431,9 +652,17 @@ class HessianMonitor(Callback):
                 f"{hint} Training goes on; pass on_error='raise' to see the traceback.",
             )
             return
+        finally:
+            if guard is not None and guard.changed:
+                self._note(
+                    "the default curvature loss re-runs training_step, which changed "
+                    f"{', '.join(guard.changed[:8])} of the module during the pass (put back afterwards; "
+                    "torchmetrics states are always put back). Side effects outside the module, such as "
+                    "forward hooks' counters, are not: pass loss_fn=lambda module, batch: <the loss> to "
+                    "measure without re-running training_step"
+                )
         scalars = report.scalars()
         scalars.update(self._stability(trainer, report, preconditioned))
-        theory = self._theory(trainer, pl_module, data, report, step) if self.theory else None
         if theory is not None:
             scalars.update(theory.scalars())
         if report.settings.get("density"):
@@ -450,6 +679,22 @@ class HessianMonitor(Callback):
         table = theory.table() if theory is not None and theory.layers else None
         self._record(trainer, PassRecord(step=step, scalars=scalars), report, table)
 
+    @staticmethod
+    def _cause(trainer: pl.Trainer, error: Exception) -> str:
+        """The error of a failed pass; under DDP the causes of the processes where it failed, for rank 0.
+
+        Every process reaches this together: a failure inside the products or the curvature loss is raised
+        on all of them at the same collective call (see :class:`~lightning_hessian.CurvatureOperator`).
+        """
+        message = f"{type(error).__name__}: {error}"
+        if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return message
+        local = None if isinstance(error, PassFailedElsewhere) else message
+        gathered: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        causes = [f"process {rank}: {cause}" for rank, cause in enumerate(gathered) if cause is not None]
+        return "; ".join(causes) if causes else message
+
     def _theory(
         self,
         trainer: pl.Trainer,
@@ -459,7 +704,7 @@ class HessianMonitor(Callback):
         step: int,
     ) -> TheoryComparison | None:
         """The theory-versus-measured comparison of this pass; problems are reported once, never raised."""
-        loss_fn = self.loss_fn if self.loss_fn is not None else training_step_loss
+        loss_fn = self._loss_fn()
         target = self.theory_target
         if target is not None and trainer.world_size > 1:
             target = None
@@ -492,6 +737,13 @@ class HessianMonitor(Callback):
                        f"{comparison.proven_reason}; bound_ratio is not logged")
         return comparison
 
+    def _loss_fn(self) -> Callable[[nn.Module, Any], Any]:
+        """``loss_fn``, or ``training_step`` called with the batch index of the latest batch that trained (a
+        ``training_step`` may return ``None`` for some indices, e.g. 0, to skip them)."""
+        if self.loss_fn is not None:
+            return self.loss_fn
+        return functools.partial(training_step_loss, batch_idx=self._batch_idx)
+
     def _note(self, message: str) -> None:
         self._warn_once(message, f"HessianMonitor: {message}.")
 
@@ -515,14 +767,15 @@ class HessianMonitor(Callback):
         scalars, step = record.scalars, record.step
         for name in _MONITORED:
             if name in scalars:
-                trainer.callback_metrics[name] = torch.tensor(scalars[name])
+                trainer.callback_metrics[self._prefix + name] = torch.tensor(scalars[name])
         if trainer.is_global_zero:
             loggers = [lg for lg in trainer.loggers if not isinstance(lg, DummyLogger)]
             if loggers and report is not None:
                 self.dashboard.log_pass(loggers, step, scalars, report, fired, self.alerts.history, theory)
             elif loggers:
+                metrics = {**scalars, tags.ALERT_COUNT: float(len(fired))}
                 for logger in loggers:
-                    logger.log_metrics({**scalars, tags.ALERT_COUNT: float(len(fired))}, step)
+                    logger.log_metrics({self._prefix + k: v for k, v in metrics.items()}, step)
             for alert in fired:
                 _warn(f"HessianMonitor [{alert.severity}] {alert.rule} at step {alert.step}: {alert.message}")
                 if self.on_alert is not None:
@@ -535,11 +788,7 @@ class HessianMonitor(Callback):
     def _analyze(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, data: Any
     ) -> tuple[CurvatureReport, bool]:
-        loss_fn = self.loss_fn if self.loss_fn is not None else training_step_loss
-        if self.loss_fn is None and not pl_module.automatic_optimization:
-            raise RuntimeError(
-                "With manual optimization the training_step does not return the loss alone: pass loss_fn=."
-            )
+        loss_fn = self._loss_fn()
         preconditioner = self._adam_preconditioner(trainer, pl_module) if self.preconditioned else None
         kwargs = dict(self._analyze_kwargs)
         if preconditioner is not None and not kwargs["full"]:
@@ -581,9 +830,22 @@ class HessianMonitor(Callback):
                 diagonals[id(p)] = adam_preconditioner(
                     state["exp_avg_sq"], state["step"], beta1, beta2, group["eps"]
                 )
-        named = {n: diagonals.get(id(p)) for n, p in pl_module.named_parameters() if p.requires_grad}
-        if not named or any(d is None for d in named.values()):
-            return None
+        params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+        named = {n: diagonals.get(id(p)) for n, p in params.items()}
+        if all(d is None for d in named.values()):
+            return None  # before Adam's first step
+        missing = [n for n, d in named.items() if d is None]
+        if missing:
+            # Adam never moves a parameter without a gradient (no state): its P is infinite, so it adds no
+            # preconditioned curvature (P^-1/2 H P^-1/2 has zero rows there).
+            listed = ", ".join(missing[:3]) + (f", ... ({len(missing) - 3} more)" if len(missing) > 3 else "")
+            self._note(
+                f"{len(missing)} trainable parameter(s) have no Adam state (they never got a gradient, or "
+                f"the optimiser does not hold them): {listed}. The preconditioned sharpness treats them as "
+                "not moving (P = inf); freeze them (requires_grad_(False)) if they are unused"
+            )
+            for n in missing:
+                named[n] = torch.full_like(params[n], math.inf)
         return named  # type: ignore[return-value]
 
     def _stability(
@@ -613,11 +875,15 @@ class HessianMonitor(Callback):
 
     # --- checkpointing -------------------------------------------------------------------------------------
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "batches": [_to_cpu(b) for b in self._batches],
+            "captured": self._captured,
+            "batch_idx": self._batch_idx,
             "last_step": self._last_step,
             "last_pass_step": self._last_pass_step,
+            "interrupted_step": self._in_flight,
             "passes": self.passes,
             "skipped": self.skipped,
             "pass_seconds": self._pass_seconds,
@@ -630,10 +896,14 @@ class HessianMonitor(Callback):
             "dashboard": self.dashboard.state_dict(),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._batches = list(state_dict.get("batches", []))
+        self._captured = state_dict.get("captured", len(self._batches) >= self.num_batches)
+        self._batch_idx = state_dict.get("batch_idx", 0)
         self._last_step = state_dict.get("last_step", -1)
         self._last_pass_step = state_dict.get("last_pass_step", -1)
+        self._resume_pass = state_dict.get("interrupted_step")
         self.passes = state_dict.get("passes", 0)
         self.skipped = state_dict.get("skipped", 0)
         self._pass_seconds = state_dict.get("pass_seconds", 0.0)

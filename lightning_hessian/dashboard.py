@@ -79,13 +79,18 @@ class CurvatureDashboard:
         figures: draw matplotlib figures for TensorBoard loggers (needs ``matplotlib``; without it the
             dashboard warns once and writes everything else).
         density_history: how many passes of spectral density the density-over-time heatmap shows.
+        prefix: put before every tag written (scalars, figures, texts, the dashboards' charts), e.g.
+            ``"full/"`` for a :class:`~lightning_hessian.HessianMonitor` named ``"full"``. A TensorBoard
+            writer holds one custom-scalars layout: with two prefixed dashboards on one writer, the
+            CUSTOM SCALARS tab shows the one written last (the SCALARS tab shows both).
     """
 
-    def __init__(self, *, figures: bool = True, density_history: int = 100) -> None:
+    def __init__(self, *, figures: bool = True, density_history: int = 100, prefix: str = "") -> None:
         if isinstance(density_history, bool) or not isinstance(density_history, int) or density_history < 1:
             raise ValueError(f"density_history must be a positive int, got {density_history!r}.")
         self.figures = figures
         self.density_history = density_history
+        self.prefix = prefix
         self._densities: list[_Density] = []
         self._layouts: set[int] = set()  # ids of the writers that have the layout (not checkpointed)
         self._warned = False
@@ -115,12 +120,13 @@ class CurvatureDashboard:
         """
         metrics: dict[str, Any] = {k: v for k, v in scalars.items() if v is not None}
         metrics[tags.ALERT_COUNT] = len(alerts)
+        written = {self.prefix + k: v for k, v in metrics.items()}
         writers = []
         for logger in loggers:
-            logger.log_metrics(metrics, step)
+            logger.log_metrics(written, step)
             writer = _summary_writer(logger)
             if writer is not None:
-                writers.append((writer, _prefix(logger)))
+                writers.append((writer, _prefix(logger) + self.prefix))
         if self.figures:
             self._remember_density(step, report)
         if not writers:
@@ -137,9 +143,9 @@ class CurvatureDashboard:
                 writer.add_custom_scalars(_layout(report, metrics, prefix))
                 self._layouts.add(id(writer))
             for tag, figure in figures.items():
-                writer.add_figure(tag, figure, step, close=False)  # one drawing serves every writer
+                writer.add_figure(self.prefix + tag, figure, step, close=False)  # one drawing, every writer
             for tag, text in texts.items():
-                writer.add_text(tag, text, step)
+                writer.add_text(self.prefix + tag, text, step)
             writer.flush()
 
     def state_dict(self) -> dict[str, Any]:

@@ -63,6 +63,7 @@ __all__ = [
     "Batches",
     "CurvatureOperator",
     "NonFiniteLossError",
+    "PassFailedElsewhere",
     "PreconditionedOperator",
     "split_batch",
 ]
@@ -75,6 +76,10 @@ LossFn = Callable[[nn.Module, Any], "Tensor | tuple[Tensor, Tensor]"]
 
 class NonFiniteLossError(ValueError):
     """The loss on a curvature batch is NaN or infinite, so its curvature is undefined."""
+
+
+class PassFailedElsewhere(RuntimeError):
+    """With data split over processes: the pass failed on another process, so it is abandoned here too."""
 
 
 class Batches(tuple):
@@ -461,10 +466,13 @@ class CurvatureOperator:
             t = t.detach()
             return t.to(self.dtype) if dtype is not None and t.is_floating_point() else t
 
-        # Our own leaves: autograd only ever touches these copies, never the model's tensors.
+        # Our own leaves: autograd only ever touches these copies, never the model's tensors. They are copies
+        # (not views) because a forward may write to its weights in place (nn.Embedding(max_norm=...)).
         # Every trainable copy requires grad (not only the analysed ones), so that a loss without a graph
         # means a broken loss_fn rather than blocks the loss happens not to use.
-        self._leaves = {name: detached(p).requires_grad_(p.requires_grad) for name, p in params.items()}
+        self._leaves = {
+            name: detached(p).clone().requires_grad_(p.requires_grad) for name, p in params.items()
+        }
         tensors = {f"model.{name}": t for name, t in self._leaves.items()}
         tensors.update({f"model.{name}": detached(b).clone() for name, b in model.named_buffers()})
         self._shapes = {name: self._leaves[name].shape for name in needed}
@@ -520,7 +528,7 @@ class CurvatureOperator:
                 "The curvature loss is non-finite on another process: the union's curvature is undefined."
             )
         if failed:
-            raise RuntimeError(
+            raise PassFailedElsewhere(
                 "The curvature pass failed on another process (see its error); skipped here too."
             )
         self._size = size
@@ -700,6 +708,40 @@ class CurvatureOperator:
                 columns = columns.unsqueeze(1) if columns.ndim == 1 else columns
                 jobs.append((index, block, columns.to(device=self.device, dtype=self.dtype)))
         results: list[Tensor | None] = [None] * len(self.blocks)
+        try:
+            self._products(jobs, results)
+        except Exception as error:
+            if self._reduce is None or not jobs:
+                raise
+            # Every process must make the same collective call: send zeros and a failure flag instead.
+            failure: Exception | None = error
+            for index, _, columns in jobs:
+                results[index] = torch.zeros(
+                    (self.sizes[index], columns.shape[1]), dtype=self.dtype, device=self.device
+                )
+        else:
+            failure = None
+        for index, _, columns in jobs:
+            self.block_matvecs[index] += columns.shape[1]
+        if self._reduce is not None:
+            # One collective for all blocks' products of this call, with a flag: did it fail anywhere?
+            present = [r for r in results if r is not None]
+            if present:
+                flag = torch.full((1,), float(failure is not None), dtype=self.dtype, device=self.device)
+                summed = self._reduce(torch.cat([*(r.reshape(-1) for r in present), flag]))
+                if failure is not None:
+                    raise failure
+                if summed[-1] > 0:
+                    raise PassFailedElsewhere(
+                        "The curvature pass failed on another process in the middle of its products (see "
+                        "its error); abandoned here too."
+                    )
+                pieces = iter(summed[:-1].split([r.numel() for r in present]))
+                results = [None if r is None else next(pieces).view_as(r) for r in results]
+        return results
+
+    def _products(self, jobs: list[tuple[int, Block, Tensor]], results: list[Tensor | None]) -> None:
+        """The local products of :meth:`matmat`, written into ``results``."""
         with torch.enable_grad():
             if self._graph is not None:
                 for index, block, columns in jobs:
@@ -719,16 +761,6 @@ class CurvatureOperator:
                         results[index] = product if total is None else total + product
                         self.block_seconds[index] += time.perf_counter() - start + build
                     del graph, product  # free this chunk's graph before the next one is built
-        for index, _, columns in jobs:
-            self.block_matvecs[index] += columns.shape[1]
-        if self._reduce is not None:
-            # One collective for all blocks' products of this call.
-            present = [r for r in results if r is not None]
-            if present:
-                summed = self._reduce(torch.cat([r.reshape(-1) for r in present]))
-                pieces = iter(summed.split([r.numel() for r in present]))
-                results = [None if r is None else next(pieces).view_as(r) for r in results]
-        return results
 
     def gradient(self, index: int) -> Tensor:
         """The gradient of the loss restricted to block ``index`` (detached), as a block vector."""

@@ -6,6 +6,8 @@ import json
 import math
 import os
 import socket
+import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from _models import loss_fn, make_batch, make_model
 from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_hessian import Batches, analyze
+from lightning_hessian.operators import CurvatureOperator
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
@@ -37,9 +40,10 @@ def _sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _worker(rank: int, world: int, port: int, out: str, fail_on: int) -> None:
+def _worker(rank: int, world: int, port: int, out: str, fail_on: int, fail_product_on: int = -1) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A short timeout: a process left waiting in a collective fails the test instead of hanging it.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     torch.set_num_threads(1)
     try:
         model = make_model("encoder", torch.float64)
@@ -49,6 +53,17 @@ def _worker(rank: int, world: int, port: int, out: str, fail_on: int) -> None:
 
             def fn(model, batch):
                 raise RuntimeError("broken on this process")
+
+        if rank == fail_product_on:  # out of memory in the middle of the products, at the 12th one
+            product, calls = CurvatureOperator._product, [0]
+
+            def failing(self, graph, block, columns):
+                calls[0] += 1
+                if calls[0] == 12:
+                    raise torch.OutOfMemoryError("simulated out of memory at the 12th product call")
+                return product(self, graph, block, columns)
+
+            CurvatureOperator._product = failing
 
         try:
             report = analyze(model, fn, batch, reduce=_sum, **SETTINGS)
@@ -60,9 +75,12 @@ def _worker(rank: int, world: int, port: int, out: str, fail_on: int) -> None:
         dist.destroy_process_group()
 
 
-def _run(tmp_path: Path, fail_on: int = -1) -> list[dict]:
+def _run(tmp_path: Path, fail_on: int = -1, fail_product_on: int = -1) -> list[dict]:
     mp.start_processes(
-        _worker, args=(2, _free_port(), str(tmp_path), fail_on), nprocs=2, start_method="spawn"
+        _worker,
+        args=(2, _free_port(), str(tmp_path), fail_on, fail_product_on),
+        nprocs=2,
+        start_method="spawn",
     )
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -95,6 +113,12 @@ def test_an_error_on_one_process_is_raised_on_all_without_hanging(tmp_path):
     first, second = _run(tmp_path, fail_on=1)
     assert "another process" in first["error"]
     assert second["error"] == "broken on this process"
+
+
+def test_an_error_in_the_middle_of_the_products_is_raised_on_all_without_hanging(tmp_path):
+    first, second = _run(tmp_path, fail_product_on=1)
+    assert "failed on another process in the middle of its products" in first["error"]
+    assert second["error"] == "simulated out of memory at the 12th product call"
 
 
 class _CleanDDPSpawn(DDPStrategy):
@@ -211,3 +235,59 @@ def test_a_nan_curvature_loss_on_one_process_skips_the_pass_on_all(tmp_path):
     losses = events.Scalars(tags.PASS_LOSS)
     assert [e.step for e in losses] == [2, 4] and all(math.isnan(e.value) for e in losses)
     assert tags.SHARPNESS_RATIO not in events.Tags()["scalars"]  # no pass completed, on any process
+
+
+_LOSS_CALLS = [0]
+
+
+def _out_of_memory_on_rank_one(module, batch):
+    """TinyTransformer's loss; on process 1 its 12th call (with chunk_size, inside the products) runs out of
+    memory."""
+    import torch.nn.functional as F
+
+    _LOSS_CALLS[0] += 1
+    if dist.get_rank() == 1 and _LOSS_CALLS[0] == 12:
+        raise torch.OutOfMemoryError("simulated out of memory in the 12th loss call")
+    return F.cross_entropy(module(batch[0]), batch[1])
+
+
+def _warning_worker(rank: int, port: int, out: str, monitor) -> None:
+    """A ``strategy="ddp"`` process (short collective timeout) that records its warnings and final step."""
+    from test_callback import TinyTransformer
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0", LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            trainer = _trainer(Path(out), monitor, 2, DDPStrategy(timeout=timedelta(seconds=60)))
+            trainer.fit(TinyTransformer())
+        messages = [str(w.message) for w in record if "HessianMonitor" in str(w.message)]
+        result = {"step": trainer.global_step, "warnings": messages}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def test_an_error_in_the_products_of_one_process_skips_the_pass_on_all_with_its_cause(tmp_path):
+    """Every process abandons the pass at the same collective call and training goes on; rank 0 warns with
+    the failing process's own error."""
+    from lightning_hessian import HessianMonitor, tags
+
+    monitor = HessianMonitor(
+        every_n_steps=1, loss_fn=_out_of_memory_on_rank_one, chunk_size=2, figures=False, theory=False
+    )
+    mp.start_processes(
+        _warning_worker, args=(_free_port(), str(tmp_path), monitor), nprocs=2, start_method="spawn"
+    )
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["step"] for r in ranks] == [2, 2]
+    failed = [m for m in ranks[0]["warnings"] if "failed and was skipped" in m]
+    assert len(failed) == 1
+    assert "pass at step 1" in failed[0]
+    assert "process 1: OutOfMemoryError: simulated out of memory in the 12th loss call" in failed[0]
+    assert [e.step for e in _events(tmp_path).Scalars(tags.PASS_LOSS)] == [2]  # the next pass ran

@@ -46,10 +46,6 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-class SecondMonitor(HessianMonitor):
-    """A second monitor in the same Trainer (Lightning wants one state key per callback type)."""
-
-
 def token_loss(module, batch):
     tokens, labels = batch
     logits = module(tokens)
@@ -114,8 +110,8 @@ def test_bf16_mixed_training_is_unchanged_and_curvature_is_float32_or_float64(tm
         return loss
 
     common = dict(every_n_steps=3, warm_start=False, figures=False, trace=True, trace_matvecs=8)
-    m32 = HessianMonitor(loss_fn=recording("32"), **common)
-    m64 = SecondMonitor(loss_fn=recording("64"), dtype=torch.float64, **common)
+    m32 = HessianMonitor(loss_fn=recording("32"), name="f32", **common)
+    m64 = HessianMonitor(loss_fn=recording("64"), dtype=torch.float64, name="f64", **common)
     plain, plain_module = fit(tmp_path / "plain", module=seeded(RecordingTransformer), precision="bf16-mixed")
     watched, module = fit(
         tmp_path / "watched", [m32, m64], module=seeded(RecordingTransformer), precision="bf16-mixed"
@@ -289,7 +285,8 @@ def test_chunk_size_errors():
 
 def test_monitor_with_chunk_size_measures_the_same_curvature(tmp_path):
     common = dict(every_n_steps=4, dtype=torch.float64, warm_start=False, figures=False, tol=1e-8)
-    whole, chunked = HessianMonitor(**common), SecondMonitor(chunk_size=3, **common)
+    whole = HessianMonitor(name="whole", **common)
+    chunked = HessianMonitor(chunk_size=3, name="chunked", **common)
     fit(tmp_path, [whole, chunked], max_steps=4)
     assert pass_steps(whole) == pass_steps(chunked) == [4]
     a, b = whole.alerts.history[-1].scalars, chunked.alerts.history[-1].scalars
