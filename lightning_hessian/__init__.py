@@ -11,6 +11,7 @@ from lightning_hessian import estimators, formulas, tags, theory
 from lightning_hessian.analysis import analyze
 from lightning_hessian.blocks import KINDS, Block, BlockPart, FusedLayout, find_blocks, model_block
 from lightning_hessian.callback import HessianMonitor
+from lightning_hessian.html_report import write_html_report
 from lightning_hessian.operators import Batches, CurvatureOperator
 from lightning_hessian.report import BlockCurvature, CurvatureReport
 from lightning_hessian.theory import TheoryComparison, compare_attention
@@ -37,4 +38,5 @@ __all__ = [
     "model_block",
     "tags",
     "theory",
+    "write_html_report",
 ]
