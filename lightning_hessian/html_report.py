@@ -55,7 +55,9 @@ def write_html_report(run_dir: str | Path, path: str | Path | None = None) -> Pa
 def report_charts(data: RunData) -> list[tuple[str, list[dict[str, Any]]]]:
     """The charts of the report by section: ``[(section, [chart spec, ...]), ...]``, empty charts left out."""
     markers = [
-        {"step": a.step, "severity": a.severity, "text": f"{a.rule}: {a.message}"} for a in data.alerts
+        {"step": a.step, "severity": a.severity, "text": f"{a.rule}: {a.message}"}
+        for a in data.alerts
+        if a.severity != "info"  # info alerts (negative curvature, heterogeneity) are not about stability
     ]
     stability = [
         _chart(

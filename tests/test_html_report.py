@@ -173,7 +173,9 @@ def test_log_scale_when_values_span_decades():
     assert charts["Sharpness λ_max against 2/lr"]["log"] is True
     ratio = charts["Sharpness ratios (> 1: unstable)"]
     assert ratio["log"] is False and ratio["series"][0]["points"] == [[1, 0.5], [2, None]]  # NaN -> null
-    data.alerts = [LoggedAlert(2, "critical", "x", "</script><b>")]
+    data.alerts = [LoggedAlert(2, "critical", "x", "</script><b>"), LoggedAlert(1, "info", "y", "z")]
+    markers = {c["title"]: c for _, specs in report_charts(data) for c in specs}[ratio["title"]]["markers"]
+    assert [m["step"] for m in markers] == [2]  # info alerts are not stability events
     text = render_html(data)
     assert "</script><b>" not in text and text.count("</script>") == 2  # escaped in the table and the data
 
