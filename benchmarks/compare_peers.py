@@ -93,8 +93,9 @@ try:
     from scipy.stats import wasserstein_distance
 except ImportError as error:  # pragma: no cover - a message, not a crash
     raise SystemExit(
-        f"{error}. The peers are in the bench extra: pip install -e '.[bench]' (in a separate venv: the "
-        "benchmark needs torch==2.13.0+cpu to stay put)."
+        f"{error}. The peers: pip install -e '.[bench]' && pip install --no-deps "
+        "curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 (--no-deps: BackPACK's torchvision would "
+        "replace torch)."
     ) from error
 
 ACCURACY = 1e-4  # the target relative error for top eigenvalues

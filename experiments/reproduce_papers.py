@@ -1,8 +1,12 @@
 """Reproduce the papers' claims with one command: figures and a "paper claims vs ours" report.
 
     python experiments/reproduce_papers.py            # full run, about 1.5-2 minutes on 2 CPU cores
-    python experiments/reproduce_papers.py --quick    # smaller grids and model, about 15-20 s
+    python experiments/reproduce_papers.py --quick    # smaller grids and model, ~15-20 s, into a temp dir
     python experiments/reproduce_papers.py --out DIR  # write DIR/reproduction.md and DIR/images/repro_*.png
+
+The full run rewrites the committed ``docs/reproduction.md`` and ``docs/images/repro_*.png``; ``--quick``
+writes into a new temporary folder (printed at the end) unless ``--out`` is given, so that a smoke run
+never replaces the committed report with a smaller, noisier one.
 
 Four experiments, each in its own module next to this file:
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -45,6 +50,7 @@ import repro_live_bounds
 import repro_theorem7
 import repro_vit
 
+DOCS = Path(__file__).resolve().parents[1] / "docs"  # where the full run's committed report lives
 FIGURES = {
     "attention": "repro_attention_scaling.png",
     "vit": "repro_vit_blocks.png",
@@ -645,7 +651,9 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="smaller grids, fewer draws, a 2-layer ViT")
-    parser.add_argument("--out", default="docs", help="output folder (default: docs)")
+    parser.add_argument(
+        "--out", help="output folder (default: docs for the full run, a new temporary folder with --quick)"
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -655,7 +663,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    reproduce(quick=args.quick, out=args.out)
+    out = args.out or (tempfile.mkdtemp(prefix="reproduction-quick-") if args.quick else DOCS)
+    reproduce(quick=args.quick, out=out)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from lightning_hessian.blocks import (
     model_block,
 )
 from lightning_hessian.callback import HessianMonitor
+from lightning_hessian.html_report import write_html_report
 from lightning_hessian.operators import Batches, CurvatureOperator
 from lightning_hessian.report import BlockCurvature, CurvatureReport
 from lightning_hessian.theory import TheoryComparison, compare_attention
@@ -46,4 +47,5 @@ __all__ = [
     "model_block",
     "tags",
     "theory",
+    "write_html_report",
 ]

@@ -10,10 +10,13 @@ TensorBoard logger also gets
   ``Curvature: Pass cost``, with multiline charts over exact, escaped tag regexes built from the report's
   blocks and the logged ``theory/`` tags. Charts without data are left out;
 * figures (matplotlib, optional) :data:`IMAGE_SPECTRAL_DENSITY`, :data:`IMAGE_DENSITY_OVER_TIME` and
-  :data:`IMAGE_TOP_EIGENVALUES`;
+  :data:`IMAGE_TOP_EIGENVALUES`, and the figures of :mod:`lightning_hessian.dashboard_figures`, readable with
+  no TensorBoard settings: :data:`IMAGE_STABILITY` (sharpness against its thresholds, ratios against 1,
+  alerts marked), :data:`IMAGE_ATTENTION` (query, key, value and attention output of each layer in one
+  panel) and :data:`IMAGE_LAYER_HEATMAPS` (layer x step heatmap of λ_max per kind);
 * Markdown text :data:`TEXT_LATEST` (a table of the latest values), :data:`TEXT_THEORY` (the theory
-  versus measured table, when the pass has one) and :data:`TEXT_ALERTS` (this pass's alerts, only when
-  some fired).
+  versus measured table, when the pass has one), :data:`TEXT_ALERTS` (this pass's alerts, only when
+  some fired) and :data:`TEXT_HOW_TO_READ` (how to read the charts, written with the layout).
 
 TensorBoard reads one layout per run; a layout of your own written to the same writer competes with this one.
 """
@@ -32,16 +35,20 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_hessian import tags
+from lightning_hessian import dashboard_figures, tags
 from lightning_hessian.alerts import Alert, PassRecord
 from lightning_hessian.blocks import KINDS
 from lightning_hessian.report import BlockCurvature, CurvatureReport
 
 __all__ = [
+    "IMAGE_ATTENTION",
     "IMAGE_DENSITY_OVER_TIME",
+    "IMAGE_LAYER_HEATMAPS",
     "IMAGE_SPECTRAL_DENSITY",
+    "IMAGE_STABILITY",
     "IMAGE_TOP_EIGENVALUES",
     "TEXT_ALERTS",
+    "TEXT_HOW_TO_READ",
     "TEXT_LATEST",
     "TEXT_THEORY",
     "CurvatureDashboard",
@@ -50,9 +57,27 @@ __all__ = [
 IMAGE_SPECTRAL_DENSITY = "curvature/spectral_density"  # small multiples, one panel per block, latest pass
 IMAGE_DENSITY_OVER_TIME = "curvature/density_over_time"  # step x eigenvalue heatmap of one density
 IMAGE_TOP_EIGENVALUES = "curvature/top_eigenvalue_heatmap"  # block x step heatmap of log10 λ_max
+IMAGE_STABILITY = "curvature/stability"  # sharpness vs thresholds, ratios vs 1, alerts marked
+IMAGE_ATTENTION = "curvature/attention_per_layer"  # Q, K, V, attention output of each layer in one panel
+IMAGE_LAYER_HEATMAPS = "curvature/layer_heatmaps"  # per kind, layer x step heatmap of log10 λ_max
 TEXT_LATEST = "curvature/latest"  # Markdown table of the latest pass
 TEXT_ALERTS = "alerts"  # Markdown list of this pass's alerts
 TEXT_THEORY = "theory/latest"  # Markdown table of theory versus measured (lightning_hessian.theory)
+TEXT_HOW_TO_READ = "curvature/how_to_read"  # Markdown: how to read the charts (written with the layout)
+HOW_TO_READ = """**How to read the curvature charts**
+
+- Start with the image `curvature/stability`: the sharpness λ_max against 2/lr and Adam's preconditioned
+  sharpness λ_max(P⁻¹H) against its threshold (dashed, same colour), and both ratios against the black
+  line at 1. Above 1 the step overshoots along the sharpest direction: expect a loss spike or a jump to a
+  flatter region. Dotted verticals mark warning (orange) and critical (red) alerts.
+- `curvature/attention_per_layer`: query, key, value and attention output of one layer in one panel
+  (log scale when they span decades). Query and key overtaking value means growing attention logits.
+- `curvature/layer_heatmaps`: per block kind, which layer is sharpest when.
+- The images need no settings. In the Custom Scalars tab (`Curvature: ...`), set Smoothing to 0 and untick
+  "Ignore outliers in chart scaling", or the peaks are smoothed away and clipped; TensorBoard draws all
+  lines of one run in one colour (hover a chart to tell them apart).
+- The `curvature/latest` text card has every block's latest values; `alerts` lists each pass's alerts.
+"""
 
 _CMAP = "viridis"  # one colormap for every heatmap
 _DPI = 90
@@ -92,6 +117,7 @@ class CurvatureDashboard:
         self.density_history = density_history
         self.prefix = prefix
         self._densities: list[_Density] = []
+        self._alerts: list[tuple[int, str]] = []  # (step, severity) of every alert, for the stability figure
         self._layouts: set[int] = set()  # ids of the writers that have the layout (not checkpointed)
         self._warned = False
 
@@ -129,6 +155,8 @@ class CurvatureDashboard:
                 writers.append((writer, _prefix(logger) + self.prefix))
         if self.figures:
             self._remember_density(step, report)
+            fired = [(int(step), a.severity) for a in alerts]
+            self._alerts = [a for a in self._alerts if a[0] < step] + fired  # a resumed step replaces its own
         if not writers:
             return
 
@@ -141,6 +169,7 @@ class CurvatureDashboard:
         for writer, prefix in writers:
             if id(writer) not in self._layouts:
                 writer.add_custom_scalars(_layout(report, metrics, prefix))
+                writer.add_text(TEXT_HOW_TO_READ, HOW_TO_READ, step)
                 self._layouts.add(id(writer))
             for tag, figure in figures.items():
                 writer.add_figure(self.prefix + tag, figure, step, close=False)  # one drawing, every writer
@@ -149,12 +178,13 @@ class CurvatureDashboard:
             writer.flush()
 
     def state_dict(self) -> dict[str, Any]:
-        """The density history, as plain Python values (the layout is rewritten after a resume)."""
+        """The density and alert history, as plain Python values (the layout is rewritten after a resume)."""
         return {
             "densities": [
                 {"step": d.step, "block": d.block, "grid": d.grid.tolist(), "values": d.values.tolist()}
                 for d in self._densities
-            ]
+            ],
+            "alerts": [list(a) for a in self._alerts],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -165,6 +195,7 @@ class CurvatureDashboard:
             )
             for d in state.get("densities", [])
         ][-self.density_history :]
+        self._alerts = [(int(step), str(severity)) for step, severity in state.get("alerts", [])]
 
     def _remember_density(self, step: int, report: CurvatureReport) -> None:
         """Add this pass's density of the tracked block: the whole model, else the sharpest block."""
@@ -202,6 +233,9 @@ class CurvatureDashboard:
             IMAGE_SPECTRAL_DENSITY: _spectral_density_figure(Figure, step, report),
             IMAGE_DENSITY_OVER_TIME: _density_over_time_figure(Figure, current),
             IMAGE_TOP_EIGENVALUES: _top_eigenvalue_figure(Figure, report, history),
+            IMAGE_STABILITY: dashboard_figures.stability_figure(Figure, history, self._alerts),
+            IMAGE_ATTENTION: dashboard_figures.attention_figure(Figure, report, history),
+            IMAGE_LAYER_HEATMAPS: dashboard_figures.layer_heatmap_figure(Figure, report, history),
         }
         return {tag: fig for tag, fig in drawn.items() if fig is not None}
 

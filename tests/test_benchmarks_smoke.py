@@ -1,8 +1,9 @@
 """Smoke test of ``benchmarks/compare_peers.py``: every peer call still works, on a micro model.
 
-Skipped unless the peers are installed (``pip install -e ".[bench]"``, best in a separate venv). Runs each
-task function once with minimal settings (no subprocesses, no Lightning training) and checks that the
-numbers are sane: this guards the calls into PyHessian, hessian-eigenthings and curvlinops, not the speed.
+Skipped unless the peers are installed (``pip install -e ".[bench]"`` plus the README's ``--no-deps`` line).
+Runs each task function once with minimal settings (no subprocesses, no Lightning training) and checks
+that the numbers are sane: this guards the calls into PyHessian, hessian-eigenthings and curvlinops, not
+the speed.
 """
 
 from __future__ import annotations

@@ -22,8 +22,11 @@ from torch.utils.tensorboard import SummaryWriter
 from lightning_hessian import CurvatureReport, analyze, tags
 from lightning_hessian.alerts import Alert, PassRecord
 from lightning_hessian.dashboard import (
+    IMAGE_ATTENTION,
     IMAGE_DENSITY_OVER_TIME,
+    IMAGE_LAYER_HEATMAPS,
     IMAGE_SPECTRAL_DENSITY,
+    IMAGE_STABILITY,
     IMAGE_TOP_EIGENVALUES,
     TEXT_ALERTS,
     TEXT_LATEST,
@@ -201,6 +204,9 @@ def test_images(run):
         IMAGE_SPECTRAL_DENSITY,
         IMAGE_DENSITY_OVER_TIME,
         IMAGE_TOP_EIGENVALUES,
+        IMAGE_STABILITY,
+        IMAGE_ATTENTION,
+        IMAGE_LAYER_HEATMAPS,
     }
     for tag in acc.Tags()["images"]:
         events = acc.Images(tag)
@@ -259,7 +265,7 @@ def test_figures_off(report, tmp_path):
     acc = _events(tb)
     assert acc.Tags()["images"] == []
     assert tags.SHARPNESS in acc.Tags()["scalars"] and len(_layouts(acc)) == 1 and _texts(acc, TEXT_LATEST)
-    assert dashboard.state_dict() == {"densities": []}
+    assert dashboard.state_dict() == {"densities": [], "alerts": []}
 
 
 def test_report_without_optional_statistics(tmp_path):

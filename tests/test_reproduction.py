@@ -90,6 +90,19 @@ def test_corrected_bound_holds_during_training_in_the_papers_setting():
     assert max(res.peak) > 1.5 / res.seq_len  # attention left the uniform regime the paper's bound assumes
 
 
+def test_quick_run_writes_outside_the_tracked_files(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(reproduce_papers, "reproduce", lambda quick, out: calls.append((quick, Path(out))))
+    reproduce_papers.main(["--quick"])
+    reproduce_papers.main([])
+    reproduce_papers.main(["--quick", "--out", str(tmp_path)])
+    (quick, out), full, chosen = calls
+    root = EXPERIMENTS.parent
+    assert quick and out.is_dir() and not out.resolve().is_relative_to(root)  # a fresh temporary folder
+    out.rmdir()
+    assert full == (False, root / "docs") and chosen == (True, tmp_path)
+
+
 @pytest.mark.slow
 def test_quick_pipeline_writes_report_and_figures(tmp_path):
     out = reproduce_papers.reproduce(quick=True, out=tmp_path / "docs")
