@@ -23,7 +23,9 @@ from lightning_hessian.operators import (
     find_tensors,
     map_tensors,
 )
+from lightning_hessian.products import check_products, resolve_products
 from lightning_hessian.report import BlockCurvature, CurvatureReport
+from lightning_hessian.sharded import ShardedOperator, is_sharded
 
 __all__ = ["analyze"]
 
@@ -136,6 +138,8 @@ def analyze(
     reduce: Callable[[Tensor], Tensor] | None = None,
     chunk_size: int | None = None,
     start: str = "gradient",
+    products: str = "exact",
+    exact_unavailable: str | None = None,
 ) -> CurvatureReport:
     r"""Measure the curvature of ``loss_fn`` per parameter block of ``model``.
 
@@ -196,6 +200,17 @@ def analyze(
             Krylov space. Measured over eight benchmark and test models: about 10% fewer products for the
             whole model and for all blocks (0-20% per model, none needing more), same accuracy.
             ``"random"``: a random vector.
+        products: ``"exact"`` (default): Hessian-vector products by double backward, with the math
+            attention kernel and compiled code run eagerly. ``"finite_difference"``: central differences
+            of gradients (:mod:`lightning_hessian.finite_difference`: step rule and error model), which
+            run the model with its own kernels (FlashAttention, efficient SDPA, compiled graphs); Hessian
+            only (no ``split``). ``"auto"``: finite differences where exact products are unavailable (a
+            compiled model, sharded parameters, or ``exact_unavailable``), said once as a warning
+            (:func:`lightning_hessian.products.resolve_products`). The backend used is in
+            ``report.settings["products"]`` (and why, ``"products_reason"``) and in every block's
+            ``products``.
+        exact_unavailable: for callers that know why exact products cannot run (e.g. a monitor under a
+            sharded training strategy): the reason; ``"auto"`` then takes finite differences.
 
     Batches are moved to the parameters' device, and their floating tensors cast to the compute dtype, when
     the tensors sit in tuples, lists, dicts, other ``Mapping``\ s or dataclasses; tensors inside other
@@ -243,21 +258,29 @@ def analyze(
     if all(s is None for s in starts):
         starts = None
 
-    results = [BlockCurvature(b.name, b.kind, b.layer, b.numel) for b in selected]
+    products, reason = resolve_products(products, model, exact_unavailable)
+    check_products(products, curvature, split, reason)
+    results = [BlockCurvature(b.name, b.kind, b.layer, b.numel, products=products) for b in selected]
     began = time.perf_counter()
-    with curvature_context(model, mode):
-        op = CurvatureOperator(
-            model,
-            loss_fn,
-            data,
-            selected,
-            curvature=curvature,
-            dtype=dtype,
-            batching=batching,
-            split=split,
-            reduce=reduce,
-            chunk_size=chunk_size,
-        )
+    with curvature_context(model, mode, exact=products == "exact"):
+        if products == "finite_difference" and is_sharded(model):
+            op = ShardedOperator(
+                model, loss_fn, data, selected, reduce=reduce, dtype=dtype, chunk_size=chunk_size
+            )
+        else:
+            op = CurvatureOperator(
+                model,
+                loss_fn,
+                data,
+                selected,
+                curvature=curvature,
+                dtype=dtype,
+                batching=batching,
+                split=split,
+                reduce=reduce,
+                chunk_size=chunk_size,
+                products=products,
+            )
         if start == "gradient":
             starts = _gradient_starts(op, starts, seed)
         for r, eig in zip(
@@ -335,6 +358,8 @@ def analyze(
         dtype=str(dtype) if dtype is not None else None,
         batching=batching,
         chunk_size=chunk_size,
+        products=products,
+        products_reason=reason,
     )
     named = {r.name: r for r in results}
     full_result = named.pop(selected[-1].name) if full else None
