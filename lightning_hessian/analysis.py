@@ -245,6 +245,8 @@ def analyze(
         float,
     )
 
+    products, reason = resolve_products(products, model, exact_unavailable)
+    check_products(products, curvature, split, reason)
     batches = as_batches(data)
     data = Batches(batches)
     selected = _select_blocks(model, blocks, rules, loss_fn, batches[0])
@@ -258,8 +260,6 @@ def analyze(
     if all(s is None for s in starts):
         starts = None
 
-    products, reason = resolve_products(products, model, exact_unavailable)
-    check_products(products, curvature, split, reason)
     results = [BlockCurvature(b.name, b.kind, b.layer, b.numel, products=products) for b in selected]
     began = time.perf_counter()
     with curvature_context(model, mode, exact=products == "exact"):

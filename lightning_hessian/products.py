@@ -10,11 +10,12 @@ model runs as it trains. ``products="auto"`` takes finite differences where the 
 or would change how the model runs, and says so once per reason (a :class:`UserWarning`):
 
 * the model (or a submodule) is compiled: an ``OptimizedModule`` or ``module.compile()``;
-* a parameter is a ``DTensor`` (FSDP2 ``fully_shard``, tensor parallelism) or the model holds an FSDP1
-  ``FullyShardedDataParallel``;
+* a parameter is a ``DTensor`` (FSDP2 ``fully_shard``, tensor parallelism; ``"exact"`` is refused there:
+  autograd finds the sharded parameters unused, the computation runs on all-gathered copies);
 * the caller says why, through ``exact_unavailable`` (e.g. a Lightning strategy that shards the model).
 
 Finite differences give Hessian products only: the Gauss-Newton / functional split needs exact products.
+FSDP1 (``FullyShardedDataParallel``, Lightning's ``FSDPStrategy``) is refused with either backend.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import warnings
 
 from torch import nn
 
-__all__ = ["PRODUCTS", "check_products", "exact_blocker", "resolve_products"]
+__all__ = ["FSDP1_MESSAGE", "PRODUCTS", "check_products", "exact_blocker", "resolve_products"]
 
 PRODUCTS = ("exact", "finite_difference", "auto")
 
@@ -45,9 +46,21 @@ def _sharded(model: nn.Module) -> str | None:
         DTensor = ()  # a torch without DTensor shards nothing
     if any(isinstance(p, DTensor) for p in model.parameters()):
         return "its parameters are sharded DTensors (FSDP2 fully_shard or tensor parallelism)"
-    if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
-        return "it is wrapped in FSDP1 FullyShardedDataParallel (flat sharded parameters)"
     return None
+
+
+FSDP1_MESSAGE = (
+    "The model is wrapped in FSDP1 FullyShardedDataParallel (Lightning's FSDPStrategy), whose flattened, "
+    "sharded parameters no product backend can address per block: neither double backward nor the "
+    "per-parameter perturbations of finite differences work there. Train the monitored run with FSDP2: "
+    "Lightning's ModelParallelStrategy (torch.distributed.fsdp.fully_shard), which finite-difference "
+    'products support (products="auto"), or with DDP.'
+)
+
+
+def _check_not_fsdp1(model: nn.Module) -> None:
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        raise ValueError(FSDP1_MESSAGE)
 
 
 def exact_blocker(model: nn.Module) -> str | None:
@@ -80,13 +93,16 @@ def resolve_products(
         The backend and why it was chosen (``None`` for exact products taken by default).
 
     Raises:
-        ValueError: for an unknown ``products``, or ``"exact"`` when the caller says it is unavailable.
+        ValueError: for an unknown ``products``; ``"exact"`` on sharded parameters or when the caller says
+            it is unavailable; an FSDP1 model (:data:`FSDP1_MESSAGE`).
     """
     if products not in PRODUCTS:
         raise ValueError(f"products must be one of {PRODUCTS}, got {products!r}.")
+    _check_not_fsdp1(model)
     if products == "finite_difference":
         return products, "requested"
     if products == "exact":
+        exact_unavailable = exact_unavailable or _sharded(model)
         if exact_unavailable is not None:
             raise ValueError(
                 f"Exact Hessian-vector products are unavailable here: {exact_unavailable}. Pass "

@@ -1,8 +1,9 @@
 """Finite-difference Hessian-vector products against the exact (double-backward) ones.
 
 Tolerances are what the step rule of :mod:`lightning_hessian.finite_difference` gives on these models
-(measured max relative product error per block: ~1e-9 in float64, ~1e-2 in float32, ~0.1 with bf16
-weights), with headroom; the README's "Large models" section quotes them.
+(measured max relative product error per block for random vectors: 5e-8 in float64, 4e-2 in float32, 1e-3
+for bf16 weights in float32 arithmetic, 15-100% in bf16 arithmetic), with headroom; the README's "Large
+models" section quotes them.
 """
 
 from __future__ import annotations
@@ -81,12 +82,12 @@ def test_bf16_weights_against_float64_reference():
 
 
 def test_step_rule():
-    """u^(1/3) * max(rms(theta), 1e-2) / rms(v): scale-free in v, floored for zero weights, 0 for v = 0."""
+    """u^(1/3) * max(rms(theta), 1e-2) / max|v|: scale-free in v, floored for zero weights, 0 for v = 0."""
     theta = torch.full((4,), 0.5, dtype=torch.float64)
-    columns = torch.tensor([[1.0, 2.0, 0.0]] * 4, dtype=torch.float64)
+    columns = torch.tensor([[1.0, 2.0, 0.0]] * 3 + [[1.0, -4.0, 0.0]], dtype=torch.float64)
     steps = step_sizes(theta, columns, torch.float32)
     u = torch.finfo(torch.float32).eps ** (1 / 3)
-    assert steps.tolist() == pytest.approx([u * 0.5, u * 0.25, 0.0])
+    assert steps.tolist() == pytest.approx([u * 0.5, u * 0.125, 0.0])
     assert step_sizes(torch.zeros(4), columns[:, :1], torch.float64).item() == pytest.approx(
         torch.finfo(torch.float64).eps ** (1 / 3) * 1e-2
     )
@@ -252,3 +253,19 @@ def test_auto_takes_the_callers_reason_and_exact_refuses_it(monkeypatch):
         analyze(model, loss_fn, batch, full=True, products="finite_difference", split=True)
     with pytest.raises(ValueError, match="products must be one of"):
         analyze(model, loss_fn, batch, full=True, products="fd")
+
+
+def test_fsdp1_is_refused_with_the_reason():
+    class FullyShardedDataParallel(nn.Module):  # what the check looks for: FSDP1's wrapper class
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args):
+            return self.module(*args)
+
+    model = FullyShardedDataParallel(make_model("mha", torch.float64))
+    batch = make_batch("mha", dtype=torch.float64)
+    for backend in ("exact", "finite_difference", "auto"):
+        with pytest.raises(ValueError, match="ModelParallelStrategy"):
+            analyze(model, loss_fn, batch, blocks=None, full=True, products=backend, **FAST)

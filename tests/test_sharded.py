@@ -80,12 +80,18 @@ def _worker(rank: int, port: int, out: str) -> None:
             report = analyze(
                 model, loss_fn, batch, blocks=blocks[:1], products="auto", reduce=_sum, **SETTINGS
             )
+        try:
+            analyze(model, loss_fn, batch, products="exact", reduce=_sum, **SETTINGS)
+            refused = ""
+        except ValueError as error:
+            refused = str(error)
         unchanged = all(torch.equal(b, p.to_local()) for b, p in zip(before, model.parameters()))
         result = {
             "products": [p.tolist() for p in products],
             "loss": op.loss,
             "report": report.to_dict(),
             "warnings": [str(w.message) for w in caught],
+            "refused": refused,
             "unchanged": unchanged and all(p.grad is None for p in model.parameters()),
         }
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
@@ -109,6 +115,7 @@ def test_fsdp2_two_processes_equal_exact_curvature_of_the_union(tmp_path):
         error = (torch.tensor(got) - expected).norm() / expected.norm()
         assert error < 1e-7, error
     assert any("sharded DTensors" in w for w in first["warnings"])
+    assert "sharded DTensors" in first["refused"] and "finite_difference" in second["refused"]
     single = analyze(model, loss_fn, union, blocks=blocks[:1], **SETTINGS).to_dict()
     distributed = first["report"]
     assert distributed["settings"]["products"] == "finite_difference"
