@@ -159,7 +159,7 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     lines = [
-        f"# Curvature at scale: GPT-2 ({params / 1e6:.1f}M parameters), {name}",
+        f"# Curvature at scale: GPT-2 ({params:,} parameters), {name}",
         "",
         f"`python benchmarks/bench_large.py{' --tiny' if args.tiny else ''}`: {size['n_layer']} layers, "
         f"width {size['n_embd']}, batch {size['batch']} x {size['seq']} random tokens, "
