@@ -215,9 +215,10 @@ def analyze(
     Batches are moved to the parameters' device, and their floating tensors cast to the compute dtype, when
     the tensors sit in tuples, lists, dicts, other ``Mapping``\ s or dataclasses; tensors inside other
     objects are passed as they are, and a device or dtype mismatch inside ``loss_fn`` is reported with
-    what to do. A ``torch.compile``\ d model (or submodule) runs eagerly during the pass (compiled graphs
-    have no double backward); block names leave out ``_orig_mod``. Activation checkpointing must use
-    ``use_reentrant=False``; reentrant checkpointing is refused with an error saying so.
+    what to do. With exact products a ``torch.compile``\ d model (or submodule) runs eagerly during the pass
+    (compiled graphs have no double backward; finite differences run the compiled graph); block names leave
+    out ``_orig_mod``. Activation checkpointing must use ``use_reentrant=False``; reentrant checkpointing is
+    refused with an error saying so.
 
     Returns:
         A :class:`~lightning_hessian.CurvatureReport`; ``print(report.table())`` shows it.
