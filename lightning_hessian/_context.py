@@ -66,7 +66,7 @@ def _refuse_reentrant_checkpoint() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def curvature_context(model: nn.Module, mode: str = "eval") -> Iterator[None]:
+def curvature_context(model: nn.Module, mode: str = "eval", exact: bool = True) -> Iterator[None]:
     """Run a curvature pass on ``model`` and restore everything it could have changed.
 
     Args:
@@ -75,11 +75,14 @@ def curvature_context(model: nn.Module, mode: str = "eval") -> Iterator[None]:
             use their running statistics: the curvature is that of a deterministic function. ``"train"``
             measures the training-mode function (one fixed dropout draw per pass), ``"keep"`` leaves the
             flags as they are. The original flags of every submodule are restored afterwards.
+        exact: whether the pass takes exact (double-backward) products. ``False`` (finite-difference
+            products, :mod:`lightning_hessian.finite_difference`) leaves the attention kernel choice and
+            compiled code alone: the model runs with its own kernels and graphs.
 
     Inside the context: gradients enabled, inference mode off, autocast off on CPU and CUDA, the math
-    attention kernel selected, ``torch.compile``d code run eagerly, reentrant activation checkpointing
-    refused (:class:`ReentrantCheckpointError`), and the random number generators (torch, CUDA, numpy,
-    python) isolated so that random draws inside the pass do not shift the user's streams.
+    attention kernel selected and ``torch.compile``d code run eagerly (with ``exact=True``), reentrant
+    activation checkpointing refused (:class:`ReentrantCheckpointError`), and the random number generators
+    (torch, CUDA, numpy, python) isolated so that random draws inside the pass leave the user's streams.
     """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -92,8 +95,9 @@ def curvature_context(model: nn.Module, mode: str = "eval") -> Iterator[None]:
             stack.enter_context(torch.autocast("cpu", enabled=False))
             if torch.cuda.is_available():
                 stack.enter_context(torch.autocast("cuda", enabled=False))
-            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-            stack.enter_context(torch.compiler.set_stance("force_eager"))
+            if exact:
+                stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+                stack.enter_context(torch.compiler.set_stance("force_eager"))
             stack.enter_context(_refuse_reentrant_checkpoint())
             if mode != "keep":
                 model.train(mode == "train")

@@ -26,7 +26,9 @@ from lightning_hessian.operators import (
     as_batches,
     map_tensors,
 )
+from lightning_hessian.products import check_products, resolve_products
 from lightning_hessian.report import BlockCurvature, CurvatureReport
+from lightning_hessian.sharded import ShardedOperator, is_sharded
 
 __all__ = ["analyze"]
 
@@ -165,9 +167,13 @@ def check_settings(
     Raises:
         ValueError, TypeError: on the first invalid setting, with what to pass instead.
     """
-    if (blocks != "auto") if isinstance(blocks, str) else (
-        blocks is not None
-        and (not isinstance(blocks, Sequence) or not all(isinstance(b, Block | str) for b in blocks))
+    if (
+        (blocks != "auto")
+        if isinstance(blocks, str)
+        else (
+            blocks is not None
+            and (not isinstance(blocks, Sequence) or not all(isinstance(b, Block | str) for b in blocks))
+        )
     ):
         raise ValueError(
             f'blocks must be "auto", None, or a list of Blocks / block names (see find_blocks(model)); '
@@ -187,12 +193,7 @@ def check_settings(
             f"trace_matvecs must be >= 3 (Hutch++ splits it into a sketch, its products and probes), got "
             f"{trace_matvecs!r}."
         )
-    if (
-        isinstance(tol, bool)
-        or not isinstance(tol, int | float)
-        or not math.isfinite(tol)
-        or not 0 < tol < 1
-    ):
+    if isinstance(tol, bool) or not isinstance(tol, int | float) or not math.isfinite(tol) or not 0 < tol < 1:
         raise ValueError(
             f"tol must be a relative Ritz-residual tolerance in (0, 1), e.g. 1e-4; got {tol!r} (a tolerance "
             ">= 1 accepts any Ritz value as converged)."
@@ -254,6 +255,8 @@ def analyze(
     reduce: Callable[[Tensor], Tensor] | None = None,
     chunk_size: int | None = None,
     start: str = "gradient",
+    products: str = "exact",
+    exact_unavailable: str | None = None,
 ) -> CurvatureReport:
     r"""Measure the curvature of ``loss_fn`` per parameter block of ``model``.
 
@@ -314,13 +317,25 @@ def analyze(
             Krylov space. Measured over eight benchmark and test models: about 10% fewer products for the
             whole model and for all blocks (0-20% per model, none needing more), same accuracy.
             ``"random"``: a random vector.
+        products: ``"exact"`` (default): Hessian-vector products by double backward, with the math
+            attention kernel and compiled code run eagerly. ``"finite_difference"``: central differences
+            of gradients (:mod:`lightning_hessian.finite_difference`: step rule and error model), which
+            run the model with its own kernels (FlashAttention, efficient SDPA, compiled graphs); Hessian
+            only (no ``split``). ``"auto"``: finite differences where exact products are unavailable (a
+            compiled model, sharded parameters, or ``exact_unavailable``), said once as a warning
+            (:func:`lightning_hessian.products.resolve_products`). The backend used is in
+            ``report.settings["products"]`` (and why, ``"products_reason"``) and in every block's
+            ``products``.
+        exact_unavailable: for callers that know why exact products cannot run (e.g. a monitor under a
+            sharded training strategy): the reason; ``"auto"`` then takes finite differences.
 
     Batches are moved to the parameters' device, and their floating tensors cast to the compute dtype, when
     the tensors sit in tuples, lists, dicts, other ``Mapping``\ s or dataclasses; tensors inside other
     objects are passed as they are, and a device or dtype mismatch inside ``loss_fn`` is reported with
-    what to do. A ``torch.compile``\ d model (or submodule) runs eagerly during the pass (compiled graphs
-    have no double backward); block names leave out ``_orig_mod``. Activation checkpointing must use
-    ``use_reentrant=False``; reentrant checkpointing is refused with an error saying so.
+    what to do. With exact products a ``torch.compile``\ d model (or submodule) runs eagerly during the pass
+    (compiled graphs have no double backward; finite differences run the compiled graph); block names leave
+    out ``_orig_mod``. Activation checkpointing must use ``use_reentrant=False``; reentrant checkpointing is
+    refused with an error saying so.
 
     Returns:
         A :class:`~lightning_hessian.CurvatureReport`; ``print(report.table())`` shows it.
@@ -358,6 +373,8 @@ def analyze(
             "no curvature to measure: set requires_grad_(True) on the parameters to analyse."
         )
 
+    products, reason = resolve_products(products, model, exact_unavailable)
+    check_products(products, curvature, split, reason)
     batches = as_batches(data)  # read once (a DataLoader or iterator): the blocks' example and the pass
     selected, probe_problem = _select_blocks(model, blocks, rules, loss_fn, batches[0], reduce)
     if full:
@@ -370,22 +387,34 @@ def analyze(
     if all(s is None for s in starts):
         starts = None
 
-    results = [BlockCurvature(b.name, b.kind, b.layer, b.numel) for b in selected]
+    results = [BlockCurvature(b.name, b.kind, b.layer, b.numel, products=products) for b in selected]
     began = time.perf_counter()
-    with curvature_context(model, mode):
+    with curvature_context(model, mode, exact=products == "exact"):
         try:
-            op = CurvatureOperator(
-                model,
-                loss_fn,
-                Batches(batches),
-                selected,
-                curvature=curvature,
-                dtype=dtype,
-                batching=batching,
-                split=split,
-                reduce=reduce,
-                chunk_size=chunk_size,
-            )
+            if products == "finite_difference" and is_sharded(model):
+                op = ShardedOperator(
+                    model,
+                    loss_fn,
+                    Batches(batches),
+                    selected,
+                    reduce=reduce,
+                    dtype=dtype,
+                    chunk_size=chunk_size,
+                )
+            else:
+                op = CurvatureOperator(
+                    model,
+                    loss_fn,
+                    Batches(batches),
+                    selected,
+                    curvature=curvature,
+                    dtype=dtype,
+                    batching=batching,
+                    split=split,
+                    reduce=reduce,
+                    chunk_size=chunk_size,
+                    products=products,
+                )
         except (NonFiniteLossError, ReentrantCheckpointError, torch.OutOfMemoryError):
             raise
         except Exception as error:
@@ -483,6 +512,8 @@ def analyze(
         dtype=str(dtype) if dtype is not None else None,
         batching=batching,
         chunk_size=chunk_size,
+        products=products,
+        products_reason=reason,
     )
     named = {r.name: r for r in results}
     full_result = named.pop(selected[-1].name) if full else None

@@ -406,6 +406,13 @@ class CurvatureOperator:
             and gradient per chunk. The result equals the unchunked one when ``loss_fn`` is the mean of
             per-sample losses (e.g. a mean cross-entropy over equal-length sequences) and samples do not
             interact (no BatchNorm batch statistics with ``mode="train"``). ``None``: keep the graphs.
+        products: how products are computed: ``"exact"`` (default; double backward through retained
+            graphs), ``"finite_difference"`` (central differences of gradients, no double backward: for
+            fused attention kernels, compiled and sharded models; Hessian only, see
+            :mod:`lightning_hessian.finite_difference` for the step rule and its error) or ``"auto"``
+            (finite differences where exact products are unavailable, see
+            :func:`lightning_hessian.products.resolve_products`). Finite differences keep no graph: like
+            ``chunk_size``, the (moved) batches are kept and every product runs them again.
 
     Attributes:
         sizes: the block sizes. ``block_matvecs`` / ``block_seconds``: products computed so far and the
@@ -425,7 +432,12 @@ class CurvatureOperator:
         split: bool = False,
         reduce: Callable[[Tensor], Tensor] | None = None,
         chunk_size: int | None = None,
+        products: str = "exact",
     ) -> None:
+        from lightning_hessian.products import check_products, resolve_products
+
+        self.products, self.products_reason = resolve_products(products, model)
+        check_products(self.products, curvature, split, self.products_reason)
         if chunk_size is not None and (
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         ):
@@ -461,6 +473,10 @@ class CurvatureOperator:
             raise ValueError(f"The analysed parameters live on several devices {devices}; move them to one.")
         self.device = devices.pop()
         self.dtype = dtype if dtype is not None else params[needed[0]].dtype
+        if self.products == "finite_difference":
+            from lightning_hessian.finite_difference import check_dtype
+
+            check_dtype(self.dtype)
 
         def detached(t: Tensor) -> Tensor:
             t = t.detach()
@@ -489,9 +505,11 @@ class CurvatureOperator:
         grads = [torch.zeros_like(leaf) for leaf in leaves]
         graph_outputs: list[Tensor] = []
         output_grads: list[Tensor] = []
-        # With chunk_size: the (moved) chunks, their sizes and the random state before their first forward,
-        # so that every rebuild of a chunk's graph draws the same dropout masks (mode="train").
+        # With chunk_size or finite differences: the (moved) chunks, their sizes and the random state before
+        # their first forward, so that every rebuild of a chunk's graph (every perturbed forward) draws the
+        # same dropout masks (mode="train").
         self._chunks: list[tuple[Any, int, tuple[Tensor, Tensor | None]]] = []
+        keep_graph = chunk_size is None and self.products == "exact"
         # Graphs of sum_i n_i loss_i (n_i the batch sizes), divided by the total size N below: once N is known
         # across processes, when a reduce is given.
         local_size, local_loss, error = 0, 0.0, None
@@ -499,10 +517,10 @@ class CurvatureOperator:
             for index, batch in enumerate(as_batches(data)):
                 for chunk, n in split_batch(batch, chunk_size):
                     chunk = self._move(chunk)
-                    state = _rng_state(self.device) if chunk_size is not None else None
+                    state = _rng_state(self.device) if not keep_graph else None
                     loss, output = self._forward(chunk, index, need_output, check=True)
                     local_size, local_loss = local_size + n, local_loss + n * loss.item()
-                    if chunk_size is not None:  # the gradient only: no graph is kept
+                    if not keep_graph:  # the gradient only: no graph is kept
                         self._chunks.append((chunk, n, state))
                         step = _grad([n * loss], leaves)
                         grads = [total + g for total, g in zip(grads, step)]
@@ -535,17 +553,24 @@ class CurvatureOperator:
         self.loss = loss_sum / size
         self._grads = {name: g / size for name, g in zip(needed, grads)}
         self._graph: _Graph | None = None
-        if chunk_size is None:
+        if keep_graph:
             self._graph = _Graph(self._grads)
             if need_output:
                 self._graph.outputs = graph_outputs
                 self._graph.output_grads = [g / size for g in output_grads]
                 self._graph.prepare_jacobian(needed, leaves)
 
-    def _forward(self, batch: Any, index: int, need_output: bool, check: bool = False) -> tuple[Tensor, Any]:
-        """``loss_fn`` on one (moved) batch through the detached tensors, with errors made clear."""
+    def _forward(
+        self,
+        batch: Any,
+        index: int,
+        need_output: bool,
+        check: bool = False,
+        tensors: dict[str, Tensor] | None = None,
+    ) -> tuple[Tensor, Any]:
+        """``loss_fn`` on one (moved) batch via the detached tensors (or ``tensors``), with clear errors."""
         try:
-            value = functional_call(self._call, self._tensors, (batch,))
+            value = functional_call(self._call, self._tensors if tensors is None else tensors, (batch,))
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as error:
@@ -738,12 +763,20 @@ class CurvatureOperator:
                     )
                 pieces = iter(summed[:-1].split([r.numel() for r in present]))
                 results = [None if r is None else next(pieces).view_as(r) for r in results]
+        if self.products == "finite_difference":
+            from lightning_hessian.finite_difference import check_finite
+
+            check_finite(results)  # after the sum: every process raises together
         return results
 
     def _products(self, jobs: list[tuple[int, Block, Tensor]], results: list[Tensor | None]) -> None:
         """The local products of :meth:`matmat`, written into ``results``."""
         with torch.enable_grad():
-            if self._graph is not None:
+            if self.products == "finite_difference":
+                from lightning_hessian import finite_difference
+
+                results[:] = finite_difference.matmat(self, jobs)
+            elif self._graph is not None:
                 for index, block, columns in jobs:
                     start = time.perf_counter()
                     results[index] = self._product(self._graph, block, columns).detach()

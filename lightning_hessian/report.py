@@ -32,6 +32,8 @@ class BlockCurvature:
         gauss_newton_top, functional_top, functional_min: with ``split=True``, the top eigenvalue of the
             Gauss-Newton part and the extreme eigenvalues of the functional part.
         preconditioned_top: with a ``preconditioner``, the whole model's λ_max(P^-1 H).
+        products: the product backend every number of this block came from: ``"exact"`` (double
+            backward) or ``"finite_difference"`` (:mod:`lightning_hessian.finite_difference`).
         matvecs: matrix-vector products spent on this block; seconds: wall time spent on it (approximate,
             shared products are attributed evenly).
         ritz_vectors: the top Ritz vectors (for warm starts; not part of :meth:`to_dict`).
@@ -56,6 +58,7 @@ class BlockCurvature:
     functional_top: float | None = None
     functional_min: float | None = None
     preconditioned_top: float | None = None
+    products: str = "exact"
     matvecs: int = 0
     seconds: float = 0.0
     ritz_vectors: Tensor | None = field(default=None, repr=False)
