@@ -654,7 +654,6 @@ def report_top_eigenvalue(
 # --- task 2: every block's top eigenvalue ------------------------------------------------------------
 
 
-
 def max_error(values: dict[str, float], reference: dict[str, float]) -> float:
     return max(relative(values[k], reference[k]) for k in reference)
 

@@ -496,7 +496,7 @@ def live_bounds_section(res: repro_live_bounds.LiveBounds, summ: dict, seconds: 
             "max(\\|λ_max\\|, \\|λ_min\\|) of the three diagonal blocks and `compare_attention(...,",
             "target=)` evaluates the corrected [P] Thm 1 bound (the proven setting, checked numerically at",
             f"every pass: {'yes' if summ['proven_every_pass'] else 'NO'}); the bound as the paper's proof",
-            "gives it (`variant=\"paper\"`) is evaluated on the same digits. Both are means over the 64",
+            'gives it (`variant="paper"`) is evaluated on the same digits. Both are means over the 64',
             f"sequences of the per-sequence bounds. ({seconds:.1f} s)",
         ),
         "",
@@ -542,8 +542,9 @@ def live_bounds_section(res: repro_live_bounds.LiveBounds, summ: dict, seconds: 
             "it multiplies spectral norms (‖W_K‖²‖W_V‖²‖X‖⁶ and the softmax-Jacobian norm), which bound",
             "the curvature over all directions at once, far above what the Hessian shows. The paper's",
             "printed bound assumes uniform attention (‖dA/dT‖ ≤ 1/L), which training breaks here;",
-            f"it is violated at steps {paper_violated}." if paper_violated else
-            "yet it is not violated: its other steps (‖A‖ ≤ L, ρ ≥ ‖F − T‖_F) are loose enough to absorb "
+            f"it is violated at steps {paper_violated}."
+            if paper_violated
+            else "yet it is not violated: its other steps (‖A‖ ≤ L, ρ ≥ ‖F − T‖_F) are loose enough to absorb "
             "the error in this task.",
             "The violations it allows are constructed in tests/test_formulas_attention.py (peaked",
             "two-point attention).",

@@ -89,9 +89,7 @@ class _Saved:
         if isinstance(now, list):
             return len(now) != len(self.contents) or any(a is not b for a, b in zip(now, self.contents))
         if isinstance(now, dict):
-            return now.keys() != self.contents.keys() or any(
-                now[k] is not self.contents[k] for k in now
-            )
+            return now.keys() != self.contents.keys() or any(now[k] is not self.contents[k] for k in now)
         if isinstance(now, set):
             return now != self.contents
         return False

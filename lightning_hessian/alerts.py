@@ -111,8 +111,14 @@ class Alert:
     value: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(rule=self.rule, severity=self.severity, step=self.step, message=self.message,
-                    tag=self.tag, value=self.value)
+        return dict(
+            rule=self.rule,
+            severity=self.severity,
+            step=self.step,
+            message=self.message,
+            tag=self.tag,
+            value=self.value,
+        )
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -158,16 +164,24 @@ def _fmt(value: float | None) -> str:
     return "?" if value is None else f"{value:.4g}"
 
 
-def _arg(name: str, value: Any, low: float | None = None, *, strict: bool = False, integer: bool = False,
-         what: str = "") -> Any:
+def _arg(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    *,
+    strict: bool = False,
+    integer: bool = False,
+    what: str = "",
+) -> Any:
     """Validate a numeric constructor argument: finite and ``>= low`` (``> low`` if ``strict``); return it."""
     kind = numbers.Integral if integer else numbers.Real
     ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
     if not (ok and (low is None or (value > low if strict else value >= low))):
         about = f" ({what})" if what else ""
         bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
-        raise ValueError(f"{name}{about} must be {'an integer' if integer else 'a finite number'}{bound}, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"{name}{about} must be {'an integer' if integer else 'a finite number'}{bound}, got {value!r}"
+        )
     return value
 
 
@@ -192,8 +206,9 @@ class AlertRule(ABC):
     name: str = ""
     severity: str = "warning"
 
-    def __init__(self, name: str | None = None, severity: str | None = None, cooldown: int = 0,
-                 enabled: bool = True) -> None:
+    def __init__(
+        self, name: str | None = None, severity: str | None = None, cooldown: int = 0, enabled: bool = True
+    ) -> None:
         name = type(self).name if name is None else name
         severity = type(self).severity if severity is None else severity
         if not isinstance(name, str) or not name:
@@ -214,14 +229,22 @@ class AlertRule(ABC):
         ``history`` is non-empty and oldest first; the manager applies cooldowns and ``enabled``.
         """
 
-    def _alert(self, history: Sequence[PassRecord], message: str, tag: str | None = None,
-               value: float | None = None, severity: str | None = None) -> Alert:
+    def _alert(
+        self,
+        history: Sequence[PassRecord],
+        message: str,
+        tag: str | None = None,
+        value: float | None = None,
+        severity: str | None = None,
+    ) -> Alert:
         """An alert of this rule at the newest pass's step."""
         return Alert(self.name, severity or self.severity, history[-1].step, message, tag, value)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(name={self.name!r}, severity={self.severity!r}, "
-                f"cooldown={self.cooldown}, enabled={self.enabled})")
+        return (
+            f"{type(self).__name__}(name={self.name!r}, severity={self.severity!r}, "
+            f"cooldown={self.cooldown}, enabled={self.enabled})"
+        )
 
 
 class StabilityThreshold(AlertRule):
@@ -245,8 +268,13 @@ class StabilityThreshold(AlertRule):
     # ratio tag, λ_max tag, threshold tag, what λ_max is, the threshold's formula
     _CHECKS = (
         (tags.SHARPNESS_RATIO, tags.SHARPNESS, tags.THRESHOLD, "sharpness λ_max", "2/lr"),
-        (tags.PRECONDITIONED_RATIO, tags.PRECONDITIONED_SHARPNESS, tags.PRECONDITIONED_THRESHOLD,
-         "preconditioned sharpness λ_max(P⁻¹H)", "(2+2β1)/((1-β1)·lr)"),
+        (
+            tags.PRECONDITIONED_RATIO,
+            tags.PRECONDITIONED_SHARPNESS,
+            tags.PRECONDITIONED_THRESHOLD,
+            "preconditioned sharpness λ_max(P⁻¹H)",
+            "(2+2β1)/((1-β1)·lr)",
+        ),
     )
 
     def __init__(self, approach: float = 0.9, **kwargs: Any) -> None:
@@ -270,8 +298,10 @@ class StabilityThreshold(AlertRule):
                 threshold = top / ratio
             figures = f"{what} = {_fmt(top)}, threshold {formula} = {_fmt(threshold)}, ratio {ratio:.3g}"
             if ratio >= 1:
-                message = (f"Crossed the stability threshold ({figures}): gradient descent on the local "
-                           "quadratic diverges along the top eigenvector.")
+                message = (
+                    f"Crossed the stability threshold ({figures}): gradient descent on the local "
+                    "quadratic diverges along the top eigenvector."
+                )
                 alerts.append(self._alert(history, message, ratio_tag, ratio))
             else:
                 message = f"Approaching the stability threshold ({figures} >= {self.approach:g})."
@@ -340,9 +370,11 @@ class ProgressiveSharpening(AlertRule):
         tag, value = newest
         ratio = _finite(history[-1].scalars, tags.SHARPNESS_RATIO)
         where = "" if ratio is None else f", {ratio:.2g} of 2/lr"
-        message = (f"Progressive sharpening: the model's λ_max rose {increase:.0%} (least-squares fit) over "
-                   f"the last {self.window} passes, steps {points[-1][0]}-{points[0][0]}, to {value:.4g}"
-                   f"{where}; it typically keeps rising until it reaches the stability threshold 2/lr.")
+        message = (
+            f"Progressive sharpening: the model's λ_max rose {increase:.0%} (least-squares fit) over "
+            f"the last {self.window} passes, steps {points[-1][0]}-{points[0][0]}, to {value:.4g}"
+            f"{where}; it typically keeps rising until it reaches the stability threshold 2/lr."
+        )
         return [self._alert(history, message, tag, value)]
 
 
@@ -355,8 +387,10 @@ class _MedianJump(AlertRule):
         self.window = _arg("window", window, 1, integer=True, what="previous values in the median")
         self.min_history = _arg("min_history", min_history, 1, integer=True, what="previous values needed")
         if min_history > window:
-            raise ValueError(f"min_history ({min_history}) must be <= window ({window}): the median uses at "
-                             "most window previous values")
+            raise ValueError(
+                f"min_history ({min_history}) must be <= window ({window}): the median uses at "
+                "most window previous values"
+            )
 
     def _jump(self, history: Sequence[PassRecord], tag: str) -> tuple[float, float, int] | None:
         """``(value, median, n)`` when ``tag`` of the newest pass exceeds ``factor`` x the median of its ``n``
@@ -397,8 +431,10 @@ class CurvatureSpike(_MedianJump):
             jump = self._jump(history, tag)
             if jump is not None:
                 value, median, n = jump
-                message = (f"Curvature spike in block {block}: λ_max = {value:.4g} is {value / median:.3g}x "
-                           f"the median {median:.4g} of its previous {n} passes.")
+                message = (
+                    f"Curvature spike in block {block}: λ_max = {value:.4g} is {value / median:.3g}x "
+                    f"the median {median:.4g} of its previous {n} passes."
+                )
                 alerts.append(self._alert(history, message, tag, value))
         return alerts
 
@@ -440,9 +476,11 @@ class NegativeCurvature(AlertRule):
                 if block != "model" and low is not None and -low < floor:
                     continue
                 top = _finite(scalars, tags.block_tag(block, "top_eigenvalue"))
-                message = (f"Negative curvature in block {block}: λ_min = {_fmt(low)} is {value:.3g} of "
-                           f"λ_max = {_fmt(top)} in magnitude (> {self.ratio:g}); the loss is locally "
-                           "non-convex there.")
+                message = (
+                    f"Negative curvature in block {block}: λ_min = {_fmt(low)} is {value:.3g} of "
+                    f"λ_max = {_fmt(top)} in magnitude (> {self.ratio:g}); the loss is locally "
+                    "non-convex there."
+                )
                 alerts.append(self._alert(history, message, tag, value))
         return alerts
 
@@ -462,14 +500,19 @@ class NonFinite(AlertRule):
     _SHOWN = 5
 
     def check(self, history: Sequence[PassRecord]) -> list[Alert]:
-        bad = [(tag, x) for tag, value in history[-1].scalars.items()
-               if (x := _number(value)) is not None and not math.isfinite(x)]
+        bad = [
+            (tag, x)
+            for tag, value in history[-1].scalars.items()
+            if (x := _number(value)) is not None and not math.isfinite(x)
+        ]
         if not bad:
             return []
         names = ", ".join(tag for tag, _ in bad[: self._SHOWN])
         more = f" and {len(bad) - self._SHOWN} more" if len(bad) > self._SHOWN else ""
-        message = (f"{len(bad)} non-finite scalar(s) ({names}{more}): training diverged or the curvature "
-                   "pass overflowed.")
+        message = (
+            f"{len(bad)} non-finite scalar(s) ({names}{more}): training diverged or the curvature "
+            "pass overflowed."
+        )
         return [self._alert(history, message, *bad[0])]
 
 
@@ -497,8 +540,10 @@ class BoundViolation(AlertRule):
         for tag in scalars:
             value = _finite(scalars, tag) if tag.endswith("/bound_ratio") else None
             if value is not None and value > 1 + self.tolerance:
-                message = (f"Bound violated: {tag} = {value:.6g} > 1, a measured quantity exceeds its proven "
-                           "bound (a bug, or the setting is outside the theorem's assumptions).")
+                message = (
+                    f"Bound violated: {tag} = {value:.6g} > 1, a measured quantity exceeds its proven "
+                    "bound (a bug, or the setting is outside the theorem's assumptions)."
+                )
                 alerts.append(self._alert(history, message, tag, value))
         return alerts
 
@@ -528,8 +573,10 @@ class HeterogeneityJump(_MedianJump):
         if jump is None:
             return []
         value, median, n = jump
-        message = (f"Block heterogeneity (JS distance) jumped to {value:.4g}, {value / median:.3g}x the "
-                   f"median {median:.4g} of its previous {n} passes: the blocks' spectra are drifting apart.")
+        message = (
+            f"Block heterogeneity (JS distance) jumped to {value:.4g}, {value / median:.3g}x the "
+            f"median {median:.4g} of its previous {n} passes: the blocks' spectra are drifting apart."
+        )
         return [self._alert(history, message, tags.HETEROGENEITY, value)]
 
 
@@ -546,15 +593,23 @@ class ThresholdRule(AlertRule):
         severity, cooldown, enabled: see :class:`AlertRule`.
     """
 
-    def __init__(self, name: str, tag_pattern: str | re.Pattern[str], above: float | None = None,
-                 below: float | None = None, severity: str = "warning", cooldown: int = 0,
-                 enabled: bool = True) -> None:
+    def __init__(
+        self,
+        name: str,
+        tag_pattern: str | re.Pattern[str],
+        above: float | None = None,
+        below: float | None = None,
+        severity: str = "warning",
+        cooldown: int = 0,
+        enabled: bool = True,
+    ) -> None:
         super().__init__(name, severity, cooldown, enabled)
         try:
             self.pattern = re.compile(tag_pattern)
         except (re.error, TypeError) as error:
-            raise ValueError(f"tag_pattern must be a regular expression for re.fullmatch, got "
-                             f"{tag_pattern!r}: {error}") from error
+            raise ValueError(
+                f"tag_pattern must be a regular expression for re.fullmatch, got {tag_pattern!r}: {error}"
+            ) from error
         if above is None and below is None:
             raise ValueError("give above=, below= or both: the values outside them fire")
         self.above = None if above is None else _arg("above", above)
@@ -592,8 +647,14 @@ class CallableRule(AlertRule):
         severity, cooldown, enabled: see :class:`AlertRule`.
     """
 
-    def __init__(self, name: str, fn: Callable[[Sequence[PassRecord]], Iterable[Any] | None],
-                 severity: str = "warning", cooldown: int = 0, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[[Sequence[PassRecord]], Iterable[Any] | None],
+        severity: str = "warning",
+        cooldown: int = 0,
+        enabled: bool = True,
+    ) -> None:
         super().__init__(name, severity, cooldown, enabled)
         if not callable(fn):
             raise ValueError(f"fn must be a function fn(history) -> [(tag, value, message), ...], got {fn!r}")
@@ -610,8 +671,15 @@ class CallableRule(AlertRule):
 
 def default_rules() -> list[AlertRule]:
     """Every built-in rule with its defaults (see the module docstring), most severe first."""
-    return [NonFinite(), StabilityThreshold(), BoundViolation(), ProgressiveSharpening(), CurvatureSpike(),
-            NegativeCurvature(), HeterogeneityJump()]
+    return [
+        NonFinite(),
+        StabilityThreshold(),
+        BoundViolation(),
+        ProgressiveSharpening(),
+        CurvatureSpike(),
+        NegativeCurvature(),
+        HeterogeneityJump(),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- manager
@@ -636,8 +704,9 @@ class AlertManager:
         max_alerts: fired alerts kept in :attr:`alerts` (the oldest are dropped; :attr:`counts` counts all).
     """
 
-    def __init__(self, rules: Iterable[AlertRule] | None = None, *, history_size: int = 200,
-                 max_alerts: int = 1000) -> None:
+    def __init__(
+        self, rules: Iterable[AlertRule] | None = None, *, history_size: int = 200, max_alerts: int = 1000
+    ) -> None:
         _arg("history_size", history_size, 1, integer=True, what="passes kept")
         _arg("max_alerts", max_alerts, 1, integer=True, what="fired alerts kept")
         self.rules: list[AlertRule] = default_rules() if rules is None else list(rules)
@@ -682,13 +751,16 @@ class AlertManager:
                 alerts = list(rule.check(history))
                 for alert in alerts:
                     if not isinstance(alert, Alert) or alert.severity not in SEVERITIES:
-                        raise TypeError(f"check() must return Alerts with severities in {SEVERITIES}, "
-                                        f"got {alert!r}")
+                        raise TypeError(
+                            f"check() must return Alerts with severities in {SEVERITIES}, got {alert!r}"
+                        )
             except Exception as error:  # a broken rule must not stop training
                 if rule.name not in self._failed:
                     self._failed.add(rule.name)
-                    message = (f"Alert rule {rule.name!r} failed ({type(error).__name__}: {error}); it is "
-                               "skipped whenever it fails, and this is reported once.")
+                    message = (
+                        f"Alert rule {rule.name!r} failed ({type(error).__name__}: {error}); it is "
+                        "skipped whenever it fails, and this is reported once."
+                    )
                     fired.append(Alert("alerts", "warning", record.step, message))
                 continue
             fired.extend(alert for alert in alerts if self._cooled_down(rule, alert))
@@ -737,11 +809,15 @@ class AlertManager:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (the current ``history_size`` / ``max_alerts`` apply)."""
         try:
-            history = [PassRecord(int(r["step"]), {str(t): float(v) for t, v in r["scalars"].items()})
-                       for r in state["history"]]
+            history = [
+                PassRecord(int(r["step"]), {str(t): float(v) for t, v in r["scalars"].items()})
+                for r in state["history"]
+            ]
             alerts = [Alert(**alert) for alert in state["alerts"]]
-            last = {(rule, tag): (int(step), SEVERITIES.index(severity))
-                    for rule, tag, step, severity in state["cooldowns"]}
+            last = {
+                (rule, tag): (int(step), SEVERITIES.index(severity))
+                for rule, tag, step, severity in state["cooldowns"]
+            }
             counts = {severity: int(state["counts"].get(severity, 0)) for severity in SEVERITIES}
             failed = {str(name) for name in state.get("failed_rules", ())}
         except (KeyError, TypeError, ValueError, AttributeError) as error:

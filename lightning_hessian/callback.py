@@ -708,8 +708,10 @@ class HessianMonitor(Callback):
         target = self.theory_target
         if target is not None and trainer.world_size > 1:
             target = None
-            self._note("the theory's proven setting is checked in a single process only; under DDP each "
-                       "process would bound its own share of the curvature data")
+            self._note(
+                "the theory's proven setting is checked in a single process only; under DDP each "
+                "process would bound its own share of the curvature data"
+            )
         try:
             comparison = compare_attention(
                 pl_module,
@@ -724,8 +726,10 @@ class HessianMonitor(Callback):
         except Exception as error:
             if self.on_error == "raise":
                 raise
-            self._note(f"the theory comparison failed at step {step} and was left out "
-                       f"({type(error).__name__}: {error}); the measured curvature is logged as usual")
+            self._note(
+                f"the theory comparison failed at step {step} and was left out "
+                f"({type(error).__name__}: {error}); the measured curvature is logged as usual"
+            )
             return None
         by_reason: dict[str, list[str]] = {}
         for layer, reason in comparison.skipped.items():
@@ -733,8 +737,10 @@ class HessianMonitor(Callback):
         for reason, layers in by_reason.items():
             self._note(f"attention layer(s) {', '.join(layers)} not compared with the theory: {reason}")
         if target is not None and comparison.proven_reason is not None:
-            self._note(f"theory_target was given but the bounds are not proven for this model: "
-                       f"{comparison.proven_reason}; bound_ratio is not logged")
+            self._note(
+                f"theory_target was given but the bounds are not proven for this model: "
+                f"{comparison.proven_reason}; bound_ratio is not logged"
+            )
         return comparison
 
     def _loss_fn(self) -> Callable[[nn.Module, Any], Any]:

@@ -346,8 +346,15 @@ def _theory_charts(logged: set[str], chart: Any) -> dict[str, list[str]]:
             *(tags.theory_tag(b, "bound_ratio") for b in own)
         )
         charts[f"{layer}: measured λ_max against the bounds"] = chart(
-            *(t for b in own for t in (tags.block_tag(b, "top_eigenvalue"), tags.theory_tag(b, "outer_bound"),
-                                      tags.theory_tag(b, "bound")))
+            *(
+                t
+                for b in own
+                for t in (
+                    tags.block_tag(b, "top_eigenvalue"),
+                    tags.theory_tag(b, "outer_bound"),
+                    tags.theory_tag(b, "bound"),
+                )
+            )
         )
         charts[f"{layer}: Jacobian norms per head ‖G_Q‖, ‖G_K‖, ‖G_V‖"] = chart(
             *(t for t in theory if t.startswith(f"{prefix}{layer}/head_"))

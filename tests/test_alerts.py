@@ -44,9 +44,18 @@ def series(tag: str, values: list[float | None], every: int = 100) -> list[PassR
 # --------------------------------------------------------------------------------------- StabilityThreshold
 
 
-@pytest.mark.parametrize(("ratio", "severity"), [(0.5, None), (0.8999, None), (0.9, "warning"),
-                                                 (0.99, "warning"), (1.0, "critical"), (1.7, "critical"),
-                                                 (math.nan, None)])
+@pytest.mark.parametrize(
+    ("ratio", "severity"),
+    [
+        (0.5, None),
+        (0.8999, None),
+        (0.9, "warning"),
+        (0.99, "warning"),
+        (1.0, "critical"),
+        (1.7, "critical"),
+        (math.nan, None),
+    ],
+)
 def test_stability_threshold_levels(ratio, severity):
     alerts = StabilityThreshold().check(history({tags.SHARPNESS_RATIO: ratio}))
     assert [a.severity for a in alerts] == ([] if severity is None else [severity])
@@ -56,8 +65,13 @@ def test_stability_threshold_levels(ratio, severity):
 
 
 def test_stability_threshold_message_and_both_ratios():
-    scalars = {tags.SHARPNESS: 2100.0, tags.THRESHOLD: 2000.0, tags.SHARPNESS_RATIO: 1.05,
-               tags.PRECONDITIONED_RATIO: 0.95, tags.PRECONDITIONED_THRESHOLD: 380.0}
+    scalars = {
+        tags.SHARPNESS: 2100.0,
+        tags.THRESHOLD: 2000.0,
+        tags.SHARPNESS_RATIO: 1.05,
+        tags.PRECONDITIONED_RATIO: 0.95,
+        tags.PRECONDITIONED_THRESHOLD: 380.0,
+    }
     crossed, approaching = StabilityThreshold().check(history(scalars))
     assert crossed.severity == "critical" and approaching.severity == "warning"
     assert "2100" in crossed.message and "2000" in crossed.message and "1.05" in crossed.message
@@ -144,9 +158,12 @@ def test_heterogeneity_jump():
 
 def test_negative_curvature():
     neg = tags.block_tag("layers.1.ffn_in", "negative_ratio")
-    scalars = {neg: 0.51, tags.block_tag("layers.1.ffn_in", "min_eigenvalue"): -5.1,
-               tags.block_tag("layers.1.ffn_in", "top_eigenvalue"): 10.0,
-               tags.block_tag("model", "negative_ratio"): 0.5}
+    scalars = {
+        neg: 0.51,
+        tags.block_tag("layers.1.ffn_in", "min_eigenvalue"): -5.1,
+        tags.block_tag("layers.1.ffn_in", "top_eigenvalue"): 10.0,
+        tags.block_tag("model", "negative_ratio"): 0.5,
+    }
     (alert,) = NegativeCurvature().check(history(scalars))
     assert alert.severity == "info" and alert.tag == neg and "-5.1" in alert.message
     assert NegativeCurvature(ratio=0.6).check(history(scalars)) == []
@@ -178,11 +195,19 @@ def test_bound_violation():
 
 def test_threshold_rule():
     rule = ThresholdRule("traces", r"curvature/.*/trace", above=100.0, below=0.0, severity="info")
-    scalars = {"curvature/a/trace": 100.0, "curvature/b/trace": 101.0, "curvature/c/trace": -1.0,
-               "curvature/d/trace": 0.0, "curvature/e/trace_stderr": 1e9, "x/curvature/f/trace": 1e9}
+    scalars = {
+        "curvature/a/trace": 100.0,
+        "curvature/b/trace": 101.0,
+        "curvature/c/trace": -1.0,
+        "curvature/d/trace": 0.0,
+        "curvature/e/trace_stderr": 1e9,
+        "x/curvature/f/trace": 1e9,
+    }
     alerts = rule.check(history(scalars))
-    assert [(a.tag, a.severity, a.rule) for a in alerts] == [("curvature/b/trace", "info", "traces"),
-                                                             ("curvature/c/trace", "info", "traces")]
+    assert [(a.tag, a.severity, a.rule) for a in alerts] == [
+        ("curvature/b/trace", "info", "traces"),
+        ("curvature/c/trace", "info", "traces"),
+    ]
     assert "above" in alerts[0].message and "below" in alerts[1].message
     assert ThresholdRule("low", r"stability/.*", below=1.0).check(history({tags.SHARPNESS: 0.5}))
 
@@ -207,8 +232,15 @@ def test_callable_rule():
 
 def test_default_rules_and_manager_defaults():
     names = [rule.name for rule in default_rules()]
-    assert set(names) == {"non_finite", "stability_threshold", "progressive_sharpening", "curvature_spike",
-                          "negative_curvature", "bound_violation", "heterogeneity_jump"}
+    assert set(names) == {
+        "non_finite",
+        "stability_threshold",
+        "progressive_sharpening",
+        "curvature_spike",
+        "negative_curvature",
+        "bound_violation",
+        "heterogeneity_jump",
+    }
     assert [rule.name for rule in AlertManager().rules] == names
     manager = AlertManager()
     assert manager.update(PassRecord(0, {tags.SHARPNESS_RATIO: 0.5})) == []
@@ -221,13 +253,16 @@ def test_default_rules_and_manager_defaults():
 def test_cooldown_per_rule_and_tag():
     rule = ThresholdRule("big", r"curvature/.*/top_eigenvalue", above=1.0, cooldown=300)
     manager = AlertManager([rule])
-    fired = [[a.tag for a in manager.update(PassRecord(step, scalars))] for step, scalars in [
-        (0, {Q_TOP: 2.0}),
-        (100, {Q_TOP: 2.0, K_TOP: 2.0}),  # Q within its cooldown; K is another tag
-        (200, {Q_TOP: 2.0, K_TOP: 2.0}),
-        (300, {Q_TOP: 2.0, K_TOP: 2.0}),  # Q: 300 steps since step 0, fires again
-        (400, {Q_TOP: 2.0, K_TOP: 2.0}),  # K: 300 steps since step 100
-    ]]
+    fired = [
+        [a.tag for a in manager.update(PassRecord(step, scalars))]
+        for step, scalars in [
+            (0, {Q_TOP: 2.0}),
+            (100, {Q_TOP: 2.0, K_TOP: 2.0}),  # Q within its cooldown; K is another tag
+            (200, {Q_TOP: 2.0, K_TOP: 2.0}),
+            (300, {Q_TOP: 2.0, K_TOP: 2.0}),  # Q: 300 steps since step 0, fires again
+            (400, {Q_TOP: 2.0, K_TOP: 2.0}),  # K: 300 steps since step 100
+        ]
+    ]
     assert fired == [[Q_TOP], [K_TOP], [], [Q_TOP], [K_TOP]]
     every = AlertManager([ThresholdRule("big", r".*", above=1.0)])  # cooldown 0: every pass
     assert all(every.update(PassRecord(step, {Q_TOP: 2.0})) for step in range(3))
@@ -235,8 +270,10 @@ def test_cooldown_per_rule_and_tag():
 
 def test_cooldown_lets_escalations_through():
     manager = AlertManager([StabilityThreshold(cooldown=1000)])
-    severities = [[a.severity for a in manager.update(PassRecord(step, {tags.SHARPNESS_RATIO: ratio}))]
-                  for step, ratio in [(0, 0.95), (100, 1.1), (200, 0.95), (300, 1.1), (1100, 1.1)]]
+    severities = [
+        [a.severity for a in manager.update(PassRecord(step, {tags.SHARPNESS_RATIO: ratio}))]
+        for step, ratio in [(0, 0.95), (100, 1.1), (200, 0.95), (300, 1.1), (1100, 1.1)]
+    ]
     assert severities == [["warning"], ["critical"], [], [], ["critical"]]
 
 
@@ -275,8 +312,11 @@ def test_failing_rule_reported_once_and_others_go_on():
     bad_output = CallableRule("bad_output", lambda history: [("tag", "not a number", "message")])
     manager = AlertManager([Broken(), bad_output, StabilityThreshold()])
     first = manager.update(PassRecord(0, {tags.SHARPNESS_RATIO: 2.0}))
-    assert [(a.rule, a.severity) for a in first] == [("alerts", "warning"), ("alerts", "warning"),
-                                                     ("stability_threshold", "critical")]
+    assert [(a.rule, a.severity) for a in first] == [
+        ("alerts", "warning"),
+        ("alerts", "warning"),
+        ("stability_threshold", "critical"),
+    ]
     assert "'broken'" in first[0].message and "RuntimeError: boom" in first[0].message
     assert "'bad_output'" in first[1].message
     second = manager.update(PassRecord(100, {tags.SHARPNESS_RATIO: 2.0}))
@@ -286,7 +326,9 @@ def test_failing_rule_reported_once_and_others_go_on():
     junk = CallableRule("junk", lambda history: None)
     junk.check = lambda history: ["not an alert"]
     assert [a.rule for a in AlertManager([_Raising(name="plain"), junk]).update(PassRecord(0, {}))] == [
-        "alerts", "alerts"]
+        "alerts",
+        "alerts",
+    ]
     with pytest.raises(TypeError, match="abstract"):
         AlertRule(name="base")  # check() must be implemented
 
@@ -318,15 +360,25 @@ def dumps(alerts: list[Alert]) -> str:
 
 
 def make_manager() -> AlertManager:
-    return AlertManager([NonFinite(), StabilityThreshold(cooldown=500), CurvatureSpike(cooldown=250),
-                         ProgressiveSharpening(), Broken()], history_size=50)
+    return AlertManager(
+        [
+            NonFinite(),
+            StabilityThreshold(cooldown=500),
+            CurvatureSpike(cooldown=250),
+            ProgressiveSharpening(),
+            Broken(),
+        ],
+        history_size=50,
+    )
 
 
 def test_state_dict_json_round_trip_continues_identically():
     original = make_manager()
     rising = [1.2**i for i in range(6)]
-    passes = [PassRecord(i * 100, {Q_TOP: 1.0, tags.SHARPNESS: 10 * r, tags.SHARPNESS_RATIO: 0.3 * r})
-              for i, r in enumerate(rising)]
+    passes = [
+        PassRecord(i * 100, {Q_TOP: 1.0, tags.SHARPNESS: 10 * r, tags.SHARPNESS_RATIO: 0.3 * r})
+        for i, r in enumerate(rising)
+    ]
     passes.append(PassRecord(600, {Q_TOP: math.nan, tags.SHARPNESS_RATIO: 1.2}))
     for record in passes:
         original.update(record)
@@ -338,8 +390,10 @@ def test_state_dict_json_round_trip_continues_identically():
     assert dumps(restored.alerts) == dumps(original.alerts) and restored.counts == original.counts
     assert math.isnan(restored.history[-1].scalars[Q_TOP])
     fired = []
-    for record in [PassRecord(700, {Q_TOP: 5.0, tags.SHARPNESS_RATIO: 1.3}),  # stability in cooldown; spike
-                   PassRecord(1100, {Q_TOP: 5.0, tags.SHARPNESS_RATIO: 1.3})]:  # both cooldowns over
+    for record in [
+        PassRecord(700, {Q_TOP: 5.0, tags.SHARPNESS_RATIO: 1.3}),  # stability in cooldown; spike
+        PassRecord(1100, {Q_TOP: 5.0, tags.SHARPNESS_RATIO: 1.3}),
+    ]:  # both cooldowns over
         expected = original.update(record)
         assert dumps(restored.update(record)) == dumps(expected)
         fired.append([a.rule for a in expected])
@@ -357,31 +411,34 @@ def test_load_state_dict_rejects_garbage():
 # ---------------------------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize(("make", "match"), [
-    (lambda: NonFinite(cooldown=-1), "cooldown"),
-    (lambda: NonFinite(cooldown=1.5), "cooldown"),
-    (lambda: NonFinite(severity="fatal"), "severity must be one of"),
-    (lambda: NonFinite(name=""), "non-empty name"),
-    (lambda: NonFinite(name="alerts"), "reserved"),
-    (lambda: _Nameless(), "non-empty name"),
-    (lambda: StabilityThreshold(approach=0), "approach"),
-    (lambda: StabilityThreshold(approach=1.5), "approach must be <= 1"),
-    (lambda: ProgressiveSharpening(window=1), "window"),
-    (lambda: ProgressiveSharpening(min_increase=-0.1), "min_increase"),
-    (lambda: CurvatureSpike(factor=1.0), "factor"),
-    (lambda: CurvatureSpike(window=0), "window"),
-    (lambda: CurvatureSpike(min_history=6), "min_history"),
-    (lambda: HeterogeneityJump(factor=math.nan), "factor"),
-    (lambda: NegativeCurvature(ratio=-1), "ratio"),
-    (lambda: BoundViolation(tolerance=-1e-3), "tolerance"),
-    (lambda: ThresholdRule("t", r".*"), "above=, below="),
-    (lambda: ThresholdRule("t", r"(", above=1), "regular expression"),
-    (lambda: ThresholdRule("t", r".*", above=1, below=2), "below"),
-    (lambda: ThresholdRule("t", r".*", above="1"), "above"),
-    (lambda: CallableRule("c", 42), "fn must be"),
-    (lambda: AlertManager(history_size=0), "history_size"),
-    (lambda: AlertManager(max_alerts=0), "max_alerts"),
-])
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: NonFinite(cooldown=-1), "cooldown"),
+        (lambda: NonFinite(cooldown=1.5), "cooldown"),
+        (lambda: NonFinite(severity="fatal"), "severity must be one of"),
+        (lambda: NonFinite(name=""), "non-empty name"),
+        (lambda: NonFinite(name="alerts"), "reserved"),
+        (lambda: _Nameless(), "non-empty name"),
+        (lambda: StabilityThreshold(approach=0), "approach"),
+        (lambda: StabilityThreshold(approach=1.5), "approach must be <= 1"),
+        (lambda: ProgressiveSharpening(window=1), "window"),
+        (lambda: ProgressiveSharpening(min_increase=-0.1), "min_increase"),
+        (lambda: CurvatureSpike(factor=1.0), "factor"),
+        (lambda: CurvatureSpike(window=0), "window"),
+        (lambda: CurvatureSpike(min_history=6), "min_history"),
+        (lambda: HeterogeneityJump(factor=math.nan), "factor"),
+        (lambda: NegativeCurvature(ratio=-1), "ratio"),
+        (lambda: BoundViolation(tolerance=-1e-3), "tolerance"),
+        (lambda: ThresholdRule("t", r".*"), "above=, below="),
+        (lambda: ThresholdRule("t", r"(", above=1), "regular expression"),
+        (lambda: ThresholdRule("t", r".*", above=1, below=2), "below"),
+        (lambda: ThresholdRule("t", r".*", above="1"), "above"),
+        (lambda: CallableRule("c", 42), "fn must be"),
+        (lambda: AlertManager(history_size=0), "history_size"),
+        (lambda: AlertManager(max_alerts=0), "max_alerts"),
+    ],
+)
 def test_argument_validation(make, match):
     with pytest.raises(ValueError, match=match):
         make()

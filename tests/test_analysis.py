@@ -337,8 +337,11 @@ def test_gradient_and_random_starts_agree():
     with sdpa_kernel(SDPBackend.MATH):
         dense = torch.linalg.eigvalsh(dense_hessian(model, loss_fn, batch, block))
     kwargs = dict(blocks=[block], full=True, tol=1e-8, max_iter=300, trace=False)
-    reports = [analyze(model, loss_fn, batch, start=s, seed=seed, **kwargs) for s in ("gradient", "random")
-               for seed in (0, 1)]
+    reports = [
+        analyze(model, loss_fn, batch, start=s, seed=seed, **kwargs)
+        for s in ("gradient", "random")
+        for seed in (0, 1)
+    ]
     for report in reports:
         got = report.blocks[block.name]
         assert got.top_eigenvalue == pytest.approx(float(dense[-1]), rel=1e-7)

@@ -205,8 +205,9 @@ class _BatchedOperator:
         for b, v in enumerate(vectors):
             if v is not None:
                 stacked[: v.shape[1], b] = v.T
-        products = torch.stack([self.matvec(c.reshape(*self.batch, self.n)).reshape(self.count, self.n)
-                                for c in stacked])
+        products = torch.stack(
+            [self.matvec(c.reshape(*self.batch, self.n)).reshape(self.count, self.n) for c in stacked]
+        )
         return [None if v is None else products[: v.shape[1], b].T for b, v in enumerate(vectors)]
 
 
