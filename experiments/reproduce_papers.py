@@ -544,8 +544,8 @@ def live_bounds_section(res: repro_live_bounds.LiveBounds, summ: dict, seconds: 
             "printed bound assumes uniform attention (‖dA/dT‖ ≤ 1/L), which training breaks here;",
             f"it is violated at steps {paper_violated}."
             if paper_violated
-            else "yet it is not violated: its other steps (‖A‖ ≤ L, ρ ≥ ‖F − T‖_F) are loose enough to absorb "
-            "the error in this task.",
+            else "yet it is not violated: its other steps (‖A‖ ≤ L, ρ ≥ ‖F − T‖_F) are loose enough to "
+            "absorb the error in this task.",
             "The violations it allows are constructed in tests/test_formulas_attention.py (peaked",
             "two-point attention).",
         ),
