@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from _models import loss_fn, make_batch, make_model
+from _processes import free_port, sum_over_processes
 from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_hessian import Batches, analyze
@@ -27,17 +27,6 @@ pytestmark = [
 
 SETTINGS = dict(full=True, top_k=2, tol=1e-10, max_iter=300, density=True, density_steps=8, trace_matvecs=30)
 SIZES = (2, 3)  # different batch sizes per process: the union's mean must weight them
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _sum(tensor: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(tensor)
-    return tensor
 
 
 def _worker(rank: int, world: int, port: int, out: str, fail_on: int, fail_product_on: int = -1) -> None:
@@ -66,7 +55,7 @@ def _worker(rank: int, world: int, port: int, out: str, fail_on: int, fail_produ
             CurvatureOperator._product = failing
 
         try:
-            report = analyze(model, fn, batch, reduce=_sum, **SETTINGS)
+            report = analyze(model, fn, batch, reduce=sum_over_processes, **SETTINGS)
             result = {"report": report.to_dict()}
         except RuntimeError as error:
             result = {"error": str(error)}
@@ -78,7 +67,7 @@ def _worker(rank: int, world: int, port: int, out: str, fail_on: int, fail_produ
 def _run(tmp_path: Path, fail_on: int = -1, fail_product_on: int = -1) -> list[dict]:
     mp.start_processes(
         _worker,
-        args=(2, _free_port(), str(tmp_path), fail_on, fail_product_on),
+        args=(2, free_port(), str(tmp_path), fail_on, fail_product_on),
         nprocs=2,
         start_method="spawn",
     )
@@ -139,7 +128,7 @@ class _CleanDDPSpawn(DDPStrategy):
 @pytest.fixture
 def fresh_port(monkeypatch):
     """Lightning's launcher reuses an inherited MASTER_PORT: give every distributed test its own."""
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
 
 
@@ -209,7 +198,7 @@ def _ddp_worker(rank: int, port: int, out: str, monitor, max_steps: int) -> None
 
 def _fit_ddp(tmp_path: Path, monitor, max_steps: int = 6):
     mp.start_processes(
-        _ddp_worker, args=(_free_port(), str(tmp_path), monitor, max_steps), nprocs=2, start_method="spawn"
+        _ddp_worker, args=(free_port(), str(tmp_path), monitor, max_steps), nprocs=2, start_method="spawn"
     )
     return _events(tmp_path)
 
@@ -282,7 +271,7 @@ def test_an_error_in_the_products_of_one_process_skips_the_pass_on_all_with_its_
         every_n_steps=1, loss_fn=_out_of_memory_on_rank_one, chunk_size=2, figures=False, theory=False
     )
     mp.start_processes(
-        _warning_worker, args=(_free_port(), str(tmp_path), monitor), nprocs=2, start_method="spawn"
+        _warning_worker, args=(free_port(), str(tmp_path), monitor), nprocs=2, start_method="spawn"
     )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["step"] for r in ranks] == [2, 2]

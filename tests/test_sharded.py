@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import warnings
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from _models import loss_fn, make_batch, make_model
+from _processes import free_port, sum_over_processes
 
 from lightning_hessian import Batches, CurvatureOperator, analyze, find_blocks
 from lightning_hessian._context import curvature_context
@@ -38,17 +38,6 @@ def _fully_shard():
     except ImportError:
         return None
     return fully_shard
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _sum(tensor: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(tensor)
-    return tensor
 
 
 def _blocks(model):
@@ -77,15 +66,21 @@ def _worker(rank: int, port: int, out: str) -> None:
         before = [p.to_local().clone() for p in model.parameters()]
         batch = make_batch("nanogpt", SIZES[rank], torch.float64, seed=rank)
         with curvature_context(model, exact=False):
-            op = ShardedOperator(model, loss_fn, batch, blocks, reduce=_sum)
+            op = ShardedOperator(model, loss_fn, batch, blocks, reduce=sum_over_processes)
             products = op.matmat(_vectors(op.sizes))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             report = analyze(
-                model, loss_fn, batch, blocks=blocks[:1], products="auto", reduce=_sum, **SETTINGS
+                model,
+                loss_fn,
+                batch,
+                blocks=blocks[:1],
+                products="auto",
+                reduce=sum_over_processes,
+                **SETTINGS,
             )
         try:
-            analyze(model, loss_fn, batch, products="exact", reduce=_sum, **SETTINGS)
+            analyze(model, loss_fn, batch, products="exact", reduce=sum_over_processes, **SETTINGS)
             refused = ""
         except ValueError as error:
             refused = str(error)
@@ -105,7 +100,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.skipif(_fully_shard() is None, reason="this PyTorch has no FSDP2 fully_shard")
 def test_fsdp2_two_processes_equal_exact_curvature_of_the_union(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     first, second = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     model = make_model("nanogpt", torch.float64)
     blocks = _blocks(model)
