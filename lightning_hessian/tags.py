@@ -11,11 +11,19 @@ from __future__ import annotations
 __all__ = [
     "ALERT_COUNT",
     "BLOCK_STATS",
+    "CRITICAL_RATIO",
+    "CRITICAL_SHARPNESS",
+    "GRADIENT_ALIGNMENT",
     "HETEROGENEITY",
     "LEARNING_RATE",
+    "MONITOR_OVERHEAD",
+    "MONITOR_ROTATION",
+    "MONITOR_SECONDS",
     "PASS_LOSS",
     "PASS_MATVECS",
     "PASS_SECONDS",
+    "PRECONDITIONED_GRADIENT_CURVATURE",
+    "PRECONDITIONED_GRADIENT_RATIO",
     "PRECONDITIONED_RATIO",
     "PRECONDITIONED_SHARPNESS",
     "PRECONDITIONED_THRESHOLD",
@@ -23,6 +31,8 @@ __all__ = [
     "SHARPNESS_RATIO",
     "THEORY_STATS",
     "THRESHOLD",
+    "UPDATE_ALIGNMENT",
+    "UPDATE_CURVATURE",
     "block_tag",
     "parse_block_tag",
     "theory_tag",
@@ -40,6 +50,8 @@ BLOCK_STATS = (
     "functional_top",
     "functional_min",
     "preconditioned_top",  # λ_max(P^-1 H) with an optimiser's diagonal preconditioner P (whole model)
+    "top_share",  # |v_b|^2: the block's share of the whole model's top eigenvector v (whole-model tier)
+    "trace_stderr",  # standard error of the trace estimate
 )
 
 THEORY = "theory"
@@ -67,6 +79,25 @@ PRECONDITIONED_SHARPNESS = "stability/preconditioned_sharpness"  # λ_max(P^-1 H
 PRECONDITIONED_THRESHOLD = "stability/preconditioned_threshold"  # (2 + 2 β1) / ((1 - β1) lr)
 PRECONDITIONED_RATIO = "stability/preconditioned_ratio"
 HETEROGENEITY = "heterogeneity/js_distance"  # mean pairwise Jensen-Shannon distance of block densities
+# Cheap tier: directions the optimiser actually takes, from a few forwards (lightning_hessian.directional).
+UPDATE_CURVATURE = "stability/update_curvature"  # u'Hu / |u|^2 along the update u just taken
+CRITICAL_SHARPNESS = "stability/critical_sharpness"  # 2 / η_c, η_c the largest step along the update that
+# does not raise the loss (Kalra et al., arXiv:2601.16979)
+CRITICAL_RATIO = (
+    "stability/critical_ratio"  # critical sharpness / (2 / lr) = lr / η_c; > 1: the step overshoots
+)
+PRECONDITIONED_GRADIENT_CURVATURE = "stability/preconditioned_gradient_curvature"  # (P^-1 g)'H(P^-1 g) /
+# (g' P^-1 g): the curvature of P^-1/2 H P^-1/2 along the preconditioned gradient (Bai et al., arXiv:2506.04805)
+PRECONDITIONED_GRADIENT_RATIO = (
+    "stability/preconditioned_gradient_ratio"  # ... / (2 / lr); > 1 precedes spikes
+)
+# Whole-model tier: what the top eigenvector says for free.
+GRADIENT_ALIGNMENT = "stability/gradient_alignment"  # |P_top g| / |g|: the gradient's share in the top space
+UPDATE_ALIGNMENT = "stability/update_alignment"  # |P_top u| / |u| for the update u just taken
+# The monitor's own cost (lightning_hessian.planner).
+MONITOR_OVERHEAD = "monitor/overhead"  # monitor seconds / training seconds so far
+MONITOR_SECONDS = "monitor/seconds"  # the monitor's seconds so far
+MONITOR_ROTATION = "monitor/rotation_steps"  # optimizer steps one rotation over every block takes
 PASS_SECONDS = "curvature_pass/seconds"
 PASS_MATVECS = "curvature_pass/matvecs"
 PASS_LOSS = "curvature_pass/loss"  # the loss on the curvature batches
