@@ -81,16 +81,13 @@ PRECONDITIONED_RATIO = "stability/preconditioned_ratio"
 HETEROGENEITY = "heterogeneity/js_distance"  # mean pairwise Jensen-Shannon distance of block densities
 # Cheap tier: directions the optimiser actually takes, from a few forwards (lightning_hessian.directional).
 UPDATE_CURVATURE = "stability/update_curvature"  # u'Hu / |u|^2 along the update u just taken
-CRITICAL_SHARPNESS = "stability/critical_sharpness"  # 2 / η_c, η_c the largest step along the update that
-# does not raise the loss (Kalra et al., arXiv:2601.16979)
-CRITICAL_RATIO = (
-    "stability/critical_ratio"  # critical sharpness / (2 / lr) = lr / η_c; > 1: the step overshoots
-)
-PRECONDITIONED_GRADIENT_CURVATURE = "stability/preconditioned_gradient_curvature"  # (P^-1 g)'H(P^-1 g) /
-# (g' P^-1 g): the curvature of P^-1/2 H P^-1/2 along the preconditioned gradient (Bai et al., arXiv:2506.04805)
-PRECONDITIONED_GRADIENT_RATIO = (
-    "stability/preconditioned_gradient_ratio"  # ... / (2 / lr); > 1 precedes spikes
-)
+# 2 / η_c, η_c the largest step along the update that does not raise the loss (Kalra et al., arXiv:2601.16979)
+CRITICAL_SHARPNESS = "stability/critical_sharpness"
+CRITICAL_RATIO = "stability/critical_ratio"  # critical sharpness / (2 / lr) = lr / η_c; > 1: step overshoots
+# (P^-1 g)'H(P^-1 g) / (g' P^-1 g): the curvature of P^-1/2 H P^-1/2 along the preconditioned gradient, and
+# its ratio to 2 / lr (Bai et al., arXiv:2506.04805: crosses 1 when a loss spike happens)
+PRECONDITIONED_GRADIENT_CURVATURE = "stability/preconditioned_gradient_curvature"
+PRECONDITIONED_GRADIENT_RATIO = "stability/preconditioned_gradient_ratio"
 # Whole-model tier: what the top eigenvector says for free.
 GRADIENT_ALIGNMENT = "stability/gradient_alignment"  # |P_top g| / |g|: the gradient's share in the top space
 UPDATE_ALIGNMENT = "stability/update_alignment"  # |P_top u| / |u| for the update u just taken
