@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import random
 import re
@@ -37,15 +38,12 @@ from lightning_hessian.alerts import Alert, AlertManager, AlertRule, PassRecord
 from lightning_hessian.analysis import analyze, check_settings
 from lightning_hessian.blocks import Block, FusedLayout, find_blocks
 from lightning_hessian.dashboard import CurvatureDashboard
-from lightning_hessian.formulas.stability import (
-    adam_preconditioner,
-    adam_threshold,
-    block_heterogeneity,
-    sgd_threshold,
-)
+from lightning_hessian.formulas.stability import block_heterogeneity
 from lightning_hessian.operators import Batches, NonFiniteLossError, PassFailedElsewhere
+from lightning_hessian.optimizers import adam_preconditioners, stability_scalars
 from lightning_hessian.report import CurvatureReport
 from lightning_hessian.theory import TheoryComparison, compare_attention
+from lightning_hessian.tracker import TIERS, CurvatureTracker
 
 __all__ = ["HessianMonitor"]
 
@@ -53,6 +51,7 @@ _DATA_MODES = ("fixed", "current")
 _ON_ERROR = ("warn", "raise")
 _STOP_ON = (None, "warning", "critical")
 _SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
+_LOG = logging.getLogger("lightning_hessian")
 #: The scalars put into ``trainer.callback_metrics`` (for EarlyStopping / ModelCheckpoint).
 _MONITORED = (
     tags.SHARPNESS,
@@ -159,6 +158,17 @@ def _optimizer_steps(trainer: pl.Trainer, *, ending_batch: bool = True) -> int:
     return steps + 1 if ending_batch and not loop._should_accumulate() else steps
 
 
+def _total_steps(trainer: pl.Trainer) -> int | None:
+    """The optimizer steps this run will take, when known before it ends."""
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        return int(trainer.max_steps)
+    try:
+        total = trainer.estimated_stepping_batches
+    except Exception:  # no loader length yet, or an iterable dataset
+        return None
+    return int(total) if math.isfinite(total) else None
+
+
 class HessianMonitor(Callback):
     r"""Measure the Hessian of the loss per parameter block during training, and raise curvature alerts.
 
@@ -253,10 +263,11 @@ class HessianMonitor(Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 100,
+        every_n_steps: int | None = None,
         *,
+        budget: float | None = None,
         early_steps: Sequence[int] = (),
-        at_end: bool = True,
+        at_end: bool | None = None,
         data: str | Sequence[Any] | Iterable[Any] = "fixed",
         num_batches: int = 1,
         loss_fn: Callable[[nn.Module, Any], Any] | None = None,
@@ -289,11 +300,34 @@ class HessianMonitor(Callback):
         theory_target: Callable[[Any], Tensor] | None = None,
         theory_samples: int = 2,
         name: str | None = None,
+        console: str | None = "warning",
     ) -> None:
         super().__init__()
+        scheduled = every_n_steps is not None or bool(early_steps)
+        if every_n_steps is None:
+            every_n_steps = 0
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
             raise ValueError(
-                f"every_n_steps must be an int >= 0 (0: only early_steps and the end), got {every_n_steps!r}."
+                f"every_n_steps must be None (plan by budget=), or an int >= 0 (0: only early_steps and the "
+                f"end), got {every_n_steps!r}."
+            )
+        if scheduled and budget is not None:
+            raise ValueError(
+                "budget= plans the measurements itself; every_n_steps= / early_steps= schedule full passes "
+                "instead. Pass one of them (max_overhead= bounds the cost of a schedule)."
+            )
+        if not scheduled and max_overhead is not None:
+            raise ValueError(
+                "max_overhead= bounds a schedule of full passes (every_n_steps=); without a schedule the "
+                "monitor plans within budget= (default 0.05): pass budget= instead."
+            )
+        if at_end is None:
+            at_end = scheduled
+        if console not in _SEVERITY_RANK and console is not None:
+            raise ValueError(
+                "console must be 'info', 'warning', 'critical' (the least severe alert printed as a "
+                "warning; less severe ones go to the 'lightning_hessian' logger) or None; got "
+                f"{console!r}."
             )
         if isinstance(early_steps, str) or not isinstance(early_steps, Iterable):
             raise ValueError(
@@ -303,7 +337,7 @@ class HessianMonitor(Callback):
         early = list(early_steps)
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in early):
             raise ValueError(f"early_steps must be optimizer steps >= 1, got {early_steps!r}.")
-        if every_n_steps == 0 and not early and not at_end:
+        if scheduled and every_n_steps == 0 and not early and not at_end:
             raise ValueError("Nothing scheduled: set every_n_steps > 0, early_steps, or at_end=True.")
         _check_data(data)
         if name is not None and (not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name)):
@@ -340,6 +374,16 @@ class HessianMonitor(Callback):
             )
 
         self.every_n_steps = every_n_steps
+        self.budget = None if scheduled else (0.05 if budget is None else budget)
+        if self.budget is not None and (
+            isinstance(self.budget, bool)
+            or not isinstance(self.budget, int | float)
+            or not 0 < self.budget < 1
+        ):
+            raise ValueError(
+                f"budget must be a fraction of training time in (0, 1), e.g. 0.05; got {budget!r}."
+            )
+        self.console = console
         self.early_steps = sorted(set(early))
         self.at_end = at_end
         self.data = data
@@ -425,6 +469,18 @@ class HessianMonitor(Callback):
         self._pass_seconds = 0.0
         self.passes = 0
         self.skipped = 0
+        self._pending: list[str] | None = None  # budget mode: the tiers planned before this step's update
+        self._told_schedule = False
+        self.tracker = (
+            None
+            if self.budget is None
+            else CurvatureTracker(
+                budget=self.budget,
+                analysis=self._analyze_kwargs,
+                preconditioned=self.preconditioned,
+                note=self._note,
+            )
+        )
 
     @property
     def _prefix(self) -> str:
@@ -492,6 +548,20 @@ class HessianMonitor(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A resumed run continues the time budget: the training time before the checkpoint counts too.
         self._train_start = time.perf_counter() - self._train_seconds
+        total = _total_steps(trainer)
+        if self.tracker is None and total is not None and not self.early_steps:
+            first = self.every_n_steps
+            if (first == 0 or first > total) and not self.at_end:
+                self._note(
+                    f"every_n_steps={self.every_n_steps} schedules no pass within this run's {total} steps "
+                    "and at_end=False: nothing will be measured. Lower every_n_steps or drop it (the "
+                    "monitor then plans within a time budget)"
+                )
+            elif first == 0 or first > total:
+                self._note(
+                    f"every_n_steps={self.every_n_steps} schedules no pass within this run's {total} steps: "
+                    "only the end-of-training pass will measure"
+                )
 
     @override
     def on_train_batch_start(
@@ -508,6 +578,70 @@ class HessianMonitor(Callback):
             return False
         training = time.perf_counter() - self._train_start - self._pass_seconds
         return self._pass_seconds > self.max_overhead * max(training, 1e-9)
+
+    def _training_seconds(self) -> float:
+        if self._train_start is None:
+            return 0.0
+        return time.perf_counter() - self._train_start - self._pass_seconds
+
+    def _plan(self, trainer: pl.Trainer) -> list[str]:
+        """Budget mode: the tiers due now (rank 0 decides: time differs per process)."""
+        assert self.tracker is not None
+        steps = _optimizer_steps(trainer, ending_batch=False)
+        kinds = self.tracker.plan(self._training_seconds(), steps) if self._ready() else []
+        if trainer.world_size > 1:
+            kinds = trainer.strategy.broadcast(kinds, src=0)
+        return kinds
+
+    def _ready(self) -> bool:
+        """Whether a curvature batch exists for a pass now (data="fixed" completes its capture first)."""
+        if self.data == "fixed":
+            return self._captured
+        return self.data != "current" or self._current is not None
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # Budget mode: plan before the update, so the weights it starts from can be kept to measure it.
+        if self.tracker is None or self._pending is not None:
+            return
+        self._pending = self._plan(trainer)
+        if self._pending and ("update" in self._pending or "model" in self._pending):
+            self.tracker.snapshot(pl_module)
+
+    def _tell_schedule(self, trainer: pl.Trainer, step: int) -> None:
+        """Budget mode: say once, as soon as the costs are known, what this run is too short to measure."""
+        assert self.tracker is not None
+        total = _total_steps(trainer)
+        planner = self.tracker.planner
+        if total is None or planner.step_seconds is None or step < 3:
+            return
+        budget = f"budget={self.budget:g}"
+        if not self._told_schedule:
+            self._told_schedule = True
+            late = {
+                kind: round(interval)
+                for kind in TIERS
+                if planner.spent.get(kind, 0.0) == 0.0
+                and (interval := planner.interval(kind)) is not None
+                and interval > total
+            }
+            if late:
+                listed = ", ".join(
+                    f"{kind!r} (first due after ~{steps} steps)" for kind, steps in late.items()
+                )
+                self._note(
+                    f"at {budget} this run of {total} steps is too short for the tier(s) {listed}: raise "
+                    "budget=, or pass at_end=True for one full pass at the end"
+                )
+        rotation = self.tracker.rotation_steps()
+        if rotation is not None and rotation > total:
+            self._note(
+                f"at {budget} one rotation over every block takes about {rotation:.0f} steps, longer than "
+                f"this run's {total}: some blocks will not be measured. Raise budget=, or pass at_end=True "
+                "for one full pass at the end"
+            )
 
     @override
     def on_train_batch_end(
@@ -526,6 +660,14 @@ class HessianMonitor(Callback):
         if step == self._last_step:  # a gradient-accumulation micro-batch: no optimizer step happened
             return
         self._last_step = step
+        if self.tracker is not None:
+            kinds, self._pending = self._pending, None
+            if kinds is None:  # no optimizer step hook ran (manual optimisation): plan now, no update known
+                kinds = self._plan(trainer)
+            if kinds:
+                self._measure(trainer, pl_module, step, kinds)
+            self._tell_schedule(trainer, step)
+            return
         if self._due(step):
             over_budget = self._over_budget()
             if trainer.world_size > 1:  # time differs per process: follow rank 0 so all make the same calls
@@ -608,15 +750,21 @@ class HessianMonitor(Callback):
             )
         return Batches(batches)
 
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        # Until the pass has finished (or failed), a checkpoint records it as under way: an interrupted pass
-        # (KeyboardInterrupt with OnExceptionCheckpoint) is made again by the resumed run.
-        self._in_flight = step
-        self._pass(trainer, pl_module, step)
+    def _measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, kinds: list[str] | None = None
+    ) -> None:
+        # Until a full pass has finished (or failed), a checkpoint records it as under way: an interrupted
+        # pass (KeyboardInterrupt with OnExceptionCheckpoint) is made again by the resumed run. A budget
+        # mode's tiers are short and planned again instead.
+        self._in_flight = step if kinds is None else None
+        self._pass(trainer, pl_module, step, kinds)
         self._in_flight = None
         self._last_pass_step = step
 
-    def _pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+    def _pass(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, kinds: list[str] | None = None
+    ) -> None:
+        """One measurement: a full pass (``kinds=None``) or the budget mode's tiers ``kinds``."""
         data = self._curvature_data(step)
         if data is None:
             return
@@ -625,10 +773,31 @@ class HessianMonitor(Callback):
         if self.loss_fn is None:
             loggers = [lg for lg in trainer.loggers if not isinstance(lg, DummyLogger)]
             guard = TrainingStepGuard(pl_module, loggers)
+        measurement = None
         try:
-            with guard if guard is not None else contextlib.nullcontext():
-                report, preconditioned = self._analyze(trainer, pl_module, data)
-                theory = self._theory(trainer, pl_module, data, report, step) if self.theory else None
+            with guard if guard is not None else contextlib.nullcontext(), self._progress(trainer) as say:
+                if kinds is None:
+                    say("full pass over every block")
+                    report, preconditioned = self._analyze(trainer, pl_module, data)
+                    theorised = report
+                else:
+                    assert self.tracker is not None
+                    measurement = self.tracker.measure(
+                        kinds,
+                        pl_module,
+                        self._loss_fn(),
+                        data,
+                        step,
+                        self._optimizer(trainer),
+                        reduce=self._reduce(trainer),
+                        progress=say,
+                    )
+                    report, preconditioned, theorised = self.tracker.latest, False, measurement.report
+                theory = (
+                    self._theory(trainer, pl_module, data, theorised, step)
+                    if self.theory and theorised is not None
+                    else None
+                )
         except NonFiniteLossError:
             if self.on_error == "raise":
                 raise
@@ -661,8 +830,18 @@ class HessianMonitor(Callback):
                     "forward hooks' counters, are not: pass loss_fn=lambda module, batch: <the loss> to "
                     "measure without re-running training_step"
                 )
-        scalars = report.scalars()
-        scalars.update(self._stability(trainer, report, preconditioned))
+        if measurement is not None:
+            scalars = dict(measurement.scalars)
+        else:
+            scalars = report.scalars()
+            if report.full is not None:
+                scalars.update(
+                    stability_scalars(
+                        self._optimizer(trainer),
+                        report.full.top_eigenvalue,
+                        report.full.preconditioned_top if preconditioned else None,
+                    )
+                )
         if theory is not None:
             scalars.update(theory.scalars())
         if report.settings.get("density"):
@@ -672,12 +851,14 @@ class HessianMonitor(Callback):
         seconds = time.perf_counter() - start
         self._pass_seconds += seconds
         scalars[tags.PASS_SECONDS] = seconds
-        scalars[tags.PASS_MATVECS] = float(report.matvecs)
+        if measurement is None:
+            scalars[tags.PASS_MATVECS] = float(report.matvecs)
+            self._last_report = report if self.warm_start else None
         scalars[tags.PASS_LOSS] = report.loss
-        self._last_report = report if self.warm_start else None
         self.passes += 1
         table = theory.table() if theory is not None and theory.layers else None
-        self._record(trainer, PassRecord(step=step, scalars=scalars), report, table)
+        layout = None if self.tracker is None else self.tracker.expected_tags()
+        self._record(trainer, PassRecord(step=step, scalars=scalars), report, table, layout)
 
     @staticmethod
     def _cause(trainer: pl.Trainer, error: Exception) -> str:
@@ -767,6 +948,7 @@ class HessianMonitor(Callback):
         record: PassRecord,
         report: CurvatureReport | None,
         theory: str | None = None,
+        layout: Iterable[str] | None = None,
     ) -> None:
         """Run the alert rules on a pass, publish its scalars and deliver its alerts."""
         fired = self.alerts.update(record)
@@ -777,13 +959,22 @@ class HessianMonitor(Callback):
         if trainer.is_global_zero:
             loggers = [lg for lg in trainer.loggers if not isinstance(lg, DummyLogger)]
             if loggers and report is not None:
-                self.dashboard.log_pass(loggers, step, scalars, report, fired, self.alerts.history, theory)
+                self.dashboard.log_pass(
+                    loggers, step, scalars, report, fired, self.alerts.history, theory, layout_tags=layout
+                )
             elif loggers:
                 metrics = {**scalars, tags.ALERT_COUNT: float(len(fired))}
                 for logger in loggers:
                     logger.log_metrics({self._prefix + k: v for k, v in metrics.items()}, step)
             for alert in fired:
-                _warn(f"HessianMonitor [{alert.severity}] {alert.rule} at step {alert.step}: {alert.message}")
+                line = f"HessianMonitor [{alert.severity}] {alert.rule} at step {alert.step}: {alert.message}"
+                if (
+                    self.console is not None
+                    and _SEVERITY_RANK[alert.severity] >= _SEVERITY_RANK[self.console]
+                ):
+                    _warn(line)
+                else:
+                    _LOG.info(line)
                 if self.on_alert is not None:
                     self.on_alert(alert)
         if self.stop_on is not None and any(
@@ -795,89 +986,54 @@ class HessianMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, data: Any
     ) -> tuple[CurvatureReport, bool]:
         loss_fn = self._loss_fn()
-        preconditioner = self._adam_preconditioner(trainer, pl_module) if self.preconditioned else None
         kwargs = dict(self._analyze_kwargs)
-        if preconditioner is not None and not kwargs["full"]:
-            preconditioner = None
-        # Under DDP every process measures its own curvature batches; summing the products across processes
-        # gives the curvature of the union, identical on every process.
-        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if trainer.world_size > 1 else None
+        preconditioner = None
+        if self.preconditioned and kwargs["full"]:
+            preconditioner, missing = adam_preconditioners(self._optimizer(trainer), pl_module)
+            if missing:
+                listed = ", ".join(missing[:3]) + (
+                    f", ... ({len(missing) - 3} more)" if len(missing) > 3 else ""
+                )
+                self._note(
+                    f"{len(missing)} trainable parameter(s) have no Adam state (they never got a gradient, "
+                    f"or the optimiser does not hold them): {listed}. The preconditioned sharpness treats "
+                    "them as not moving (P = inf); freeze them (requires_grad_(False)) if they are unused"
+                )
         report = analyze(
             pl_module,
             loss_fn,
             data,
             init=self._last_report,
             preconditioner=preconditioner,
-            reduce=reduce,
+            reduce=self._reduce(trainer),
             **kwargs,
         )
         return report, preconditioner is not None
 
     @staticmethod
+    def _reduce(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
+        # Under DDP every process measures its own curvature batches; summing the products across processes
+        # gives the curvature of the union, identical on every process.
+        return (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if trainer.world_size > 1 else None
+
+    @contextlib.contextmanager
+    def _progress(self, trainer: pl.Trainer) -> Iterator[Callable[[str], None]]:
+        """Say what a measurement is doing in the progress bar (a pass can take seconds: the bar would
+        freeze with no word); the bar's next update puts its metrics back."""
+        bar = getattr(trainer.progress_bar_callback, "train_progress_bar", None)
+        if not trainer.is_global_zero or bar is None or not hasattr(bar, "set_postfix_str"):
+            yield lambda what: None
+            return
+        prefix = f"HessianMonitor{f' {self.name}' if self.name else ''}: "
+
+        def say(what: str) -> None:
+            bar.set_postfix_str(prefix + what + " ...", refresh=True)
+
+        yield say
+
+    @staticmethod
     def _optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer | None:
         return trainer.optimizers[0] if trainer.optimizers else None
-
-    def _adam_preconditioner(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule
-    ) -> dict[str, Tensor] | None:
-        """Adam's diagonal preconditioner per parameter, or ``None`` for other optimisers or before step 1."""
-        optimizer = self._optimizer(trainer)
-        if optimizer is None:
-            return None
-        diagonals = {}
-        for group in optimizer.param_groups:
-            if "betas" not in group:
-                return None
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                state = optimizer.state.get(p, {})
-                if "exp_avg_sq" not in state or float(state["step"]) < 1:
-                    continue
-                diagonals[id(p)] = adam_preconditioner(
-                    state["exp_avg_sq"], state["step"], beta1, beta2, group["eps"]
-                )
-        params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
-        named = {n: diagonals.get(id(p)) for n, p in params.items()}
-        if all(d is None for d in named.values()):
-            return None  # before Adam's first step
-        missing = [n for n, d in named.items() if d is None]
-        if missing:
-            # Adam never moves a parameter without a gradient (no state): its P is infinite, so it adds no
-            # preconditioned curvature (P^-1/2 H P^-1/2 has zero rows there).
-            listed = ", ".join(missing[:3]) + (f", ... ({len(missing) - 3} more)" if len(missing) > 3 else "")
-            self._note(
-                f"{len(missing)} trainable parameter(s) have no Adam state (they never got a gradient, or "
-                f"the optimiser does not hold them): {listed}. The preconditioned sharpness treats them as "
-                "not moving (P = inf); freeze them (requires_grad_(False)) if they are unused"
-            )
-            for n in missing:
-                named[n] = torch.full_like(params[n], math.inf)
-        return named  # type: ignore[return-value]
-
-    def _stability(
-        self, trainer: pl.Trainer, report: CurvatureReport, preconditioned: bool
-    ) -> dict[str, float]:
-        """The stability thresholds of the live optimiser, and the sharpness ratios against them."""
-        optimizer = self._optimizer(trainer)
-        if optimizer is None or report.full is None or report.full.top_eigenvalue is None:
-            return {}
-        group = optimizer.param_groups[0]
-        lr = float(group["lr"])
-        if lr <= 0 or not math.isfinite(lr):
-            return {}
-        sharpness = report.full.top_eigenvalue
-        out = {
-            tags.LEARNING_RATE: lr,
-            tags.SHARPNESS: sharpness,
-            tags.THRESHOLD: sgd_threshold(lr),
-            tags.SHARPNESS_RATIO: sharpness / sgd_threshold(lr),
-        }
-        if preconditioned and report.full.preconditioned_top is not None:
-            threshold = adam_threshold(lr, group["betas"][0])
-            out[tags.PRECONDITIONED_SHARPNESS] = report.full.preconditioned_top
-            out[tags.PRECONDITIONED_THRESHOLD] = threshold
-            out[tags.PRECONDITIONED_RATIO] = report.full.preconditioned_top / threshold
-        return out
 
     # --- checkpointing -------------------------------------------------------------------------------------
 
@@ -900,6 +1056,7 @@ class HessianMonitor(Callback):
             ),
             "alerts": self.alerts.state_dict(),
             "dashboard": self.dashboard.state_dict(),
+            "tracker": None if self.tracker is None else self.tracker.state_dict(),
         }
 
     @override
@@ -918,3 +1075,5 @@ class HessianMonitor(Callback):
             self.alerts.load_state_dict(state_dict["alerts"])
         if "dashboard" in state_dict:
             self.dashboard.load_state_dict(state_dict["dashboard"])
+        if self.tracker is not None and state_dict.get("tracker"):
+            self.tracker.load_state_dict(state_dict["tracker"])

@@ -130,6 +130,7 @@ class CurvatureDashboard:
         alerts: Sequence[Alert],
         history: Sequence[PassRecord],
         theory: str | None = None,
+        layout_tags: Iterable[str] | None = None,
     ) -> None:
         """Log one curvature pass (rank 0 only).
 
@@ -143,6 +144,9 @@ class CurvatureDashboard:
             history: every pass so far, this one last.
             theory: the pass's theory-versus-measured Markdown table
                 (:meth:`~lightning_hessian.theory.TheoryComparison.table`), if any.
+            layout_tags: the tags the dashboards chart (default: those of this pass). A monitor whose
+                passes each measure a part of the model passes every tag it will log, so that the layout,
+                written once, has a chart for every block.
         """
         metrics: dict[str, Any] = {k: v for k, v in scalars.items() if v is not None}
         metrics[tags.ALERT_COUNT] = len(alerts)
@@ -168,7 +172,8 @@ class CurvatureDashboard:
             texts[TEXT_ALERTS] = _alerts_markdown(step, alerts)
         for writer, prefix in writers:
             if id(writer) not in self._layouts:
-                writer.add_custom_scalars(_layout(report, metrics, prefix))
+                charted = set(metrics) if layout_tags is None else {*metrics, *layout_tags}
+                writer.add_custom_scalars(_layout(report, charted, prefix))
                 writer.add_text(TEXT_HOW_TO_READ, HOW_TO_READ, step)
                 self._layouts.add(id(writer))
             for tag, figure in figures.items():
@@ -299,7 +304,18 @@ def _layout(report: CurvatureReport, logged: Iterable[str], prefix: str) -> dict
     categories = {
         "Stability": {
             "sharpness λ_max vs threshold 2/lr": chart(sharpness, tags.THRESHOLD),
-            "sharpness ratios (> 1: unstable)": chart(tags.SHARPNESS_RATIO, tags.PRECONDITIONED_RATIO),
+            "sharpness ratios (> 1: unstable)": chart(
+                tags.SHARPNESS_RATIO,
+                tags.PRECONDITIONED_RATIO,
+                tags.CRITICAL_RATIO,
+                tags.PRECONDITIONED_GRADIENT_RATIO,
+            ),
+            "curvature along the update, critical sharpness vs 2/lr": chart(
+                tags.UPDATE_CURVATURE, tags.CRITICAL_SHARPNESS, tags.THRESHOLD
+            ),
+            "alignment of gradient and update with the top eigenvector": chart(
+                tags.GRADIENT_ALIGNMENT, tags.UPDATE_ALIGNMENT
+            ),
             "preconditioned sharpness vs threshold": chart(
                 tags.PRECONDITIONED_SHARPNESS, tags.PRECONDITIONED_THRESHOLD
             ),
@@ -309,6 +325,7 @@ def _layout(report: CurvatureReport, logged: Iterable[str], prefix: str) -> dict
         "Norms and FFN": per_kind(_NORM_FFN, ["top_eigenvalue"], "λ_max across layers"),
         "Embedding and head": per_kind(other, ["top_eigenvalue"], "λ_max"),
         "Trace": per_kind(by_kind, ["trace"], "trace"),
+        "Top eigenvector": per_kind(by_kind, ["top_share"], "share of the top eigenvector"),
         "Negative curvature": negative,
         "Gauss-Newton split": per_kind(
             by_kind, ["gauss_newton_top", "functional_top"], "Gauss-Newton vs functional λ_max"
@@ -318,6 +335,8 @@ def _layout(report: CurvatureReport, logged: Iterable[str], prefix: str) -> dict
         "Pass cost": {
             "seconds per pass": chart(tags.PASS_SECONDS),
             "matvecs per pass": chart(tags.PASS_MATVECS),
+            "monitor time / training time": chart(tags.MONITOR_OVERHEAD),
+            "steps per rotation over every block": chart(tags.MONITOR_ROTATION),
         },
     }
     layout = {

@@ -67,10 +67,14 @@ def stability_figure(
             tags.PRECONDITIONED_THRESHOLD,
             "#ff7f0e",
         ),
+        ("critical sharpness 2/η_c (update)", tags.CRITICAL_SHARPNESS, "2/lr", tags.THRESHOLD, "#2ca02c"),
+        ("curvature along the update", tags.UPDATE_CURVATURE, "2/lr", tags.THRESHOLD, "#9467bd"),
     ]
     ratios = [
         ("sharpness ratio", tags.SHARPNESS_RATIO, "#1f77b4"),
         ("preconditioned ratio", tags.PRECONDITIONED_RATIO, "#ff7f0e"),
+        ("critical ratio lr/η_c", tags.CRITICAL_RATIO, "#2ca02c"),
+        ("preconditioned gradient ratio", tags.PRECONDITIONED_GRADIENT_RATIO, "#d62728"),
     ]
     if not any(_series(history, tag)[0].size for _, tag, _ in ratios):
         return None

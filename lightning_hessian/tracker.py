@@ -1,0 +1,364 @@
+"""``CurvatureTracker``: curvature tiers planned within a time budget, for any training loop.
+
+Three tiers, each a different trade of cost against detail, planned by
+:class:`~lightning_hessian.planner.BudgetPlanner` so that together they take a fixed share of the training
+time (5% by default):
+
+* ``"update"`` (cheap, many points per run): the curvature along the update the optimiser just took, the
+  critical sharpness :math:`2/\\eta_c` from a forward-only line search along it, and for Adam-family
+  optimisers the preconditioned curvature along the gradient (:mod:`lightning_hessian.directional`);
+* ``"model"``: the whole model's :math:`\\lambda_{\\max}` and Adam's preconditioned :math:`\\lambda_{\\max}`,
+  warm-tracked with a few products, each block's share of the top eigenvector, the gradient's and the
+  update's alignment with it, and per-block traces from shared probes (:mod:`lightning_hessian.tracking`);
+* ``"blocks"`` (exact per block): Lanczos on one group of blocks (one Transformer layer, or the blocks
+  outside the layers) per measurement, warm-started from the group's previous vectors, rotating over the
+  groups so every block is measured once per rotation (:func:`~lightning_hessian.analyze`).
+
+The tracker knows nothing of Lightning: a loop calls :meth:`CurvatureTracker.plan` before the optimiser
+step, :meth:`CurvatureTracker.snapshot` when something is due, and :meth:`CurvatureTracker.measure` after
+the step (:class:`~lightning_hessian.HessianMonitor` does this for a Lightning ``Trainer``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_hessian import tags
+from lightning_hessian.analysis import _select_blocks, analyze
+from lightning_hessian.blocks import Block
+from lightning_hessian.directional import directional_curvature
+from lightning_hessian.formulas.stability import sgd_threshold
+from lightning_hessian.operators import LossFn, as_batches
+from lightning_hessian.optimizers import adam_preconditioners, learning_rate, stability_scalars
+from lightning_hessian.planner import BudgetPlanner
+from lightning_hessian.report import BlockCurvature, CurvatureReport
+from lightning_hessian.tracking import ModelCurvature, track_model
+
+__all__ = ["TIERS", "CurvatureTracker", "Measurement"]
+
+TIERS = ("update", "model", "blocks")
+#: Shares of the budget: the cheap tier needs little to come often; the exact tiers split the rest.
+DEFAULT_SHARES = {"update": 0.2, "model": 0.4, "blocks": 0.4}
+#: Cost of a first measurement in training steps, until one is measured (CPU measurements, issue 12).
+_PRIOR_STEPS = {"update": 3.0, "model": 25.0, "blocks": 15.0}
+_OTHER = "other"  # the group of the blocks outside the numbered layers
+
+
+@dataclass
+class Measurement:
+    """What one call of :meth:`CurvatureTracker.measure` measured.
+
+    Attributes:
+        step: the optimizer step. kinds: the tiers measured. scalars: tags of :mod:`lightning_hessian.tags`.
+        report: the per-block report of the ``"blocks"`` tier's group (``None`` if it did not run).
+        seconds: wall time of the measurement.
+    """
+
+    step: int
+    kinds: list[str]
+    scalars: dict[str, float] = field(default_factory=dict)
+    report: CurvatureReport | None = None
+    seconds: float = 0.0
+
+
+class CurvatureTracker:
+    """Plans and runs the curvature tiers of a training run within a time budget.
+
+    Args:
+        budget: the fraction of training time the tiers may take together.
+        shares: tier -> share of the budget (default :data:`DEFAULT_SHARES`); a tier left out never runs.
+        analysis: keyword arguments of :func:`~lightning_hessian.analyze` for the ``"blocks"`` tier
+            (``blocks``, ``rules``, ``top_k``, ``smallest``, ``tol``, ...); ``full`` is ignored (the
+            whole model is the ``"model"`` tier).
+        preconditioned: measure Adam's preconditioned curvature (Adam-family optimisers only).
+        model_max_iter, model_tol: Lanczos steps and relative tolerance of one warm whole-model measurement.
+        trace_probes: Hutchinson probes per whole-model measurement (0: no traces).
+        note: called with a sentence for things the user should know once (e.g. a warning function).
+    """
+
+    def __init__(
+        self,
+        *,
+        budget: float = 0.05,
+        shares: Mapping[str, float] | None = None,
+        analysis: Mapping[str, Any] | None = None,
+        preconditioned: bool = True,
+        model_max_iter: int = 8,
+        model_tol: float = 1e-2,
+        trace_probes: int = 4,
+        note: Callable[[str], None] | None = None,
+    ) -> None:
+        shares = dict(DEFAULT_SHARES if shares is None else shares)
+        unknown = set(shares) - set(TIERS)
+        if unknown:
+            raise ValueError(f"shares: unknown tier(s) {sorted(unknown)}; the tiers are {TIERS}.")
+        self.analysis = {k: v for k, v in (analysis or {}).items() if k != "full"}
+        if self.analysis.get("blocks", "auto") is None:
+            shares.pop("blocks", None)
+        self.planner = BudgetPlanner(budget, shares, _PRIOR_STEPS)
+        self.preconditioned = preconditioned
+        self.model_max_iter = model_max_iter
+        self.model_tol = model_tol
+        self.trace_probes = trace_probes
+        self._note = note or (lambda message: None)
+        self._blocks: list[Block] | None = None
+        self._groups: list[tuple[Any, list[Block]]] = []
+        self._next_group = 0
+        self.rotations = 0  # completed rotations over every group
+        self._ritz: dict[str, Tensor] = {}  # per block: the last Ritz vectors (CPU), the warm starts
+        self._model: ModelCurvature | None = None
+        self._snapshot: dict[str, Tensor] | None = None
+        self.latest = CurvatureReport(blocks={})  # every block's latest values, the whole model's too
+
+    # --- planning ------------------------------------------------------------------------------------------
+
+    def plan(self, training_seconds: float, steps: int) -> list[str]:
+        """The tiers due now, given the training time so far (the tracker's own excluded) and the steps."""
+        self.planner.observe(training_seconds, steps)
+        due = [kind for kind in ("update", "model") if self.planner.due(kind)]
+        if self.planner.due("blocks", self._group_key()):
+            due.append("blocks")
+        return due
+
+    def _group_key(self) -> Any:
+        return self._groups[self._next_group][0] if self._groups else None
+
+    def rotation_steps(self) -> float | None:
+        """Training steps one rotation over every group of blocks takes at the budget (once estimable)."""
+        if not self._groups:
+            return None
+        intervals = [self.planner.interval("blocks", key) for key, _ in self._groups]
+        return None if any(i is None for i in intervals) else float(sum(intervals))  # type: ignore[arg-type]
+
+    def snapshot(self, model: nn.Module) -> None:
+        """Remember the trainable weights before the optimiser step (the update is measured against them)."""
+        self._snapshot = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def _update(self, model: nn.Module) -> dict[str, Tensor] | None:
+        """The update the optimiser just took, and forget the snapshot."""
+        saved, self._snapshot = self._snapshot, None
+        if saved is None:
+            return None
+        return {n: p.detach() - saved[n] for n, p in model.named_parameters() if n in saved}
+
+    # --- measuring -----------------------------------------------------------------------------------------
+
+    def measure(
+        self,
+        kinds: Sequence[str],
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Any,
+        step: int,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> Measurement:
+        """Run the tiers ``kinds`` (from :meth:`plan`) at ``step`` on the curvature ``data``.
+
+        Every process of a distributed run must call this with the same ``kinds`` (``reduce`` sums over
+        processes, as in :func:`~lightning_hessian.analyze`).
+        """
+        began = time.perf_counter()
+        batches = as_batches(data)
+        if self._blocks is None:
+            self._resolve_blocks(model, loss_fn, batches[0], reduce)
+        update = self._update(model)
+        lr = learning_rate(optimizer)
+        preconditioner = None
+        if self.preconditioned and ("update" in kinds or "model" in kinds):
+            preconditioner, missing = adam_preconditioners(optimizer, model)
+            if missing:
+                self._note(
+                    f"{len(missing)} trainable parameter(s) have no Adam state (they never got a gradient): "
+                    f"{', '.join(missing[:3])}. The preconditioned curvature treats them as not moving"
+                )
+        result = Measurement(step=step, kinds=list(kinds))
+        mode = self.analysis.get("mode", "eval")
+        for kind in kinds:
+            started = time.perf_counter()
+            group: Any = None
+            if kind == "update" and lr is not None:
+                _say(progress, "curvature along the update")
+                found = directional_curvature(
+                    model, loss_fn, batches, update, lr=lr, preconditioner=preconditioner, mode=mode,
+                    reduce=reduce,
+                )  # fmt: skip
+                result.scalars.update(found.scalars(lr))
+                result.scalars.update({tags.LEARNING_RATE: lr, tags.THRESHOLD: sgd_threshold(lr)})
+            elif kind == "model":
+                _say(progress, "whole-model curvature")
+                self._measure_model(
+                    model, loss_fn, batches, preconditioner, update, optimizer, reduce, result
+                )
+            elif kind == "blocks" and self._groups:
+                group, blocks = self._groups[self._next_group]
+                _say(progress, f"blocks of {_group_name(group)} ({self._next_group + 1}/{len(self._groups)})")
+                self._measure_blocks(model, loss_fn, batches, blocks, reduce, result)
+                self._next_group = (self._next_group + 1) % len(self._groups)
+                self.rotations += self._next_group == 0
+            else:
+                continue
+            self.planner.spend(kind, time.perf_counter() - started, group)
+        result.seconds = time.perf_counter() - began
+        result.scalars.update(self.cost_scalars())
+        return result
+
+    def cost_scalars(self) -> dict[str, float]:
+        """The tracker's own cost so far, and the length of a rotation at the budget."""
+        out = {tags.MONITOR_SECONDS: self.planner.seconds, tags.MONITOR_OVERHEAD: self.planner.overhead}
+        rotation = self.rotation_steps()
+        if rotation is not None:
+            out[tags.MONITOR_ROTATION] = rotation
+        return out
+
+    def expected_tags(self) -> set[str]:
+        """Every tag the tiers will log on this model (the dashboards chart them from the first pass on)."""
+        out = {
+            tags.UPDATE_CURVATURE,
+            tags.CRITICAL_SHARPNESS,
+            tags.CRITICAL_RATIO,
+            tags.LEARNING_RATE,
+            tags.THRESHOLD,
+            tags.SHARPNESS,
+            tags.SHARPNESS_RATIO,
+            tags.GRADIENT_ALIGNMENT,
+            tags.UPDATE_ALIGNMENT,
+            tags.MONITOR_SECONDS,
+            tags.MONITOR_OVERHEAD,
+            tags.MONITOR_ROTATION,
+            tags.block_tag("model", "top_eigenvalue"),
+        }
+        if self.preconditioned:
+            out |= {
+                tags.PRECONDITIONED_GRADIENT_CURVATURE,
+                tags.PRECONDITIONED_GRADIENT_RATIO,
+                tags.PRECONDITIONED_SHARPNESS,
+                tags.PRECONDITIONED_THRESHOLD,
+                tags.PRECONDITIONED_RATIO,
+            }
+        stats = ["top_eigenvalue", "top_share"]
+        if self.analysis.get("smallest", True):
+            stats += ["min_eigenvalue", "negative_ratio"]
+        if self.trace_probes > 0 or self.analysis.get("trace"):
+            stats.append("trace")
+        out |= {tags.block_tag(b.name, stat) for b in self._blocks or () for stat in stats}
+        return out
+
+    def _resolve_blocks(self, model: nn.Module, loss_fn: LossFn, example: Any, reduce: Any) -> None:
+        blocks, _ = _select_blocks(
+            model, self.analysis.get("blocks", "auto"), self.analysis.get("rules"), loss_fn, example, reduce
+        )
+        self._blocks = blocks
+        groups: dict[Any, list[Block]] = {}
+        for block in blocks:
+            groups.setdefault(_OTHER if block.layer is None else block.layer, []).append(block)
+        layers = sorted(k for k in groups if k != _OTHER)
+        self._groups = [(k, groups[k]) for k in layers] + (
+            [(_OTHER, groups[_OTHER])] if _OTHER in groups else []
+        )
+        self._next_group = self._next_group % len(self._groups) if self._groups else 0  # after a resume
+        self.latest.blocks = {b.name: BlockCurvature(b.name, b.kind, b.layer, b.numel) for b in blocks}
+
+    def _measure_model(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: list[Any],
+        preconditioner: Mapping[str, Tensor] | None,
+        update: Mapping[str, Tensor] | None,
+        optimizer: torch.optim.Optimizer | None,
+        reduce: Any,
+        result: Measurement,
+    ) -> None:
+        settings = self.analysis
+        found = track_model(
+            model,
+            loss_fn,
+            batches,
+            self._blocks or [],
+            init=self._model,
+            preconditioner=preconditioner,
+            update=update,
+            max_iter=self.model_max_iter,
+            tol=self.model_tol,
+            trace_probes=self.trace_probes,
+            seed=settings.get("seed", 0),
+            mode=settings.get("mode", "eval"),
+            dtype=settings.get("dtype"),
+            reduce=reduce,
+            chunk_size=settings.get("chunk_size"),
+        )
+        self._model = found
+        result.scalars.update(found.scalars())
+        result.scalars.update(stability_scalars(optimizer, found.top_eigenvalue, found.preconditioned_top))
+        numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.latest.full = BlockCurvature(
+            "model",
+            "model",
+            None,
+            numel,
+            top_eigenvalues=[found.top_eigenvalue],
+            top_residuals=[found.top_residual],
+            converged=found.top_converged,
+            trace=found.trace,
+            trace_stderr=found.trace_stderr,
+            preconditioned_top=found.preconditioned_top,
+            matvecs=found.matvecs,
+            seconds=found.seconds,
+        )
+        self.latest.loss = found.loss
+
+    def _measure_blocks(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: list[Any],
+        blocks: list[Block],
+        reduce: Any,
+        result: Measurement,
+    ) -> None:
+        settings = {k: v for k, v in self.analysis.items() if k not in ("blocks", "rules")}
+        init = {b.name: self._ritz[b.name] for b in blocks if b.name in self._ritz}
+        report = analyze(
+            model, loss_fn, batches, blocks=blocks, full=False, init=init or None, reduce=reduce, **settings
+        )
+        for block in report.blocks.values():
+            if block.ritz_vectors is not None:
+                self._ritz[block.name] = block.ritz_vectors.detach().to("cpu")
+                block.ritz_vectors = None
+            self.latest.blocks[block.name] = block
+        self.latest.loss = report.loss
+        result.report = report
+        result.scalars.update(report.scalars())
+
+    # --- checkpointing -------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Planner credits and costs, the rotation's position (warm-start vectors are not kept)."""
+        return {
+            "planner": self.planner.state_dict(),
+            "next_group": self._next_group,
+            "rotations": self.rotations,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.planner.load_state_dict(state.get("planner", {}))
+        self._next_group = int(state.get("next_group", 0))
+        self.rotations = int(state.get("rotations", 0))
+
+
+def _say(progress: Callable[[str], None] | None, what: str) -> None:
+    if progress is not None:
+        progress(what)
+
+
+def _group_name(group: Any) -> str:
+    return "the blocks outside the layers" if group == _OTHER else f"layer {group}"
