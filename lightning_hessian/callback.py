@@ -43,7 +43,7 @@ from lightning_hessian.operators import Batches, NonFiniteLossError, PassFailedE
 from lightning_hessian.optimizers import adam_preconditioners, stability_scalars
 from lightning_hessian.report import CurvatureReport
 from lightning_hessian.theory import TheoryComparison, compare_attention
-from lightning_hessian.tracker import TIERS, CurvatureTracker
+from lightning_hessian.tracker import DEFAULT_SHARES, TIERS, CurvatureTracker
 
 __all__ = ["HessianMonitor"]
 
@@ -172,10 +172,20 @@ def _total_steps(trainer: pl.Trainer) -> int | None:
 class HessianMonitor(Callback):
     r"""Measure the Hessian of the loss per parameter block during training, and raise curvature alerts.
 
-    Every ``every_n_steps`` optimizer steps (and at ``early_steps``, and once at the end of training) the
-    callback runs :func:`~lightning_hessian.analyze` on a fixed set of curvature batches and logs, through
-    every attached logger, ``curvature/<block>/<statistic>`` scalars, the stability ratios, and with
-    TensorBoard the dashboards and figures of :class:`~lightning_hessian.dashboard.CurvatureDashboard`.
+    With no arguments the monitor keeps its total cost within ``budget`` (5%) of the training time, by
+    planning what to measure (:class:`~lightning_hessian.tracker.CurvatureTracker`, with the measured cost
+    of every kind of measurement on this model and machine): often, the curvature along the update just
+    taken, the critical sharpness and, for Adam, the preconditioned curvature along the gradient (a few
+    forwards); less often the whole model's sharpness and preconditioned sharpness (warm-tracked), each
+    block's share of the top eigenvector and per-block traces; and exact per-block eigenvalues for one layer
+    at a time, rotating so every block is measured once per rotation. Its own cost and the rotation's length
+    are logged (``monitor/...``); a run too short for a tier at its budget is told so as soon as the costs
+    are known. With ``every_n_steps`` (or ``early_steps``) it makes full passes of
+    :func:`~lightning_hessian.analyze` on that schedule instead (and once at the end of training).
+
+    Every measurement is logged through every attached logger as ``curvature/<block>/<statistic>``
+    scalars and the stability ratios, and with TensorBoard as the dashboards and figures of
+    :class:`~lightning_hessian.dashboard.CurvatureDashboard`.
 
     Stability (Cohen et al., ICLR 2021; arXiv:2207.14484): the whole model's top eigenvalue
     :math:`\lambda_{\max}` is compared with :math:`2/\eta` (``stability/sharpness_ratio``), and for
@@ -212,9 +222,15 @@ class HessianMonitor(Callback):
     inside a pass is reported once as a warning and training goes on (``on_error="raise"`` to re-raise).
 
     Args:
-        every_n_steps: measure every this many optimizer steps (0: only ``early_steps`` and the end).
-        early_steps: extra optimizer steps to measure at (curvature changes fastest early in training).
-        at_end: measure once more at the end of training.
+        every_n_steps: ``None`` (default): plan within ``budget``. An int: a full pass every this many
+            optimizer steps (0: only ``early_steps`` and the end).
+        budget: the fraction of training time the monitor may take (default ``0.05``), in budget mode.
+        tiers: what budget mode measures: ``"update"`` (curvature along the update, critical sharpness,
+            preconditioned gradient curvature), ``"model"`` (whole-model sharpness and what comes with it),
+            ``"blocks"`` (exact per-block eigenvalues, one layer per measurement).
+        early_steps: extra optimizer steps to measure at (curvature changes fastest early in training); a
+            schedule, like ``every_n_steps``.
+        at_end: one full pass at the end of training (default: with a schedule yes, in budget mode no).
         data: ``"fixed"``, ``"current"``, or the curvature batches themselves: a sequence of batches, or a
             DataLoader whose first ``num_batches`` batches are read at every pass (with ``seed``: the same
             ones).
@@ -247,9 +263,9 @@ class HessianMonitor(Callback):
             ``theory/<block>/bound_ratio`` is logged and a ratio above 1 raises the ``bound_violation``
             alert. Checked numerically at every pass (see :mod:`lightning_hessian.theory`).
         theory_samples: sequences the Jacobian norms are averaged over.
-        max_overhead: a time budget: skip a scheduled pass while the passes so far have taken more than this
-            fraction of the training time (e.g. ``0.05``); ``None`` never skips. The end-of-training pass is
-            always made.
+        max_overhead: with a schedule, skip a scheduled pass while the passes so far have taken more than
+            this fraction of the training time (e.g. ``0.05``); ``None`` never skips. The end-of-training pass
+            is always made. (Budget mode plans instead of skipping: see ``budget``.)
         on_error: ``"warn"`` (report a failing pass once, keep training) or ``"raise"``. Out-of-memory
             errors are caught like any other; ``chunk_size`` keeps a pass inside a memory budget.
         chunk_size: split every curvature batch into chunks of at most this many samples and keep only one
@@ -259,6 +275,9 @@ class HessianMonitor(Callback):
             every tag they log and every ``trainer.callback_metrics`` key is prefixed with ``"<name>/"``,
             and their checkpoint states are kept apart. ``None`` (default): unprefixed tags; two unnamed
             monitors in one Trainer are refused at setup.
+        console: the least severe alert printed to the console as a warning (``"info"``, ``"warning"``
+            (default), ``"critical"``, or ``None`` for none); the others go to the ``lightning_hessian``
+            Python logger at INFO level. ``on_alert`` and the dashboards get every alert.
     """
 
     def __init__(
@@ -266,6 +285,7 @@ class HessianMonitor(Callback):
         every_n_steps: int | None = None,
         *,
         budget: float | None = None,
+        tiers: Sequence[str] = TIERS,
         early_steps: Sequence[int] = (),
         at_end: bool | None = None,
         data: str | Sequence[Any] | Iterable[Any] = "fixed",
@@ -384,6 +404,11 @@ class HessianMonitor(Callback):
                 f"budget must be a fraction of training time in (0, 1), e.g. 0.05; got {budget!r}."
             )
         self.console = console
+        if isinstance(tiers, str) or not set(tiers) <= set(TIERS) or not tiers:
+            raise ValueError(f"tiers must be a non-empty list of {TIERS}, got {tiers!r}.")
+        if scheduled and tuple(tiers) != TIERS:
+            raise ValueError("tiers= chooses what budget mode plans; every_n_steps= makes full passes.")
+        self.tiers = tuple(tiers)
         self.early_steps = sorted(set(early))
         self.at_end = at_end
         self.data = data
@@ -476,6 +501,11 @@ class HessianMonitor(Callback):
             if self.budget is None
             else CurvatureTracker(
                 budget=self.budget,
+                shares={
+                    k: v
+                    for k, v in DEFAULT_SHARES.items()
+                    if k in self.tiers and (k != "model" or self._analyze_kwargs["full"])
+                },
                 analysis=self._analyze_kwargs,
                 preconditioned=self.preconditioned,
                 note=self._note,
@@ -854,7 +884,7 @@ class HessianMonitor(Callback):
         if measurement is None:
             scalars[tags.PASS_MATVECS] = float(report.matvecs)
             self._last_report = report if self.warm_start else None
-        scalars[tags.PASS_LOSS] = report.loss
+        scalars[tags.PASS_LOSS] = report.loss if measurement is None else measurement.loss
         self.passes += 1
         table = theory.table() if theory is not None and theory.layers else None
         layout = None if self.tracker is None else self.tracker.expected_tags()

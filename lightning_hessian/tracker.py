@@ -21,6 +21,7 @@ the step (:class:`~lightning_hessian.HessianMonitor` does this for a Lightning `
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from lightning_hessian.analysis import _select_blocks, analyze
 from lightning_hessian.blocks import Block
 from lightning_hessian.directional import directional_curvature
 from lightning_hessian.formulas.stability import sgd_threshold
-from lightning_hessian.operators import LossFn, as_batches
+from lightning_hessian.operators import Batches, LossFn, as_batches
 from lightning_hessian.optimizers import adam_preconditioners, learning_rate, stability_scalars
 from lightning_hessian.planner import BudgetPlanner
 from lightning_hessian.report import BlockCurvature, CurvatureReport
@@ -45,8 +46,9 @@ __all__ = ["TIERS", "CurvatureTracker", "Measurement"]
 TIERS = ("update", "model", "blocks")
 #: Shares of the budget: the cheap tier needs little to come often; the exact tiers split the rest.
 DEFAULT_SHARES = {"update": 0.2, "model": 0.4, "blocks": 0.4}
-#: Cost of a first measurement in training steps, until one is measured (CPU measurements, issue 12).
-_PRIOR_STEPS = {"update": 3.0, "model": 25.0, "blocks": 15.0}
+#: Cost of a first measurement in training steps, until one is measured: optimistic (small models on CPU),
+#: so a first measurement comes early and its measured cost then sets the pace.
+_PRIOR_STEPS = {"update": 1.0, "model": 8.0, "blocks": 5.0}
 _OTHER = "other"  # the group of the blocks outside the numbered layers
 
 
@@ -57,13 +59,14 @@ class Measurement:
     Attributes:
         step: the optimizer step. kinds: the tiers measured. scalars: tags of :mod:`lightning_hessian.tags`.
         report: the per-block report of the ``"blocks"`` tier's group (``None`` if it did not run).
-        seconds: wall time of the measurement.
+        loss: the loss on the curvature data at the current weights. seconds: wall time of the measurement.
     """
 
     step: int
     kinds: list[str]
     scalars: dict[str, float] = field(default_factory=dict)
     report: CurvatureReport | None = None
+    loss: float = math.nan
     seconds: float = 0.0
 
 
@@ -167,7 +170,7 @@ class CurvatureTracker:
         processes, as in :func:`~lightning_hessian.analyze`).
         """
         began = time.perf_counter()
-        batches = as_batches(data)
+        batches = Batches(as_batches(data))  # read once; a plain list would be one batch
         if self._blocks is None:
             self._resolve_blocks(model, loss_fn, batches[0], reduce)
         update = self._update(model)
@@ -192,6 +195,7 @@ class CurvatureTracker:
                     reduce=reduce,
                 )  # fmt: skip
                 result.scalars.update(found.scalars(lr))
+                result.loss = found.loss
                 result.scalars.update({tags.LEARNING_RATE: lr, tags.THRESHOLD: sgd_threshold(lr)})
             elif kind == "model":
                 _say(progress, "whole-model curvature")
@@ -271,7 +275,7 @@ class CurvatureTracker:
         self,
         model: nn.Module,
         loss_fn: LossFn,
-        batches: list[Any],
+        batches: Batches,
         preconditioner: Mapping[str, Tensor] | None,
         update: Mapping[str, Tensor] | None,
         optimizer: torch.optim.Optimizer | None,
@@ -314,13 +318,13 @@ class CurvatureTracker:
             matvecs=found.matvecs,
             seconds=found.seconds,
         )
-        self.latest.loss = found.loss
+        self.latest.loss = result.loss = found.loss
 
     def _measure_blocks(
         self,
         model: nn.Module,
         loss_fn: LossFn,
-        batches: list[Any],
+        batches: Batches,
         blocks: list[Block],
         reduce: Any,
         result: Measurement,
@@ -335,7 +339,7 @@ class CurvatureTracker:
                 self._ritz[block.name] = block.ritz_vectors.detach().to("cpu")
                 block.ritz_vectors = None
             self.latest.blocks[block.name] = block
-        self.latest.loss = report.loss
+        self.latest.loss = result.loss = report.loss
         result.report = report
         result.scalars.update(report.scalars())
 

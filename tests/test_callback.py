@@ -76,10 +76,9 @@ def fit(tmp_path: Path, callbacks=(), *, max_steps=8, logger="csv", accumulate=1
         callbacks=list(callbacks),
         accelerator="cpu",
         devices=1,
-        enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=1,
-        **{"enable_checkpointing": False, **kwargs},
+        **{"enable_checkpointing": False, "enable_progress_bar": False, **kwargs},
     )
     trainer.fit(module)
     return trainer, module
@@ -114,8 +113,8 @@ def test_training_is_bitwise_unchanged(tmp_path):
         assert all(torch.equal(v, watched_opt["state"][index][k]) for k, v in state.items())
 
 
-def test_zero_argument_monitor_measures_at_the_end(tmp_path):
-    monitor = HessianMonitor()
+def test_a_final_pass_measures_at_the_end(tmp_path):
+    monitor = HessianMonitor(every_n_steps=0)
     trainer, _ = fit(tmp_path, [monitor], max_steps=5, module=TinyTransformer(return_dict=True))
     assert pass_steps(monitor) == [5]
     scalars = monitor.alerts.history[-1].scalars
