@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         f"\ntrained {trainer.global_step} steps in {seconds:.0f} s ({monitor.passes} curvature passes); "
         f"validation loss {val_loss:.3f} nats/char"
     )
-    last = monitor.alerts.history[-1].scalars if monitor.alerts.history else {}
+    last = monitor.history[-1].scalars if monitor.history else {}
     if tags.SHARPNESS in last:
         print(
             f"sharpness λ_max {last[tags.SHARPNESS]:.4g} vs 2/lr = {last[tags.THRESHOLD]:.4g}; "

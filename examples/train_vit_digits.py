@@ -151,7 +151,7 @@ class DigitsViT(L.LightningModule):
 
 def summary(monitor: HessianMonitor) -> str:
     """The curvature in a few lines: the closest approach to instability, then every block at the end."""
-    history = monitor.alerts.history  # one PassRecord(step, scalars) per curvature pass
+    history = monitor.history  # one PassRecord(step, scalars) per curvature pass
     if not history:
         return "no curvature pass ran"
     lines = [f"{monitor.passes} curvature passes; alerts fired: {monitor.alerts.counts}"]

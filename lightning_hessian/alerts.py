@@ -79,6 +79,7 @@ __all__ = [
     "ProgressiveSharpening",
     "StabilityThreshold",
     "ThresholdRule",
+    "as_record",
     "default_rules",
 ]
 
@@ -695,6 +696,14 @@ def _check_rules(rules: Sequence[Any]) -> None:
         names.add(rule.name)
 
 
+def as_record(record: PassRecord) -> PassRecord:
+    """``record`` with plain float scalars (non-numbers dropped): what the rules see and what is saved."""
+    if not isinstance(record, PassRecord):
+        raise TypeError(f"expected a PassRecord(step, scalars), got {type(record).__name__}")
+    scalars = {str(tag): x for tag, value in record.scalars.items() if (x := _number(value)) is not None}
+    return PassRecord(int(record.step), scalars)
+
+
 class AlertManager:
     """Runs alert rules on each new pass, with cooldowns, a bounded history and checkpointable state.
 
@@ -734,15 +743,20 @@ class AlertManager:
         return dict(self._counts)
 
     def update(self, record: PassRecord) -> list[Alert]:
-        """Add a pass, run the enabled rules on the history; return the alerts that fired after cooldowns."""
-        if not isinstance(record, PassRecord):
-            raise TypeError(f"update() takes a PassRecord(step, scalars), got {type(record).__name__}")
+        """Add a pass to :attr:`history`, run the enabled rules on it; return the alerts that fired after
+        cooldowns."""
+        self._history.append(as_record(record))
+        return self.evaluate(self._history)
+
+    def evaluate(self, history: Sequence[PassRecord]) -> list[Alert]:
+        """Run the enabled rules on a history kept by the caller (its newest pass last, made with
+        :func:`as_record`); return the alerts that fired after cooldowns. A monitor that owns its passes
+        (:class:`~lightning_hessian.HessianMonitor`) calls this; :meth:`update` keeps the history here."""
         _check_rules(self.rules)  # the list is public: catch appended duplicates before they mix cooldowns
-        # plain floats: the rules see numbers and state_dict() is JSON-ready
-        scalars = {str(tag): x for tag, value in record.scalars.items() if (x := _number(value)) is not None}
-        record = PassRecord(int(record.step), scalars)
-        self._history.append(record)
-        history = list(self._history)
+        history = list(history)
+        if not history:
+            return []
+        record = history[-1]
         fired = []
         for rule in self.rules:
             if not rule.enabled:

@@ -17,6 +17,7 @@ import re
 import sys
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -34,7 +35,7 @@ from typing_extensions import override
 
 from lightning_hessian import tags
 from lightning_hessian._side_effects import TrainingStepGuard
-from lightning_hessian.alerts import Alert, AlertManager, AlertRule, PassRecord
+from lightning_hessian.alerts import Alert, AlertManager, AlertRule, PassRecord, as_record
 from lightning_hessian.analysis import analyze, check_settings
 from lightning_hessian.blocks import Block, FusedLayout, find_blocks
 from lightning_hessian.dashboard import CurvatureDashboard
@@ -52,6 +53,7 @@ _ON_ERROR = ("warn", "raise")
 _STOP_ON = (None, "warning", "critical")
 _SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
 _LOG = logging.getLogger("lightning_hessian")
+_HISTORY = 1000  # measurements kept for the alert rules and the dashboards (a budget mode makes many)
 #: The scalars put into ``trainer.callback_metrics`` (for EarlyStopping / ModelCheckpoint).
 _MONITORED = (
     tags.SHARPNESS,
@@ -478,6 +480,8 @@ class HessianMonitor(Callback):
     def _reset(self) -> None:
         """Forget everything a fit left: a monitor reused in a second fit starts new curves."""
         self.alerts.load_state_dict(self._fresh_alerts)
+        #: Every measurement's scalars, oldest first: read by the alert rules and the dashboards.
+        self.history: deque[PassRecord] = deque(maxlen=_HISTORY)
         self.dashboard = CurvatureDashboard(figures=self._figures, prefix=self._prefix)
         self._batches: list[Any] = []
         self._captured = False  # data="fixed": the curvature batches are complete
@@ -787,7 +791,19 @@ class HessianMonitor(Callback):
         # pass (KeyboardInterrupt with OnExceptionCheckpoint) is made again by the resumed run. A budget
         # mode's tiers are short and planned again instead.
         self._in_flight = step if kinds is None else None
-        self._pass(trainer, pl_module, step, kinds)
+        began = time.perf_counter()
+        booked = self.tracker.planner.seconds if self.tracker is not None else 0.0
+        try:
+            self._pass(trainer, pl_module, step, kinds)
+        finally:
+            elapsed = time.perf_counter() - began
+            self._pass_seconds += elapsed  # not training time
+            if kinds and self.tracker is not None:
+                # What the tiers' own timing left out (theory, logging, figures, a failure) counts too, or
+                # a failing tier would be planned again at every step.
+                unbooked = max(0.0, elapsed - (self.tracker.planner.seconds - booked))
+                for kind in kinds:
+                    self.tracker.planner.charge(kind, unbooked / len(kinds))
         self._in_flight = None
         self._last_pass_step = step
 
@@ -879,7 +895,6 @@ class HessianMonitor(Callback):
             if len(densities) >= 2:
                 scalars[tags.HETEROGENEITY] = block_heterogeneity(densities)
         seconds = time.perf_counter() - start
-        self._pass_seconds += seconds
         scalars[tags.PASS_SECONDS] = seconds
         if measurement is None:
             scalars[tags.PASS_MATVECS] = float(report.matvecs)
@@ -888,7 +903,9 @@ class HessianMonitor(Callback):
         self.passes += 1
         table = theory.table() if theory is not None and theory.layers else None
         layout = None if self.tracker is None else self.tracker.expected_tags()
-        self._record(trainer, PassRecord(step=step, scalars=scalars), report, table, layout)
+        # The cheap tier alone draws no figures: it comes often, and its scalars are charted anyway.
+        draw = kinds is None or bool({"model", "blocks"} & set(kinds))
+        self._record(trainer, PassRecord(step=step, scalars=scalars), report, table, layout, draw)
 
     @staticmethod
     def _cause(trainer: pl.Trainer, error: Exception) -> str:
@@ -979,9 +996,11 @@ class HessianMonitor(Callback):
         report: CurvatureReport | None,
         theory: str | None = None,
         layout: Iterable[str] | None = None,
+        draw: bool = True,
     ) -> None:
         """Run the alert rules on a pass, publish its scalars and deliver its alerts."""
-        fired = self.alerts.update(record)
+        self.history.append(as_record(record))
+        fired = self.alerts.evaluate(self.history)
         scalars, step = record.scalars, record.step
         for name in _MONITORED:
             if name in scalars:
@@ -990,7 +1009,15 @@ class HessianMonitor(Callback):
             loggers = [lg for lg in trainer.loggers if not isinstance(lg, DummyLogger)]
             if loggers and report is not None:
                 self.dashboard.log_pass(
-                    loggers, step, scalars, report, fired, self.alerts.history, theory, layout_tags=layout
+                    loggers,
+                    step,
+                    scalars,
+                    report,
+                    fired,
+                    list(self.history),
+                    theory,
+                    layout_tags=layout,
+                    draw=draw,
                 )
             elif loggers:
                 metrics = {**scalars, tags.ALERT_COUNT: float(len(fired))}
@@ -1084,6 +1111,7 @@ class HessianMonitor(Callback):
                 if self._train_start is not None
                 else self._train_seconds
             ),
+            "history": [{"step": r.step, "scalars": dict(r.scalars)} for r in self.history],
             "alerts": self.alerts.state_dict(),
             "dashboard": self.dashboard.state_dict(),
             "tracker": None if self.tracker is None else self.tracker.state_dict(),
@@ -1103,6 +1131,10 @@ class HessianMonitor(Callback):
         self._train_seconds = state_dict.get("train_seconds", 0.0)
         if "alerts" in state_dict:
             self.alerts.load_state_dict(state_dict["alerts"])
+        # Checkpoints before the monitor owned its history kept it in the alert manager's state.
+        saved = state_dict.get("history", state_dict.get("alerts", {}).get("history", []))
+        self.history.clear()
+        self.history.extend(PassRecord(int(r["step"]), dict(r["scalars"])) for r in saved)
         if "dashboard" in state_dict:
             self.dashboard.load_state_dict(state_dict["dashboard"])
         if self.tracker is not None and state_dict.get("tracker"):

@@ -131,6 +131,7 @@ class CurvatureDashboard:
         history: Sequence[PassRecord],
         theory: str | None = None,
         layout_tags: Iterable[str] | None = None,
+        draw: bool = True,
     ) -> None:
         """Log one curvature pass (rank 0 only).
 
@@ -147,6 +148,7 @@ class CurvatureDashboard:
             layout_tags: the tags the dashboards chart (default: those of this pass). A monitor whose
                 passes each measure a part of the model passes every tag it will log, so that the layout,
                 written once, has a chart for every block.
+            draw: draw the figures at this pass (a monitor skips them for its cheapest measurements).
         """
         metrics: dict[str, Any] = {k: v for k, v in scalars.items() if v is not None}
         metrics[tags.ALERT_COUNT] = len(alerts)
@@ -164,7 +166,7 @@ class CurvatureDashboard:
         if not writers:
             return
 
-        figures = self._draw(step, report, history) if self.figures else {}
+        figures = self._draw(step, report, history) if self.figures and draw else {}
         texts = {TEXT_LATEST: _latest_markdown(step, report)}
         if theory:
             texts[TEXT_THEORY] = f"**Theory vs measured at step {step}**\n\n{theory}"

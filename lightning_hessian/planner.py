@@ -116,6 +116,10 @@ class BudgetPlanner:
         costs.append(float(seconds))
         del costs[:-_HISTORY]
 
+    def charge(self, kind: str, seconds: float) -> None:
+        """Book time around a measurement of ``kind`` (logging, figures) against its credit only."""
+        self.spent[kind] = self.spent.get(kind, 0.0) + float(seconds)
+
     def interval(self, kind: str, group: Hashable = None) -> float | None:
         """Training steps between two measurements of ``kind`` (``group``) at the budget, once known."""
         expected, per_step = self.expected(kind, group), self.step_seconds

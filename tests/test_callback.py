@@ -85,7 +85,7 @@ def fit(tmp_path: Path, callbacks=(), *, max_steps=8, logger="csv", accumulate=1
 
 
 def pass_steps(monitor: HessianMonitor) -> list[int]:
-    return [record.step for record in monitor.alerts.history]
+    return [record.step for record in monitor.history]
 
 
 def logged_metrics(logger: CSVLogger, keys: tuple[str, ...]) -> list[dict[str, str]]:
@@ -117,7 +117,7 @@ def test_a_final_pass_measures_at_the_end(tmp_path):
     monitor = HessianMonitor(every_n_steps=0)
     trainer, _ = fit(tmp_path, [monitor], max_steps=5, module=TinyTransformer(return_dict=True))
     assert pass_steps(monitor) == [5]
-    scalars = monitor.alerts.history[-1].scalars
+    scalars = monitor.history[-1].scalars
     assert math.isfinite(scalars[tags.block_tag("model", "top_eigenvalue")])
     assert any(
         tags.parse_block_tag(t) and tags.parse_block_tag(t)[0].endswith("self_attn.q") for t in scalars
@@ -135,7 +135,7 @@ def test_schedule_counts_optimizer_steps_not_micro_batches(tmp_path):
 def test_stability_ratios_follow_the_live_optimizer(tmp_path):
     sgd = HessianMonitor(every_n_steps=2, trace=False, density=False, figures=False, at_end=False)
     fit(tmp_path / "sgd", [sgd], max_steps=4, module=TinyTransformer("sgd", lr=0.05))
-    s = sgd.alerts.history[-1].scalars
+    s = sgd.history[-1].scalars
     assert s[tags.THRESHOLD] == pytest.approx(2 / 0.05)
     assert s[tags.SHARPNESS_RATIO] == pytest.approx(s[tags.SHARPNESS] * 0.05 / 2)
     assert s[tags.SHARPNESS] == s[tags.block_tag("model", "top_eigenvalue")]
@@ -143,7 +143,7 @@ def test_stability_ratios_follow_the_live_optimizer(tmp_path):
 
     adam = HessianMonitor(every_n_steps=2, trace=False, density=False, figures=False, at_end=False)
     trainer, _ = fit(tmp_path / "adam", [adam], max_steps=4, module=TinyTransformer("adamw", lr=0.01))
-    a = adam.alerts.history[-1].scalars
+    a = adam.history[-1].scalars
     assert a[tags.PRECONDITIONED_THRESHOLD] == pytest.approx((2 + 2 * 0.8) / ((1 - 0.8) * 0.01))
     assert a[tags.PRECONDITIONED_RATIO] == pytest.approx(
         a[tags.PRECONDITIONED_SHARPNESS] / a[tags.PRECONDITIONED_THRESHOLD]
@@ -162,7 +162,7 @@ def test_tensorboard_event_files(tmp_path):
     top = tags.block_tag("model", "top_eigenvalue")
     assert top in scalar_tags and tags.SHARPNESS_RATIO in scalar_tags and tags.PASS_SECONDS in scalar_tags
     assert [e.step for e in events.Scalars(top)] == [3, 6]
-    history = {r.step: r.scalars for r in monitor.alerts.history}
+    history = {r.step: r.scalars for r in monitor.history}
     assert events.Scalars(top)[-1].value == pytest.approx(history[6][top], rel=1e-6)
     assert "train_loss" in scalar_tags  # the user's own metrics are still there
     assert events.Tags()["images"], "figures expected"
@@ -234,7 +234,7 @@ def test_custom_loss_fn_and_data(tmp_path):
         every_n_steps=2, data=batches, loss_fn=loss_fn, split=True, figures=False, at_end=False
     )
     fit(tmp_path, [monitor], max_steps=2)
-    scalars = monitor.alerts.history[-1].scalars
+    scalars = monitor.history[-1].scalars
     assert tags.block_tag("model", "gauss_newton_top") in scalars
     current = HessianMonitor(every_n_steps=1, data="current", trace=False, figures=False, at_end=False)
     fit(tmp_path / "current", [current], max_steps=2)
@@ -290,7 +290,7 @@ def test_lightning_cli_yaml(tmp_path):
 def test_block_heterogeneity_is_logged_with_densities(tmp_path):
     monitor = HessianMonitor(every_n_steps=2, density=True, density_steps=10, figures=False, at_end=False)
     fit(tmp_path, [monitor], max_steps=2)
-    value = monitor.alerts.history[-1].scalars[tags.HETEROGENEITY]
+    value = monitor.history[-1].scalars[tags.HETEROGENEITY]
     assert 0 < value <= math.sqrt(math.log(2)) + 1e-12  # natural-log Jensen-Shannon distance range
 
 
@@ -314,7 +314,7 @@ def test_a_nan_loss_skips_the_pass_and_raises_an_alert(tmp_path):
         trainer, _ = fit(tmp_path, [monitor], max_steps=4)
     assert trainer.global_step == 4 and monitor.passes == 0
     assert [a.rule for a in seen] == ["non_finite", "non_finite"] and seen[0].severity == "critical"
-    assert math.isnan(monitor.alerts.history[-1].scalars[tags.PASS_LOSS])
+    assert math.isnan(monitor.history[-1].scalars[tags.PASS_LOSS])
     assert [r["step"] for r in logged_metrics(trainer.logger, (tags.PASS_LOSS,))] == ["2", "4"]
 
 

@@ -69,7 +69,7 @@ def run(tmp_path_factory):
     )
     with pytest.warns(UserWarning, match="sharp"):
         trainer.fit(TwoLayers())
-    history = {r.step: r.scalars for r in monitor.alerts.history}
+    history = {r.step: r.scalars for r in monitor.history}
     assert sorted(history) == [2, 4, 6]
     return dict(tb=Path(tb.log_dir), csv=Path(csv_logger.log_dir) / "metrics.csv", history=history, root=root)
 

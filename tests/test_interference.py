@@ -303,7 +303,7 @@ def test_a_parameter_without_gradient_keeps_the_preconditioned_ratio(tmp_path):
     for frozen in (False, True):
         monitor = HessianMonitor(every_n_steps=2, tol=1e-6, max_iter=200, **FAST)
         fit(tmp_path / str(frozen), [monitor], max_steps=2, module=seeded(UnusedParameter, frozen))
-        runs[frozen] = monitor.alerts.history[-1].scalars
+        runs[frozen] = monitor.history[-1].scalars
     assert tags.PRECONDITIONED_RATIO in runs[False]
     # Adam never moves it: it adds no preconditioned curvature, as if it were frozen.
     assert runs[False][tags.PRECONDITIONED_SHARPNESS] == pytest.approx(

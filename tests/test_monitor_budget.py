@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_callback import TinyTransformer, fit, logged_metrics
+from test_callback import fit, logged_metrics
 
 from lightning_hessian import HessianMonitor, tags
 from lightning_hessian.alerts import ThresholdRule
@@ -22,7 +22,7 @@ def block_names(monitor: HessianMonitor) -> list[str]:
 
 
 def measured_steps(monitor: HessianMonitor, tag: str) -> list[int]:
-    return [r.step for r in monitor.alerts.history if tag in r.scalars]
+    return [r.step for r in monitor.history if tag in r.scalars]
 
 
 def test_every_tier_runs_and_every_block_is_measured_within_the_budget(tmp_path):
@@ -38,7 +38,7 @@ def test_every_tier_runs_and_every_block_is_measured_within_the_budget(tmp_path)
     # Planned, not skipped: the cheap tier comes more often than the whole model.
     assert len(measured_steps(monitor, tags.UPDATE_CURVATURE)) > len(measured_steps(monitor, tags.SHARPNESS))
     # Its own cost is logged and stays near the budget (one measurement's overshoot at most).
-    overhead = monitor.alerts.history[-1].scalars[tags.MONITOR_OVERHEAD]
+    overhead = monitor.history[-1].scalars[tags.MONITOR_OVERHEAD]
     assert overhead == pytest.approx(planner.overhead, rel=0.2)
     assert overhead < 0.5 * 1.5
     events = EventAccumulator(trainer.logger.log_dir)
@@ -51,7 +51,7 @@ def test_budget_mode_leaves_training_bitwise_alone(tmp_path):
     plain, plain_module = fit(tmp_path / "plain", max_steps=30)
     monitor = HessianMonitor(budget=0.6, **QUIET)
     watched, watched_module = fit(tmp_path / "watched", [monitor], max_steps=30)
-    assert len(monitor.alerts.history) >= 3
+    assert len(monitor.history) >= 3
     for (name, a), (_, b) in zip(plain_module.state_dict().items(), watched_module.state_dict().items()):
         assert torch.equal(a, b), name
     keys = ("train_loss", "train_acc")
@@ -71,7 +71,7 @@ def test_a_run_too_short_for_its_budget_says_so_early(tmp_path):
 def test_a_final_full_pass_on_request(tmp_path):
     monitor = HessianMonitor(at_end=True, **QUIET)
     fit(tmp_path, [monitor], max_steps=6)
-    last = monitor.alerts.history[-1]
+    last = monitor.history[-1]
     assert last.step == 6 and tags.block_tag("model", "top_eigenvalue") in last.scalars
     assert any(t.endswith("self_attn.q/top_eigenvalue") for t in last.scalars)
 
@@ -81,7 +81,7 @@ def test_tiers_choose_what_is_measured(tmp_path):
     fit(tmp_path, [monitor], max_steps=40)
     assert measured_steps(monitor, tags.UPDATE_CURVATURE)
     assert not measured_steps(monitor, tags.SHARPNESS)
-    assert not any(tags.parse_block_tag(t) for r in monitor.alerts.history for t in r.scalars)
+    assert not any(tags.parse_block_tag(t) for r in monitor.history for t in r.scalars)
 
 
 def test_info_alerts_go_to_the_log_and_warnings_to_the_console(tmp_path, caplog):

@@ -127,14 +127,14 @@ def test_bf16_mixed_training_is_unchanged_and_curvature_is_float32_or_float64(tm
     for monitor in (m32, m64):
         kwargs = dict(monitor._analyze_kwargs)
         expected = analyze(module, monitor.loss_fn, Batches(monitor._batches), **kwargs).scalars()
-        measured = monitor.alerts.history[-1].scalars
+        measured = monitor.history[-1].scalars
         block_tags = [t for t in expected if tags.parse_block_tag(t)]
         assert block_tags and all(math.isfinite(measured[t]) for t in block_tags)
         for tag in block_tags:
             assert measured[tag] == pytest.approx(expected[tag], rel=1e-6, abs=1e-9), tag
     # float64 agrees with float32 to float32 accuracy.
     top = tags.block_tag("model", "top_eigenvalue")
-    assert m32.alerts.history[-1].scalars[top] == pytest.approx(m64.alerts.history[-1].scalars[top], rel=1e-3)
+    assert m32.history[-1].scalars[top] == pytest.approx(m64.history[-1].scalars[top], rel=1e-3)
 
 
 @needs_cuda
@@ -289,7 +289,7 @@ def test_monitor_with_chunk_size_measures_the_same_curvature(tmp_path):
     chunked = HessianMonitor(chunk_size=3, name="chunked", **common)
     fit(tmp_path, [whole, chunked], max_steps=4)
     assert pass_steps(whole) == pass_steps(chunked) == [4]
-    a, b = whole.alerts.history[-1].scalars, chunked.alerts.history[-1].scalars
+    a, b = whole.history[-1].scalars, chunked.history[-1].scalars
     blocks = {tags.parse_block_tag(t)[0] for t in a if tags.parse_block_tag(t)}
     assert len(blocks) > 5
     for block in blocks:
@@ -584,7 +584,7 @@ def test_monitor_on_a_module_with_a_compiled_submodule(tmp_path):
     monitor = HessianMonitor(every_n_steps=2, figures=False, trace=False, at_end=False)
     fit(tmp_path, [monitor], max_steps=2, module=CompiledSubmodule())
     assert pass_steps(monitor) == [2] and monitor.passes == 1
-    scalars = monitor.alerts.history[-1].scalars
+    scalars = monitor.history[-1].scalars
     assert tags.block_tag("layer.self_attn.q", "top_eigenvalue") in scalars
     assert not any("_orig_mod" in t for t in scalars if tags.parse_block_tag(t))
 
