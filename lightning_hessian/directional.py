@@ -36,7 +36,7 @@ no entry moves by more than :math:`c\, u_m^{1/4}` times the weights' RMS. Error 
 \varepsilon d` in the dtype, :math:`\approx u_m |g| \mathrm{rms}(\theta)`); their sum is smallest at
 :math:`\varepsilon \propto u_m^{1/4}` in the length scale of the parameters, for a relative error of order
 :math:`u_m^{1/2}` (Nocedal & Wright, *Numerical Optimization*, 2nd ed., §8.1). The perturbed weights are
-rounded once from float64 and the losses summed in float64. Measured against exact curvatures
+computed in at least float32 and the losses summed in float64. Measured against exact curvatures
 (double-backward products on the nanoGPT and LLaMA of ``tests/_models.py``, the dense Hessian on the
 attention probe; ``tests/test_directional.py``) along Adam-like updates (curvature ~0.4): relative error
 1e-7 in float64 (1e-5 along a preconditioned gradient), 3e-4 to 2e-3 in float32 (7e-4 on the 4-layer GPT
@@ -46,20 +46,22 @@ curvature along an update in float32.
 
 Critical sharpness line search: :math:`f(\eta') = L(\theta + \eta' p) - L(\theta)`, first at
 :math:`\eta' = \eta`, then doubled while :math:`f \le 0` or halved while :math:`f > 0` until the root is
-bracketed, then bisected; the reported :math:`\eta_c` is the root of the quadratic through :math:`(0, 0)`
-and the bracket's ends (exact on a quadratic loss), kept inside the bracket. A non-finite loss along the
-line counts as a rise. When no bracket is found within ``max_forwards`` forwards the value is ``None``
-(never infinite): ``"ascent"`` (the loss rose at every step tried, down to :math:`\eta / 2^{k}`: on these
-data :math:`u` is not a descent direction, as often happens for a minibatch update on other data, which
-says nothing about stability) or ``"flat"`` (it fell at every step tried, up to :math:`2^k \eta`).
+bracketed, then bisected down to a relative width of 1/16; the reported :math:`\eta_c` is the root of the
+quadratic through :math:`(0, 0)` and the bracket's ends (exact on a quadratic loss), kept inside the
+bracket. A non-finite loss along the line counts as a rise. When no bracket is found within
+``max_forwards`` forwards the value is ``None`` (never infinite): ``"ascent"`` (the loss rose at every step
+tried, down to :math:`\eta / 2^{k}`: on these data :math:`u` is not a descent direction, as often happens
+for a minibatch update on other data, which says nothing about stability) or ``"flat"`` (it fell at every
+step tried, up to :math:`2^k \eta`).
 
 Cost of one call: one forward for :math:`L(\theta)`, two for the update curvature, at most
-``max_forwards`` for the line search, one forward and one backward for :math:`g` plus two forwards for
-the preconditioned curvature (``forwards`` / ``backwards`` count them): 18 forwards and 1 backward at the
-defaults. On the 4-layer GPT of ``examples/train_char_gpt.py`` (d=128, sequences of 64, batch 8, CPU, one
-thread, on a shared machine) a full call cost about 7 training steps (forward, backward, AdamW; about 5 with
-``max_forwards=4``, whose critical sharpness agreed with the 12-forward one to 3e-5), the update curvature
-alone about 1.2.
+``max_forwards`` for the line search (it stops once the bracket is narrow: 4 to 8 on the models tried), one
+forward and one backward for :math:`g` plus two forwards for the preconditioned curvature (``forwards`` /
+``backwards`` count them). On the 4-layer GPT of ``examples/train_char_gpt.py`` after 40 AdamW steps
+(d=128, sequences of 64, batch 8, CPU, one thread, on a shared machine; medians of 5) a full call took 12
+forwards and 1 backward, about 5 training steps (forward, backward, AdamW; one forward without a graph is
+about 0.2 of a step there, plus copying the weights in and out); 4 with ``max_forwards=4`` (whose critical
+sharpness agreed to 3e-5); the update curvature alone about 1, with the critical sharpness about 3.
 
 Non-interference: the weights are set in place to the perturbed values and copied back bitwise from a
 saved copy (never by subtracting) after every forward, buffers likewise; ``.grad`` is never written
@@ -72,7 +74,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -82,7 +84,7 @@ from torch import Tensor, nn
 
 from lightning_hessian import tags
 from lightning_hessian._context import curvature_context
-from lightning_hessian.finite_difference import STEP_FLOOR
+from lightning_hessian.finite_difference import STEP_FLOOR, accumulation_dtype
 from lightning_hessian.operators import (
     LossFn,
     NonFiniteLossError,
@@ -95,6 +97,9 @@ from lightning_hessian.operators import (
 __all__ = ["DirectionalCurvature", "directional_curvature"]
 # c of the step rule: the best of 0.01-1 on the test models along Adam-like updates (module docstring)
 _STEP_FACTOR = 0.3
+# the line search stops bisecting at this relative width (4 bisections after a doubling bracket); on the
+# 4-layer GPT of the module docstring the result moved by 3e-5 with 8 more bisections
+_BRACKET_WIDTH = 1 / 16
 
 
 @dataclass
@@ -180,10 +185,10 @@ class _Line:
             if direction is not None:
                 with torch.no_grad():
                     for name, v in direction.items():
-                        # rounded once from float64; never in place on the saved copy
-                        moved = torch.add(
-                            self.saved[name].to(torch.float64), v.to(torch.float64), alpha=scale
-                        )
+                        # in at least float32 (16-bit weights are rounded once); never in place on the
+                        # saved copy
+                        acc = accumulation_dtype(self.saved[name].dtype)
+                        moved = torch.add(self.saved[name].to(acc), v.to(acc), alpha=scale)
                         self.params[name].copy_(moved)
             _set_rng_state(self.state, self.device)  # the same dropout masks at every point
             yield
@@ -250,13 +255,18 @@ def _loss_value(value: Any, index: int) -> Tensor:
     return value.reshape(())
 
 
+def _norm(tensors: Iterable[Tensor]) -> float:
+    """The Euclidean norm of several tensors together, accumulated in float64."""
+    return math.sqrt(sum(torch.linalg.vector_norm(t, dtype=torch.float64).item() ** 2 for t in tensors))
+
+
 def _second_difference(line: _Line, direction: dict[str, Tensor], loss: float) -> float:
     r""":math:`v^\top H v / \|v\|^2` by the central second difference along ``v / ||v||`` (the step rule)."""
-    norm = math.sqrt(sum(v.to(torch.float64).pow(2).sum().item() for v in direction.values()))
+    norm = _norm(direction.values())
     unit = {name: v / norm for name, v in direction.items()}
     largest = max(v.abs().max().item() for v in unit.values())
-    theta = [line.saved[name].to(torch.float64) for name in unit]
-    rms = math.sqrt(sum(t.pow(2).sum().item() for t in theta) / sum(t.numel() for t in theta))
+    theta = [line.saved[name] for name in unit]
+    rms = _norm(theta) / math.sqrt(sum(t.numel() for t in theta))
     eps = (
         _STEP_FACTOR
         * torch.finfo(line.saved[next(iter(unit))].dtype).eps ** 0.25
@@ -276,8 +286,8 @@ def _critical_lr(
     line: _Line, update: dict[str, Tensor], loss: float, max_forwards: int
 ) -> tuple[float | None, str]:
     r""":math:`\eta_c` along ``update`` in units of the learning rate (1 = the step just taken), and how
-    the search ended: bracket by doubling or halving from 1, bisect, then solve the quadratic through
-    ``(0, 0)`` and the bracket's ends."""
+    the search ended: bracket by doubling or halving from 1, bisect down to a relative width of
+    ``_BRACKET_WIDTH``, then solve the quadratic through ``(0, 0)`` and the bracket's ends."""
     lo, f_lo, hi, f_hi = 0.0, 0.0, math.inf, math.inf
     eta = 1.0
     for _ in range(max_forwards):
@@ -286,6 +296,8 @@ def _critical_lr(
             lo, f_lo = eta, f
         else:
             hi, f_hi = eta, f
+        if lo > 0 and math.isfinite(f_hi) and hi - lo <= _BRACKET_WIDTH * lo:
+            break  # the quadratic through the ends is then exact to far below the bracket's width
         if lo == 0.0:
             eta = hi / 2
         elif math.isinf(hi):
@@ -407,7 +419,7 @@ def directional_curvature(
             )
             direction = {n: d for n, d in direction.items() if bool(d.ne(0).any())}
             if g_p_g > 0 and direction:
-                norm2 = sum(d.double().pow(2).sum().item() for d in direction.values())
+                norm2 = _norm(direction.values()) ** 2
                 preconditioned = _second_difference(line, direction, loss) * norm2 / g_p_g
     critical_lr = None if critical_lr is None else critical_lr * lr
     return DirectionalCurvature(

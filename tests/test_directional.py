@@ -134,7 +134,7 @@ def test_critical_sharpness_is_exact_on_a_quadratic(lr):
     assert result.critical_status == "bracketed"
     assert result.critical_sharpness == pytest.approx(expected, rel=1e-9)
     assert result.critical_lr == pytest.approx(2 / expected, rel=1e-9)
-    assert result.forwards == 3 + 12
+    assert 3 + 2 <= result.forwards <= 3 + 12
 
 
 @pytest.mark.parametrize("delta", [1e-3, 1e-4])
