@@ -36,13 +36,13 @@ no entry moves by more than :math:`c\, u_m^{1/4}` times the weights' RMS. Error 
 \varepsilon d` in the dtype, :math:`\approx u_m |g| \mathrm{rms}(\theta)`); their sum is smallest at
 :math:`\varepsilon \propto u_m^{1/4}` in the length scale of the parameters, for a relative error of order
 :math:`u_m^{1/2}` (Nocedal & Wright, *Numerical Optimization*, 2nd ed., §8.1). The perturbed weights are
-computed in at least float32 and the losses summed in float64. Measured against exact curvatures
-(double-backward products on the nanoGPT and LLaMA of ``tests/_models.py``, the dense Hessian on the
-attention probe; ``tests/test_directional.py``) along Adam-like updates (curvature ~0.4): relative error
-1e-7 in float64 (1e-5 along a preconditioned gradient), 3e-4 to 2e-3 in float32 (7e-4 on the 4-layer GPT
-below, after 40 AdamW steps). Along directions of near-zero curvature (random ones, ~1e-3) the rounding
-term dominates: an absolute error of 1e-4 to 6e-4 in float32 and ~5e-8 in float64, i.e. about 1e-3 of the
-curvature along an update in float32.
+computed in at least float32 and the losses summed in float64. Measured against exact curvatures (the
+dense Hessian of the LLaMA of ``tests/_models.py`` and of the attention probe, double-backward products on
+its nanoGPT; ``tests/test_directional.py``) along Adam-like updates (curvature 0.1-0.4): relative error
+1e-9 to 2e-7 in float64 (5e-8 to 1e-5 along a preconditioned gradient), 3e-4 to 3e-3 in float32 (1e-4
+along LLaMA's preconditioned gradient; 7e-4 on the 4-layer GPT below, after 40 AdamW steps). Along
+directions of near-zero curvature (random ones, ~1e-3) the rounding term dominates: an absolute error of
+1e-4 to 6e-4 in float32 and ~5e-8 in float64, i.e. about 1e-3 of the curvature along an update in float32.
 
 Critical sharpness line search: :math:`f(\eta') = L(\theta + \eta' p) - L(\theta)`, first at
 :math:`\eta' = \eta`, then doubled while :math:`f \le 0` or halved while :math:`f > 0` until the root is
@@ -166,13 +166,8 @@ class _Line:
         params: dict[str, nn.Parameter],
         reduce: Callable[[Tensor], Tensor] | None,
     ) -> None:
-        self.model, self.loss_fn, self.batches, self.params, self.reduce = (
-            model,
-            loss_fn,
-            batches,
-            params,
-            reduce,
-        )
+        self.model, self.loss_fn, self.batches = model, loss_fn, batches
+        self.params, self.reduce = params, reduce
         self.saved = {name: p.detach().clone() for name, p in params.items()}
         self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
         self.device = next(iter(params.values())).device

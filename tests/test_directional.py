@@ -90,6 +90,28 @@ def test_update_curvature_and_preconditioned_curvature_match_the_dense_hessian()
     expected = (d @ hessian @ d / (g @ d)).item()
     assert result.preconditioned_gradient_curvature == pytest.approx(expected, rel=5e-5)
     assert result.loss == pytest.approx(loss_fn(model, batch).item(), rel=1e-14)
+    # L(θ), 2 for the update, the line search, the gradient and 2 for the preconditioned direction
+    assert result.backwards == 1 and 1 + 2 + 2 + 1 + 2 <= result.forwards <= 1 + 2 + 12 + 1 + 2
+
+
+@pytest.mark.slow  # the dense Hessian of 5,040 parameters takes about 20 s
+def test_llama_update_and_preconditioned_curvature_match_its_dense_hessian_in_float64_and_float32():
+    reference, batch64 = make_model("llama", torch.float64), make_batch("llama", 4, torch.float64)
+    with sdpa_kernel(SDPBackend.MATH):  # LLaMA's RMSNorm is free of torch.func's LayerNorm asymmetry
+        hessian = dense_hessian(reference.eval(), loss_fn, batch64, model_block(reference))
+    g, _ = _gradient_and_hvp(reference, batch64)
+    diagonal = 1e-3 + g.abs()  # Adam-like: P ~ |g|
+    d = g / diagonal
+    expected = (d @ hessian @ d / (g @ d)).item()
+    for dtype, tolerance in ((torch.float64, 1e-5), (torch.float32, 1e-2)):
+        model, batch = make_model("llama", dtype), make_batch("llama", 4, dtype)
+        for seed in range(2):
+            u = _adam_like(g, seed)
+            result = directional_curvature(
+                model, loss_fn, batch, _split(u, model), lr=1e-3, preconditioner=_split(diagonal, model)
+            )
+            assert result.update_curvature == pytest.approx((u @ hessian @ u / (u @ u)).item(), rel=tolerance)
+            assert result.preconditioned_gradient_curvature == pytest.approx(expected, rel=tolerance)
 
 
 # --- critical sharpness ---------------------------------------------------------------------------------
