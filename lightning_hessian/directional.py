@@ -88,6 +88,7 @@ from lightning_hessian.finite_difference import STEP_FLOOR, accumulation_dtype
 from lightning_hessian.operators import (
     LossFn,
     NonFiniteLossError,
+    PassFailedElsewhere,
     _rng_state,
     _set_rng_state,
     as_batches,
@@ -194,46 +195,66 @@ class _Line:
                 for buffer, saved in self.buffers:
                     buffer.copy_(saved)
 
-    def _mean(self, local: Tensor) -> Tensor:
-        """``[sum n_i L_i, N]`` (summed over processes) -> the weighted mean loss."""
-        total = local if self.reduce is None else self.reduce(local)
-        return total[0] / total[1]
+    def _sum(self, local: Tensor, error: BaseException | None) -> Tensor:
+        """``local`` with a last entry 1 if this process failed, summed over processes; raise if any failed.
+
+        Every process takes part in the sum before an error is raised, so none waits forever.
+        """
+        if self.reduce is None:
+            if error is not None:
+                raise error
+            return local
+        local[-1] = float(error is not None)
+        total = self.reduce(local)
+        if error is not None:
+            raise error
+        if total[-1].item() > 0:
+            raise PassFailedElsewhere(
+                "The cheap tier failed on another process (see its error); skipped here too."
+            )
+        return total
 
     def loss(self, direction: Mapping[str, Tensor] | None = None, scale: float = 0.0) -> float:
         """The loss at ``θ + scale · direction`` in float64 (NaN or inf when the forward overflowed)."""
-        local = torch.zeros(2, dtype=torch.float64, device=self.device)
-        with self._at(direction, scale), torch.no_grad():
-            for index, batch in enumerate(self.batches):
-                n = batch_size(batch)
-                local[0] += n * _loss_value(self.loss_fn(self.model, batch), index).to(torch.float64)
-                local[1] += n
+        local = torch.zeros(3, dtype=torch.float64, device=self.device)  # sum n_i L_i, N, failed
+        error = None
+        try:
+            with self._at(direction, scale), torch.no_grad():
+                for index, batch in enumerate(self.batches):
+                    n = batch_size(batch)
+                    local[0] += n * _loss_value(self.loss_fn(self.model, batch), index).to(torch.float64)
+                    local[1] += n
+        except Exception as exc:  # raised after the collective sum
+            error = exc
         self.forwards += 1
-        return self._mean(local).item()
+        total = self._sum(local, error)
+        return (total[0] / total[1]).item()
 
     def gradient(self) -> dict[str, Tensor]:
         """:math:`\\nabla L(\\theta)` per parameter, by :func:`torch.autograd.grad` (``.grad`` untouched)."""
         names = list(self.params)
         leaves = [self.params[name] for name in names]
         total = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in leaves]
-        size = 0
-        with self._at(None, 0.0):
-            for index, batch in enumerate(self.batches):
-                n = batch_size(batch)
-                loss = _loss_value(self.loss_fn(self.model, batch), index)
-                if not loss.requires_grad:
-                    raise ValueError(
-                        "The loss does not depend on the trainable parameters (no grad_fn): compute it from "
-                        "model(...) without .detach(), torch.no_grad() or .item()."
-                    )
-                grads = torch.autograd.grad(n * loss, leaves, allow_unused=True, materialize_grads=True)
-                total = [t + g.to(t.dtype) for t, g in zip(total, grads)]
-                size += n
+        size, error = 0, None
+        try:
+            with self._at(None, 0.0):
+                for index, batch in enumerate(self.batches):
+                    n = batch_size(batch)
+                    loss = _loss_value(self.loss_fn(self.model, batch), index)
+                    if not loss.requires_grad:
+                        raise ValueError(
+                            "The loss does not depend on the trainable parameters (no grad_fn): compute it "
+                            "from model(...) without .detach(), torch.no_grad() or .item()."
+                        )
+                    grads = torch.autograd.grad(n * loss, leaves, allow_unused=True, materialize_grads=True)
+                    total = [t + g.to(t.dtype) for t, g in zip(total, grads)]
+                    size += n
+        except Exception as exc:  # raised after the collective sum
+            error = exc
         self.forwards += 1
         self.backwards += 1
-        flat = torch.cat([t.reshape(-1) for t in total] + [total[0].new_tensor([size])])
-        if self.reduce is not None:
-            flat = self.reduce(flat)
-        flat = flat[:-1] / flat[-1]
+        flat = self._sum(torch.cat([t.reshape(-1) for t in total] + [total[0].new_tensor([size, 0])]), error)
+        flat = flat[:-2] / flat[-2]
         pieces = flat.split([p.numel() for p in leaves])
         return {name: piece.view(p.shape) for name, piece, p in zip(names, pieces, leaves)}
 
@@ -364,7 +385,8 @@ def directional_curvature(
         max_forwards: the most forwards the line search may take (at least 2).
         reduce: with data split over processes, a function summing a tensor over them: the loss sums, batch
             sizes and the gradient are summed, so every process gets the same numbers (and the same
-            line-search path).
+            line-search path); an error on one process is raised there and as
+            :class:`~lightning_hessian.operators.PassFailedElsewhere` on the others, none left waiting.
 
     Returns:
         A :class:`DirectionalCurvature`; its :meth:`~DirectionalCurvature.scalars` gives the tags.

@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lightning_hessian import tags
 from lightning_hessian.blocks import model_block
 from lightning_hessian.directional import DirectionalCurvature, directional_curvature
-from lightning_hessian.operators import NonFiniteLossError
+from lightning_hessian.operators import NonFiniteLossError, PassFailedElsewhere
 
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -218,6 +218,25 @@ def test_reduce_sums_losses_sizes_and_gradients():
     assert twice.loss == alone.loss and twice.critical_lr == alone.critical_lr
     assert twice.update_curvature == alone.update_curvature
     assert twice.preconditioned_gradient_curvature == pytest.approx(alone.preconditioned_gradient_curvature)
+
+
+def test_a_failure_on_one_process_is_raised_on_every_process_after_the_sum():
+    model, batch = make_model("nanogpt", torch.float64), make_batch("nanogpt", 8, torch.float64)
+    update = _split(_adam_like(_gradient_and_hvp(model, batch)[0], 0), model)
+
+    def failed_elsewhere(t: Tensor) -> Tensor:  # another process reports a failure in the last entry
+        return 2 * t + torch.nn.functional.one_hot(torch.tensor(len(t) - 1), len(t)).to(t)
+
+    with pytest.raises(PassFailedElsewhere):
+        directional_curvature(model, loss_fn, batch, update, lr=1e-3, reduce=failed_elsewhere)
+    sums = []
+
+    def broken(model, batch):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):  # raised here, but only after taking part in the sum
+        directional_curvature(model, broken, batch, update, lr=1e-3, reduce=lambda t: sums.append(t) or t)
+    assert len(sums) == 1 and sums[0][-1] == 1
 
 
 def test_bad_input_gets_a_clear_error():
