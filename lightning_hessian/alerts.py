@@ -14,6 +14,9 @@ defaults are in each class's docstring):
 - ``non_finite`` (:class:`NonFinite`, critical): a NaN or infinite scalar in the pass.
 - ``stability_threshold`` (:class:`StabilityThreshold`, critical): ``λ_max / (2/lr) >= 1`` (or Adam's
   preconditioned ratio ``>= 1``); a warning from ``approach=0.9`` of the threshold.
+- ``preconditioned_gradient_curvature`` (:class:`PreconditionedGradientCurvature`, warning): the curvature
+  of Adam's preconditioned Hessian along the preconditioned gradient above ``2/lr`` (Bai et al.,
+  arXiv:2506.04805: where loss spikes happen).
 - ``progressive_sharpening`` (:class:`ProgressiveSharpening`, warning): the model's sharpness rose by a fitted
   25% or more over the last 5 passes.
 - ``curvature_spike`` (:class:`CurvatureSpike`, warning): a block's ``top_eigenvalue`` above 3x the median of
@@ -76,6 +79,7 @@ __all__ = [
     "NegativeCurvature",
     "NonFinite",
     "PassRecord",
+    "PreconditionedGradientCurvature",
     "ProgressiveSharpening",
     "StabilityThreshold",
     "ThresholdRule",
@@ -670,12 +674,48 @@ class CallableRule(AlertRule):
         return alerts
 
 
+class PreconditionedGradientCurvature(AlertRule):
+    """The preconditioned gradient curvature crossed ``2 / lr`` (warning): Adam's loss-spike condition.
+
+    Looks at :data:`~lightning_hessian.tags.PRECONDITIONED_GRADIENT_RATIO`, the curvature of
+    :math:`P^{-1/2} H P^{-1/2}` along the preconditioned gradient divided by ``2 / lr``
+    (:mod:`lightning_hessian.directional`). Bai et al. (arXiv:2506.04805) found that Adam's loss spikes
+    happen when this curvature exceeds ``2 / lr``: the step along the preconditioned gradient then overshoots.
+    A ratio above ``above`` (default 1) fires.
+
+    Args:
+        above: the ratio above which to warn (> 0).
+        name, severity, cooldown, enabled: see :class:`AlertRule`.
+    """
+
+    name = "preconditioned_gradient_curvature"
+    severity = "warning"
+
+    def __init__(self, above: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.above = _arg("above", above, 0, strict=True, what="the ratio to 2/lr above which to warn")
+
+    def check(self, history: Sequence[PassRecord]) -> list[Alert]:
+        tag = tags.PRECONDITIONED_GRADIENT_RATIO
+        ratio = _finite(history[-1].scalars, tag)
+        if ratio is None or ratio <= self.above:
+            return []
+        curvature = _finite(history[-1].scalars, tags.PRECONDITIONED_GRADIENT_CURVATURE)
+        message = (
+            f"The preconditioned gradient curvature (P⁻¹g)ᵀH(P⁻¹g)/(gᵀP⁻¹g) = {_fmt(curvature)} is "
+            f"{ratio:.3g}x 2/lr: Bai et al. (arXiv:2506.04805) found Adam's loss spikes where it crosses "
+            "2/lr. Lower the learning rate, raise Adam's eps (it bounds P from below) or lengthen the warmup."
+        )
+        return [self._alert(history, message, tag, ratio)]
+
+
 def default_rules() -> list[AlertRule]:
     """Every built-in rule with its defaults (see the module docstring), most severe first."""
     return [
         NonFinite(),
         StabilityThreshold(),
         BoundViolation(),
+        PreconditionedGradientCurvature(),
         ProgressiveSharpening(),
         CurvatureSpike(),
         NegativeCurvature(),

@@ -240,6 +240,7 @@ def test_default_rules_and_manager_defaults():
         "negative_curvature",
         "bound_violation",
         "heterogeneity_jump",
+        "preconditioned_gradient_curvature",
     }
     assert [rule.name for rule in AlertManager().rules] == names
     manager = AlertManager()
@@ -465,3 +466,26 @@ def test_negative_curvature_skips_blocks_negligible_next_to_the_model():
     assert len(rule.check([PassRecord(step=1, scalars=without_model)])) == 2
     with pytest.raises(ValueError, match="min_fraction"):
         NegativeCurvature(min_fraction=-1)
+
+
+def test_preconditioned_gradient_curvature_warns_above_two_over_lr_only():
+    from lightning_hessian.alerts import PreconditionedGradientCurvature
+
+    rule = PreconditionedGradientCurvature()
+    ratio, curvature = tags.PRECONDITIONED_GRADIENT_RATIO, tags.PRECONDITIONED_GRADIENT_CURVATURE
+    assert rule.check(history({ratio: 0.99, curvature: 1980.0})) == []
+    assert rule.check(history({ratio: 1.0})) == []
+    assert rule.check(history({ratio: math.nan})) == []  # NonFinite reports it
+    (alert,) = rule.check(history({ratio: 1.3, curvature: 2600.0}))
+    assert (alert.rule, alert.severity, alert.tag, alert.value) == (
+        "preconditioned_gradient_curvature",
+        "warning",
+        ratio,
+        1.3,
+    )
+    assert "2506.04805" in alert.message and "learning rate" in alert.message and "2600" in alert.message
+    assert PreconditionedGradientCurvature(above=2.0).check(history({ratio: 1.3})) == []
+    with pytest.raises(ValueError, match="above"):
+        PreconditionedGradientCurvature(above=0)
+    (alert,) = AlertManager().update(PassRecord(5, {ratio: 1.5}))
+    assert alert.rule == "preconditioned_gradient_curvature"
