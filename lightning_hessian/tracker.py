@@ -45,7 +45,10 @@ __all__ = ["TIERS", "CurvatureTracker", "Measurement"]
 
 TIERS = ("update", "model", "blocks")
 #: Shares of the budget: the cheap tier needs little to come often; the exact tiers split the rest.
-DEFAULT_SHARES = {"update": 0.2, "model": 0.4, "blocks": 0.4}
+DEFAULT_SHARES = {"update": 0.3, "model": 0.35, "blocks": 0.35}
+#: The critical sharpness's line search (4-8 forwards) runs at every this many update-tier measurements; the
+#: others cost about 1.5-2 training steps (update curvature and preconditioned gradient curvature).
+CRITICAL_EVERY = 4
 #: Cost of a first measurement in training steps, until one is measured: optimistic (small models on CPU),
 #: so a first measurement comes early and its measured cost then sets the pace.
 _PRIOR_STEPS = {"update": 1.0, "model": 8.0, "blocks": 5.0}
@@ -114,6 +117,7 @@ class CurvatureTracker:
         self._groups: list[tuple[Any, list[Block]]] = []
         self._next_group = 0
         self.rotations = 0  # completed rotations over every group
+        self._update_count = 0  # update-tier measurements so far
         self._ritz: dict[str, Tensor] = {}  # per block: the last Ritz vectors (CPU), the warm starts
         self._model: ModelCurvature | None = None
         self._snapshot: dict[str, Tensor] | None = None
@@ -192,8 +196,9 @@ class CurvatureTracker:
                 _say(progress, "curvature along the update")
                 found = directional_curvature(
                     model, loss_fn, batches, update, lr=lr, preconditioner=preconditioner, mode=mode,
-                    reduce=reduce,
+                    reduce=reduce, critical=self._update_count % CRITICAL_EVERY == 0,
                 )  # fmt: skip
+                self._update_count += 1
                 result.scalars.update(found.scalars(lr))
                 result.loss = found.loss
                 result.scalars.update({tags.LEARNING_RATE: lr, tags.THRESHOLD: sgd_threshold(lr)})
@@ -351,12 +356,14 @@ class CurvatureTracker:
             "planner": self.planner.state_dict(),
             "next_group": self._next_group,
             "rotations": self.rotations,
+            "update_count": self._update_count,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.planner.load_state_dict(state.get("planner", {}))
         self._next_group = int(state.get("next_group", 0))
         self.rotations = int(state.get("rotations", 0))
+        self._update_count = int(state.get("update_count", 0))
 
 
 def _say(progress: Callable[[str], None] | None, what: str) -> None:
