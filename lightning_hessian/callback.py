@@ -40,6 +40,7 @@ from lightning_hessian.analysis import analyze, check_settings
 from lightning_hessian.blocks import Block, FusedLayout, find_blocks
 from lightning_hessian.dashboard import CurvatureDashboard
 from lightning_hessian.formulas.stability import block_heterogeneity
+from lightning_hessian.html_report import write_html_report
 from lightning_hessian.operators import Batches, NonFiniteLossError, PassFailedElsewhere
 from lightning_hessian.optimizers import adam_preconditioners, stability_scalars
 from lightning_hessian.report import CurvatureReport
@@ -280,6 +281,9 @@ class HessianMonitor(Callback):
         console: the least severe alert printed to the console as a warning (``"info"``, ``"warning"``
             (default), ``"critical"``, or ``None`` for none); the others go to the ``lightning_hessian``
             Python logger at INFO level. ``on_alert`` and the dashboards get every alert.
+        html_report: at the end of training, write ``curvature_report.html`` (one self-contained page of
+            the run's charts, alerts and latest values: :func:`~lightning_hessian.write_html_report`) into
+            the first logger's log directory.
     """
 
     def __init__(
@@ -323,6 +327,7 @@ class HessianMonitor(Callback):
         theory_samples: int = 2,
         name: str | None = None,
         console: str | None = "warning",
+        html_report: bool = True,
     ) -> None:
         super().__init__()
         scheduled = every_n_steps is not None or bool(early_steps)
@@ -406,6 +411,7 @@ class HessianMonitor(Callback):
                 f"budget must be a fraction of training time in (0, 1), e.g. 0.05; got {budget!r}."
             )
         self.console = console
+        self.html_report = html_report
         if isinstance(tiers, str) or not set(tiers) <= set(TIERS) or not tiers:
             raise ValueError(f"tiers must be a non-empty list of {TIERS}, got {tiers!r}.")
         if scheduled and tuple(tiers) != TIERS:
@@ -721,6 +727,28 @@ class HessianMonitor(Callback):
         if self.at_end and step > 0 and step != self._last_pass_step:
             self._close_capture("training ended after")
             self._measure(trainer, pl_module, step)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.html_report or not trainer.is_global_zero or not self.history:
+            return
+        for logger in trainer.loggers:
+            log_dir = None if isinstance(logger, DummyLogger) else getattr(logger, "log_dir", None)
+            if log_dir is None:
+                continue
+            try:
+                logger.save()
+                flush = getattr(getattr(logger, "experiment", None), "flush", None)
+                if callable(flush):
+                    flush()
+                path = write_html_report(log_dir)
+            except Exception as error:  # a report must never fail the run
+                self._note(
+                    f"the HTML report of the run could not be written ({type(error).__name__}: {error})"
+                )
+            else:
+                _LOG.info("HessianMonitor: curvature report written to %s", path)
+            return
 
     def _close_capture(self, what: str) -> None:
         """``data="fixed"`` saw fewer than ``num_batches`` batches: every pass from now on uses those."""

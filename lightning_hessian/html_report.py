@@ -63,7 +63,12 @@ def report_charts(data: RunData) -> list[tuple[str, list[dict[str, Any]]]]:
         _chart(
             data,
             "Sharpness ratios (> 1: unstable)",
-            [tags.SHARPNESS_RATIO, tags.PRECONDITIONED_RATIO],
+            [
+                tags.SHARPNESS_RATIO,
+                tags.PRECONDITIONED_RATIO,
+                tags.CRITICAL_RATIO,
+                tags.PRECONDITIONED_GRADIENT_RATIO,
+            ],
             ref=1.0,
             ref_label="1: stability threshold",
             markers=markers,
@@ -71,11 +76,18 @@ def report_charts(data: RunData) -> list[tuple[str, list[dict[str, Any]]]]:
         _chart(data, "Sharpness λ_max against 2/lr", [tags.SHARPNESS, tags.THRESHOLD], markers=markers),
         _chart(
             data,
+            "Curvature along the update and critical sharpness 2/η_c against 2/lr",
+            [tags.UPDATE_CURVATURE, tags.CRITICAL_SHARPNESS, tags.THRESHOLD],
+            markers=markers,
+        ),
+        _chart(
+            data,
             "Preconditioned sharpness λ_max(P⁻¹H) against its threshold",
             [tags.PRECONDITIONED_SHARPNESS, tags.PRECONDITIONED_THRESHOLD],
             markers=markers,
         ),
         _chart(data, "Block heterogeneity (Jensen-Shannon distance)", [tags.HETEROGENEITY]),
+        _chart(data, "Monitor time / training time", [tags.MONITOR_OVERHEAD]),
     ]
     by_layer: dict[int, list[str]] = {}
     by_kind: dict[str, list[str]] = {}

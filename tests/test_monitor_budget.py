@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,6 +46,14 @@ def test_every_tier_runs_and_every_block_is_measured_within_the_budget(tmp_path)
     events.Reload()
     for tag in (tags.MONITOR_OVERHEAD, tags.UPDATE_CURVATURE, tags.SHARPNESS, tags.MONITOR_ROTATION):
         assert tag in events.Tags()["scalars"], tag
+    # The run's HTML report is written at the end, with the tiers' charts.
+    page = (Path(trainer.logger.log_dir) / "curvature_report.html").read_text()
+    assert "Curvature along the update" in page and "Monitor time / training time" in page
+
+
+def test_no_html_report_on_request(tmp_path):
+    trainer, _ = fit(tmp_path, [HessianMonitor(every_n_steps=2, html_report=False, **QUIET)], max_steps=2)
+    assert not (Path(trainer.logger.log_dir) / "curvature_report.html").exists()
 
 
 def test_budget_mode_leaves_training_bitwise_alone(tmp_path):
