@@ -1,0 +1,342 @@
+r"""The monitor's whole-model tier: :math:`\lambda_{\max}` tracked warm, and what its eigenvector gives.
+
+:func:`track_model` is called every few hundred training steps with the previous call's
+:class:`ModelCurvature` as a warm start, so each call costs a few Hessian-vector products on one retained
+gradient graph of the whole model (:class:`~lightning_hessian.CurvatureOperator`):
+
+* :math:`\lambda_{\max}(H)` by Lanczos (:func:`~lightning_hessian.estimators.lanczos`) started from the
+  previous top eigenvector :math:`v` (cold: the gradient-plus-random start of ``analyze``), stopped when the
+  Ritz residual :math:`\|Hy - \theta y\| \le` ``tol`` :math:`\cdot |\theta|` (relative to
+  :math:`\lambda_{\max}` itself, not to the largest :math:`|\theta|`);
+* with Adam's diagonal :math:`P`, the preconditioned :math:`\lambda_{\max}(P^{-1} H)` (Cohen et al.,
+  arXiv:2207.14484) likewise, with its own warm vector;
+* free by-products of the unit top eigenvector :math:`v`: each block's share :math:`\|v_b\|^2`, the
+  gradient's alignment :math:`|g^\top v| / \|g\|` (Gur-Ari, Roberts & Dyer, arXiv:1812.04754: the gradient
+  lives mostly in the top eigenspace) and the alignment of the update just taken;
+* per-block traces from *shared* whole-model Hutchinson probes (see :func:`track_model`): one product per
+  probe for every block at once, instead of one per probe per block.
+
+Tracking experiment (``benchmarks/bench_tracking.py``; nanoGPT-style GPT of ``examples/train_char_gpt.py``,
+4 layers, d=64, 4 heads, context 64, batch 8, Shakespeare characters, AdamW lr 1e-3 with 20 warmup steps,
+150 steps, float32, CPU; truth: cold Lanczos at ``tol=1e-6``, ``max_iter=200``, every 10 steps; 15
+checkpoints):
+
+RESULTS_PLACEHOLDER_NOT_YET_MEASURED
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_hessian import tags
+from lightning_hessian._context import curvature_context
+from lightning_hessian.analysis import _gradient_starts, check_settings
+from lightning_hessian.blocks import Block, check_blocks, model_block
+from lightning_hessian.estimators import _random, lanczos
+from lightning_hessian.operators import Batches, CurvatureOperator, LossFn, PreconditionedOperator, as_batches
+from lightning_hessian.products import check_products, resolve_products
+from lightning_hessian.sharded import ShardedOperator, is_sharded
+
+__all__ = ["ModelCurvature", "track_model"]
+
+MODEL = "model"  # the whole model's block name in tags (curvature/model/...)
+
+
+@dataclass
+class ModelCurvature:
+    """One whole-model measurement of :func:`track_model`.
+
+    Attributes:
+        top_eigenvalue, top_residual, top_converged: :math:`\\lambda_{\\max}(H)`, its Ritz residual
+            :math:`\\|Hy - \\theta y\\|` (an eigenvalue lies within it) and whether that is within ``tol``
+            :math:`\\cdot |\\theta|`.
+        preconditioned_top, preconditioned_residual, preconditioned_converged: the same for
+            :math:`P^{-1/2} H P^{-1/2}` (``None`` without a preconditioner).
+        top_shares: block name -> :math:`\\|v_b\\|^2`, the block's share of the unit top eigenvector.
+        gradient_alignment: :math:`|g^\\top v| / \\|g\\|`, ``g`` the gradient on the curvature data (NaN if
+            ``g = 0``).
+        update_alignment: :math:`|u^\\top v| / \\|u\\|` for the update ``u`` given (``None`` without one, NaN
+            if ``u = 0``).
+        trace, trace_stderr: Hutchinson estimate of :math:`\\operatorname{tr} H` and its standard error
+            (``None`` with ``trace_probes=0``; the error is NaN with one probe).
+        block_traces, block_trace_stderr: the same per block, from the same probes.
+        loss: the loss on the curvature data.
+        matvecs: whole-model Hessian-vector products taken.
+        seconds: wall time of the call.
+        top_vector: the unit top Ritz vector (CPU), the next call's warm start.
+        preconditioned_vector: the same for the preconditioned operator.
+    """
+
+    top_eigenvalue: float
+    top_residual: float
+    top_converged: bool
+    preconditioned_top: float | None
+    preconditioned_residual: float | None
+    preconditioned_converged: bool | None
+    top_shares: dict[str, float]
+    gradient_alignment: float
+    update_alignment: float | None
+    trace: float | None
+    trace_stderr: float | None
+    block_traces: dict[str, float]
+    block_trace_stderr: dict[str, float]
+    loss: float
+    matvecs: int
+    seconds: float
+    top_vector: Tensor = field(repr=False)
+    preconditioned_vector: Tensor | None = field(default=None, repr=False)
+
+    def scalars(self) -> dict[str, float]:
+        """Tag -> value for the logger (names from :mod:`lightning_hessian.tags`); NaN values are left out."""
+        out = {
+            tags.SHARPNESS: self.top_eigenvalue,
+            tags.block_tag(MODEL, "top_eigenvalue"): self.top_eigenvalue,
+            tags.PRECONDITIONED_SHARPNESS: self.preconditioned_top,
+            tags.block_tag(MODEL, "preconditioned_top"): self.preconditioned_top,
+            tags.GRADIENT_ALIGNMENT: self.gradient_alignment,
+            tags.UPDATE_ALIGNMENT: self.update_alignment,
+            tags.block_tag(MODEL, "trace"): self.trace,
+            tags.block_tag(MODEL, "trace_stderr"): self.trace_stderr,
+        }
+        for name, share in self.top_shares.items():
+            out[tags.block_tag(name, "top_share")] = share
+        for name, value in self.block_traces.items():
+            out[tags.block_tag(name, "trace")] = value
+            out[tags.block_tag(name, "trace_stderr")] = self.block_trace_stderr[name]
+        return {tag: float(v) for tag, v in out.items() if v is not None and math.isfinite(v)}
+
+
+def _operator(
+    model: nn.Module, loss_fn: LossFn, data: Any, whole: Block, products: str, **options: Any
+) -> Any:
+    """The whole model's operator: finite differences on sharded parameters, else a CurvatureOperator."""
+    batches = Batches(as_batches(data))
+    if products == "finite_difference" and is_sharded(model):
+        return ShardedOperator(model, loss_fn, batches, [whole], **options)
+    return CurvatureOperator(model, loss_fn, batches, [whole], products=products, **options)
+
+
+def _top(op: Any, warm: Tensor, tol: float, max_iter: int, seed: int) -> tuple[float, float, bool, Tensor]:
+    """λ_max of a one-block operator by Lanczos, with ``tol`` relative to λ_max itself.
+
+    ``lanczos`` measures residuals against the largest :math:`|\\theta|`, which a large negative Ritz value
+    can set: it may then stop early. Such a stop is resumed from the Ritz vector (a restart) until the
+    residual is within ``tol`` :math:`\\cdot |\\lambda_{\\max}|` or the ``max_iter`` products are spent.
+    """
+    spent = 0
+    while True:
+        eig = lanczos(op, 1, smallest=False, tol=tol, max_iter=max_iter - spent, init=[warm], seed=seed)[0]
+        spent += eig.matvecs
+        value, residual, warm = float(eig.eigenvalues[0]), float(eig.residuals[0]), eig.eigenvectors[:, 0]
+        converged = residual <= tol * abs(value)
+        # not eig.converged: it ran out of steps; else it stopped against a larger |θ| and is resumed
+        if converged or not eig.converged or spent >= max_iter:
+            return value, residual, converged, warm
+
+
+def _block_sums(
+    rows: Tensor, whole: Block, shapes: Mapping[str, torch.Size], blocks: Sequence[Block]
+) -> Tensor:
+    """``(len(blocks), k)``: for every block, the sum of each row of ``rows`` (``(k, n)``, whole-model
+    vectors) over the block's entries; no whole-model index tensor is built."""
+    views, offset = {}, 0
+    for name in whole.params:
+        size = math.prod(shapes[name])
+        views[name] = rows[:, offset : offset + size].reshape(rows.shape[0], *shapes[name])
+        offset += size
+    sums = [
+        sum(
+            part.select(views[part.param], leading=1).reshape(rows.shape[0], -1).sum(1)
+            for part in block.parts
+        )
+        for block in blocks
+    ]
+    return torch.stack(sums) if sums else rows.new_zeros((0, rows.shape[0]))
+
+
+def _whole(
+    tensors: Mapping[str, Tensor], whole: Block, shapes: Mapping[str, torch.Size], what: str
+) -> Tensor:
+    """A per-parameter mapping as one whole-model vector (float64); a missing parameter counts as zero."""
+    unknown = [name for name in tensors if name not in shapes]
+    if unknown:
+        raise ValueError(
+            f"{what} has entries {unknown[:3]} that are not trainable parameters of the model; key it by "
+            "the names of model.named_parameters()."
+        )
+    pieces = []
+    for name in whole.params:
+        t = tensors.get(name)
+        if t is not None and tuple(t.shape) != tuple(shapes[name]):
+            raise ValueError(
+                f"{what}[{name!r}] has shape {tuple(t.shape)}, the parameter {tuple(shapes[name])}."
+            )
+        pieces.append(torch.zeros(math.prod(shapes[name]), dtype=torch.float64) if t is None else t.detach())
+    return torch.cat([p.reshape(-1).to(device="cpu", dtype=torch.float64) for p in pieces])
+
+
+def _alignment(x: Tensor, v: Tensor) -> float:
+    norm = x.norm()
+    return float(x @ v / norm) if norm > 0 and torch.isfinite(norm) else math.nan
+
+
+def track_model(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    blocks: Sequence[Block],
+    *,
+    init: ModelCurvature | None = None,
+    preconditioner: Mapping[str, Tensor] | None = None,
+    update: Mapping[str, Tensor] | None = None,
+    max_iter: int = 8,
+    tol: float = 1e-2,
+    trace_probes: int = 4,
+    seed: int = 0,
+    mode: str = "eval",
+    dtype: torch.dtype | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+    chunk_size: int | None = None,
+    products: str = "exact",
+) -> ModelCurvature:
+    r"""The whole model's top curvature, warm-started, with its eigenvector's by-products and block traces.
+
+    Cost: at most ``max_iter`` products for :math:`\lambda_{\max}`, as many for the preconditioned one, and
+    ``trace_probes`` for the traces, all on one gradient graph (one forward and one ``create_graph``
+    backward).
+
+    Block traces from shared probes: with Rademacher :math:`z_j` over the whole model (:math:`j = 1..m`,
+    the probes of :func:`~lightning_hessian.estimators.hutchinson` on the whole model with the same seed)
+    and one product :math:`H z_j` each, :math:`\hat t_b = \frac1m \sum_j z_{j,b}^\top (H z_j)_b`. Since
+    :math:`(Hz)_b = H_{bb} z_b + H_{b\bar b} z_{\bar b}` and the coordinates of :math:`z` are independent
+    with zero mean, :math:`E[\hat t_b] = \operatorname{tr} H_{bb}`, and one probe's variance is
+    :math:`2 (\|H_{bb}\|_F^2 - \sum_i H_{ii}^2) + \|H_{b\bar b}\|_F^2`: Hutchinson's variance on
+    :math:`H_{bb}` plus the block's coupling to the rest of the model, the price of sharing the probes.
+    The reported standard error is the sample standard deviation over probes :math:`/\sqrt m` (so it needs
+    ``m >= 2``). The same probes give :math:`\operatorname{tr} H` (variance
+    :math:`2 (\|H\|_F^2 - \sum_i H_{ii}^2)` per probe). With a fixed ``seed`` every call draws the same
+    probes, so the errors of successive calls are correlated; pass e.g. the step as ``seed`` for
+    independent ones.
+
+    Args:
+        model: the model; left exactly as found (weights, ``.grad``, buffers, train/eval flags, RNG).
+        loss_fn: ``loss_fn(model, batch)`` returning the scalar loss (as for ``analyze``).
+        data: one batch, or several (:class:`~lightning_hessian.Batches`, a ``DataLoader``).
+        blocks: the blocks whose shares and traces to report (e.g. ``find_blocks(model)``); they must hold
+            trainable parameters only and may leave some out (the shares then sum to less than 1).
+        init: the previous call's result: its top vectors start Lanczos. ``None`` (or a result for another
+            set of trainable parameters) starts cold from :math:`g/\|g\| + r/\|r\|`, ``r`` random.
+        preconditioner: a positive diagonal :math:`P` per trainable parameter name (e.g. Adam's
+            :math:`\sqrt{\hat v} + \epsilon`; ``inf`` for frozen entries): adds
+            :math:`\lambda_{\max}(P^{-1} H)`.
+        update: the update just taken, per parameter name (a missing parameter counts as zero): adds its
+            alignment with :math:`v`.
+        max_iter: products per Lanczos run (each of the two); a run that stops there is not converged.
+        tol: relative Ritz-residual tolerance, relative to :math:`\lambda_{\max}` itself.
+        trace_probes: Hutchinson probes shared by the whole model and every block (0: no traces).
+        seed: seed of the random start part, the warm-start perturbation and the probes.
+        mode, dtype, reduce, chunk_size, products: as for :func:`~lightning_hessian.analyze`.
+
+    Returns:
+        A :class:`ModelCurvature`; ``.scalars()`` gives the tags to log.
+    """
+    check_settings(max_iter=max_iter, tol=tol, dtype=dtype, mode=mode, seed=seed, chunk_size=chunk_size)
+    if isinstance(trace_probes, bool) or not isinstance(trace_probes, int) or trace_probes < 0:
+        raise ValueError(f"trace_probes must be an int >= 0 (0: no traces), got {trace_probes!r}.")
+    if init is not None and not isinstance(init, ModelCurvature):
+        raise TypeError(
+            f"init must be the ModelCurvature of a previous call (or None), got {type(init).__name__}."
+        )
+    whole = model_block(model, MODEL)
+    if whole.numel == 0:
+        raise ValueError(
+            "The model has no trainable parameters (requires_grad=False everywhere): nothing to measure."
+        )
+    shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    blocks = list(blocks)
+    check_blocks(blocks, model)
+    frozen = [(b.name, n) for b in blocks for n in b.params if n not in shapes]
+    if frozen:
+        raise ValueError(
+            f"Block {frozen[0][0]!r} holds the frozen parameter {frozen[0][1]!r}; pass blocks of trainable "
+            "parameters only (find_blocks(model) leaves frozen ones out)."
+        )
+    if preconditioner is not None and any(n not in preconditioner for n in shapes):
+        missing = [n for n in shapes if n not in preconditioner]
+        raise ValueError(f"preconditioner has no entry for {missing[:3]}; give one per trainable parameter.")
+    products, reason = resolve_products(products, model)
+    check_products(products, "hessian", False, reason)
+
+    began = time.perf_counter()
+    with curvature_context(model, mode, exact=products == "exact"):
+        options = dict(dtype=dtype, reduce=reduce, chunk_size=chunk_size)
+        op = _operator(model, loss_fn, data, whole, products, **options)
+        fresh = init is None or init.top_vector.shape != (whole.numel,)
+        warm = _gradient_starts(op, None, seed)[0] if fresh else init.top_vector
+        top, residual, converged, v = _top(op, warm, tol, max_iter, seed)
+        v = v.to(device="cpu", dtype=torch.float64)
+        v = v / v.norm()
+        gradient = op.gradient(0).to(device="cpu", dtype=torch.float64)
+
+        p_top = p_residual = p_converged = p_vector = None
+        if preconditioner is not None:
+            diagonal = whole.vector({n: preconditioner[n].detach() for n in shapes})
+            scaled = PreconditionedOperator(op, [diagonal])
+            p_warm = None if fresh or init.preconditioned_vector is None else init.preconditioned_vector
+            if p_warm is None:  # the gradient start in the preconditioned coordinates: P^{-1/2} g
+                source = SimpleNamespace(
+                    blocks=op.blocks, gradient=lambda _: diagonal.rsqrt().to(gradient) * gradient
+                )
+                p_warm = _gradient_starts(source, None, seed)[0]
+            p_top, p_residual, p_converged, p_vector = _top(scaled, p_warm, tol, max_iter, seed)
+            p_vector = p_vector.detach().cpu()
+
+        traces: Tensor | None = None
+        if trace_probes:
+            probes = torch.stack(
+                [
+                    _random.rademacher((whole.numel,), _random.generator(seed, _random.HUTCHINSON, 0, j))
+                    for j in range(trace_probes)
+                ],
+                dim=1,
+            )
+            hz = op.matmat([_random.to_operator(probes, op)])[0]
+            # z_j' (H z_j) entrywise, then summed per block and over the whole model: (blocks + 1, m)
+            rows = (probes * hz.to(device="cpu", dtype=torch.float64)).T
+            traces = torch.cat([_block_sums(rows, whole, shapes, blocks), rows.sum(1, keepdim=True).T])
+        loss, matvecs, keep = float(op.loss), op.matvecs, op.dtype
+        del op
+    shares = _block_sums(v.square()[None], whole, shapes, blocks)[:, 0]
+    means = [] if traces is None else traces.mean(1).tolist()
+    errors = [] if traces is None else [_random.sample_stderr(row) for row in traces]
+    names = [b.name for b in blocks]
+    return ModelCurvature(
+        top_eigenvalue=top,
+        top_residual=residual,
+        top_converged=converged,
+        preconditioned_top=p_top,
+        preconditioned_residual=p_residual,
+        preconditioned_converged=p_converged,
+        top_shares=dict(zip(names, shares.tolist())),
+        gradient_alignment=abs(_alignment(gradient, v)),
+        update_alignment=None
+        if update is None
+        else abs(_alignment(_whole(update, whole, shapes, "update"), v)),
+        trace=means[-1] if means else None,
+        trace_stderr=errors[-1] if errors else None,
+        block_traces=dict(zip(names, means[:-1])),
+        block_trace_stderr=dict(zip(names, errors[:-1])),
+        loss=loss,
+        matvecs=matvecs,
+        seconds=time.perf_counter() - began,
+        top_vector=v.to(keep),
+        preconditioned_vector=p_vector,
+    )
