@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from lightning_hessian import tags
 from lightning_hessian._context import curvature_context
-from lightning_hessian.analysis import _gradient_starts, check_settings
+from lightning_hessian.analysis import _check_positive, _gradient_starts, check_settings
 from lightning_hessian.blocks import Block, check_blocks, model_block
 from lightning_hessian.estimators import _random
 from lightning_hessian.estimators._lanczos_core import LanczosChains, run_lanczos
@@ -216,6 +216,7 @@ def track_model(
     preconditioner: Mapping[str, Tensor] | None = None,
     update: Mapping[str, Tensor] | None = None,
     max_iter: int = 8,
+    cold_max_iter: int = 64,
     tol: float = 1e-2,
     trace_probes: int = 4,
     seed: int = 0,
@@ -257,7 +258,10 @@ def track_model(
             :math:`\lambda_{\max}(P^{-1} H)`.
         update: the update just taken, per parameter name (a missing parameter counts as zero): adds its
             alignment with :math:`v`.
-        max_iter: products per Lanczos run (each of the two); a run that stops there is not converged.
+        max_iter: products per warm Lanczos run (each of the two); a run that stops there is not converged.
+        cold_max_iter: products per Lanczos run without a warm start (the first call, or the preconditioned
+            run's first call): ``max(max_iter, cold_max_iter)``. A cold start needs more products than a
+            warm one (see the module's experiment); ``max_iter`` alone would leave the first measurement off.
         tol: relative Ritz-residual tolerance, relative to :math:`\lambda_{\max}` itself.
         trace_probes: Hutchinson probes shared by the whole model and every block (0: no traces).
         seed: seed of the random start part, the warm-start perturbation and the probes.
@@ -266,9 +270,11 @@ def track_model(
     Returns:
         A :class:`ModelCurvature`; ``.scalars()`` gives the tags to log.
     """
+    _check_positive("cold_max_iter", cold_max_iter)
     check_settings(max_iter=max_iter, tol=tol, dtype=dtype, mode=mode, seed=seed, chunk_size=chunk_size)
     if isinstance(trace_probes, bool) or not isinstance(trace_probes, int) or trace_probes < 0:
         raise ValueError(f"trace_probes must be an int >= 0 (0: no traces), got {trace_probes!r}.")
+    cold_max_iter = max(max_iter, cold_max_iter)
     if init is not None and not isinstance(init, ModelCurvature):
         raise TypeError(
             f"init must be the ModelCurvature of a previous call (or None), got {type(init).__name__}."
@@ -299,7 +305,7 @@ def track_model(
         op = _operator(model, loss_fn, data, whole, products, **options)
         fresh = init is None or init.top_vector.shape != (whole.numel,)
         warm = _gradient_starts(op, None, seed)[0] if fresh else init.top_vector
-        top, residual, converged, v = _top(op, warm, tol, max_iter, seed)
+        top, residual, converged, v = _top(op, warm, tol, cold_max_iter if fresh else max_iter, seed)
         v = v.to(device="cpu", dtype=torch.float64)
         v = v / v.norm()
         gradient = op.gradient(0).to(device="cpu", dtype=torch.float64)
@@ -309,12 +315,13 @@ def track_model(
             diagonal = whole.vector({n: preconditioner[n].detach() for n in shapes})
             scaled = PreconditionedOperator(op, [diagonal])
             p_warm = None if fresh or init.preconditioned_vector is None else init.preconditioned_vector
+            budget = max_iter if p_warm is not None else cold_max_iter
             if p_warm is None:  # the gradient start in the preconditioned coordinates: P^{-1/2} g
                 source = SimpleNamespace(
                     blocks=op.blocks, gradient=lambda _: diagonal.rsqrt().to(gradient) * gradient
                 )
                 p_warm = _gradient_starts(source, None, seed)[0]
-            p_top, p_residual, p_converged, p_vector = _top(scaled, p_warm, tol, max_iter, seed)
+            p_top, p_residual, p_converged, p_vector = _top(scaled, p_warm, tol, budget, seed)
             p_vector = p_vector.detach().cpu()
 
         traces: Tensor | None = None

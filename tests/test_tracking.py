@@ -121,6 +121,17 @@ def test_a_warm_start_on_changed_weights_needs_far_fewer_products(setup):
     assert warm.matvecs <= 0.5 * cold.matvecs, (warm.matvecs, cold.matvecs)  # measured: 10 against 31
 
 
+def test_a_cold_call_gets_cold_max_iter_products_and_a_warm_one_max_iter(setup):
+    model, batch, _ = setup
+    cold = track_model(model, loss_fn, batch, [], max_iter=2, cold_max_iter=10, tol=1e-12, trace_probes=0)
+    assert cold.matvecs == 10 and not cold.top_converged
+    warm = track_model(
+        model, loss_fn, batch, [], init=cold, max_iter=2, cold_max_iter=10, tol=1e-12, trace_probes=0
+    )
+    assert warm.matvecs == 2
+    assert warm.top_eigenvalue == pytest.approx(cold.top_eigenvalue, rel=1e-3)  # 2 products suffice warm
+
+
 def test_shares_and_alignments_match_the_dense_top_eigenvector(setup):
     model, batch, hessian = setup
     blocks = find_blocks(model)
@@ -149,8 +160,12 @@ def test_shares_and_alignments_match_the_dense_top_eigenvector(setup):
 def test_block_traces_from_shared_probes_are_the_dense_probe_sums(setup):
     model, batch, hessian = setup
     blocks = find_blocks(model) + interleaved(model)
-    result = track_model(model, loss_fn, batch, blocks[:-2], trace_probes=5, seed=7, max_iter=2)
-    runs = track_model(model, loss_fn, batch, blocks[-2:], trace_probes=5, seed=7, max_iter=2)
+    result = track_model(
+        model, loss_fn, batch, blocks[:-2], trace_probes=5, seed=7, max_iter=2, cold_max_iter=2
+    )
+    runs = track_model(
+        model, loss_fn, batch, blocks[-2:], trace_probes=5, seed=7, max_iter=2, cold_max_iter=2
+    )
     result.block_traces.update(runs.block_traces)
     result.block_trace_stderr.update(runs.block_trace_stderr)
     n = hessian.shape[0]
