@@ -293,9 +293,20 @@ def track_model(
             f"Block {frozen[0][0]!r} holds the frozen parameter {frozen[0][1]!r}; pass blocks of trainable "
             "parameters only (find_blocks(model) leaves frozen ones out)."
         )
-    if preconditioner is not None and any(n not in preconditioner for n in shapes):
+    if preconditioner is not None:
         missing = [n for n in shapes if n not in preconditioner]
-        raise ValueError(f"preconditioner has no entry for {missing[:3]}; give one per trainable parameter.")
+        if missing:
+            raise ValueError(
+                f"preconditioner has no entry for {missing[:3]}; give one per trainable parameter."
+            )
+        _whole(preconditioner, whole, shapes, "preconditioner")  # names and shapes
+        bad = [n for n in shapes if not bool((preconditioner[n] > 0).all())]
+        if bad:
+            raise ValueError(
+                f"preconditioner[{bad[0]!r}] has entries that are not positive (or NaN): P must be a positive"
+                " diagonal, e.g. Adam's sqrt(v_hat) + eps, with inf for frozen entries."
+            )
+    u = None if update is None else _whole(update, whole, shapes, "update")
     products, reason = resolve_products(products, model)
     check_products(products, "hessian", False, reason)
 
@@ -352,9 +363,7 @@ def track_model(
         preconditioned_converged=p_converged,
         top_shares=dict(zip(names, shares.tolist())),
         gradient_alignment=abs(_alignment(gradient, v)),
-        update_alignment=None
-        if update is None
-        else abs(_alignment(_whole(update, whole, shapes, "update"), v)),
+        update_alignment=None if u is None else abs(_alignment(u, v)),
         trace=means[-1] if means else None,
         trace_stderr=errors[-1] if errors else None,
         block_traces=dict(zip(names, means[:-1])),

@@ -71,6 +71,7 @@ def test_top_and_preconditioned_top_match_dense(setup):
     diagonal = {
         n: 0.1 + torch.rand(p.shape, dtype=torch.float64, generator=gen) for n, p in model.named_parameters()
     }
+    diagonal["head.bias"][:] = float("inf")  # frozen entries: P^-1/2 = 0 there
     result = track_model(
         model, loss_fn, batch, [], preconditioner=diagonal, max_iter=300, tol=1e-9, trace_probes=0
     )
@@ -251,6 +252,9 @@ def test_bad_input_is_refused_with_what_to_do(setup):
         track_model(model, loss_fn, batch, [], trace_probes=-1)
     with pytest.raises(ValueError, match="no entry"):
         track_model(model, loss_fn, batch, [], preconditioner={})
+    zero = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="not positive"):
+        track_model(model, loss_fn, batch, [], preconditioner=zero)
     with pytest.raises(ValueError, match="not trainable parameters"):
         track_model(model, loss_fn, batch, [], update={"nope": torch.zeros(1)})
     with pytest.raises(ValueError, match="has shape"):
