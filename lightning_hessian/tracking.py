@@ -180,24 +180,28 @@ def _block_sums(
     return torch.stack(sums) if sums else rows.new_zeros((0, rows.shape[0]))
 
 
-def _whole(
-    tensors: Mapping[str, Tensor], whole: Block, shapes: Mapping[str, torch.Size], what: str
-) -> Tensor:
-    """A per-parameter mapping as one whole-model vector (float64); a missing parameter counts as zero."""
+def _check_tensors(tensors: Mapping[str, Tensor], model: nn.Module, what: str) -> None:
+    """Every key a parameter of ``model`` (frozen ones are ignored), every tensor of its shape."""
+    shapes = {n: p.shape for n, p in model.named_parameters()}
     unknown = [name for name in tensors if name not in shapes]
     if unknown:
         raise ValueError(
-            f"{what} has entries {unknown[:3]} that are not trainable parameters of the model; key it by "
-            "the names of model.named_parameters()."
+            f"{what} has entries {unknown[:3]} that are not parameters of the model; key it by the names of "
+            "model.named_parameters()."
         )
-    pieces = []
-    for name in whole.params:
-        t = tensors.get(name)
-        if t is not None and tuple(t.shape) != tuple(shapes[name]):
+    for name, t in tensors.items():
+        if tuple(t.shape) != tuple(shapes[name]):
             raise ValueError(
                 f"{what}[{name!r}] has shape {tuple(t.shape)}, the parameter {tuple(shapes[name])}."
             )
-        pieces.append(torch.zeros(math.prod(shapes[name]), dtype=torch.float64) if t is None else t.detach())
+
+
+def _whole(tensors: Mapping[str, Tensor], whole: Block, shapes: Mapping[str, torch.Size]) -> Tensor:
+    """A per-parameter mapping as one whole-model vector (float64); a missing parameter counts as zero."""
+    pieces = [
+        tensors[name].detach() if name in tensors else torch.zeros(math.prod(shapes[name]))
+        for name in whole.params
+    ]
     return torch.cat([p.reshape(-1).to(device="cpu", dtype=torch.float64) for p in pieces])
 
 
@@ -299,14 +303,16 @@ def track_model(
             raise ValueError(
                 f"preconditioner has no entry for {missing[:3]}; give one per trainable parameter."
             )
-        _whole(preconditioner, whole, shapes, "preconditioner")  # names and shapes
+        _check_tensors(preconditioner, model, "preconditioner")
         bad = [n for n in shapes if not bool((preconditioner[n] > 0).all())]
         if bad:
             raise ValueError(
                 f"preconditioner[{bad[0]!r}] has entries that are not positive (or NaN): P must be a positive"
                 " diagonal, e.g. Adam's sqrt(v_hat) + eps, with inf for frozen entries."
             )
-    u = None if update is None else _whole(update, whole, shapes, "update")
+    if update is not None:
+        _check_tensors(update, model, "update")
+    u = None if update is None else _whole(update, whole, shapes)
     products, reason = resolve_products(products, model)
     check_products(products, "hessian", False, reason)
 
