@@ -109,17 +109,19 @@ def test_tol_is_relative_to_the_top_eigenvalue_not_to_a_larger_negative_one():
 
 def test_a_warm_start_on_changed_weights_needs_far_fewer_products(setup):
     model, batch, _ = setup
-    settings = dict(max_iter=300, tol=1e-4, trace_probes=0)
+    settings = dict(max_iter=300, tol=1e-2, trace_probes=0)  # the tracking regime
     before = track_model(model, loss_fn, batch, [], **settings)
     stepped = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(stepped.parameters(), lr=1e-3)
     loss_fn(stepped, batch).backward()
     optimizer.step()
+    with sdpa_kernel(SDPBackend.MATH):
+        exact = torch.linalg.eigvalsh(dense_hessian(stepped, loss_fn, batch, model_block(stepped)))[-1].item()
     cold = track_model(stepped, loss_fn, batch, [], **settings)
     warm = track_model(stepped, loss_fn, batch, [], init=before, **settings)
     assert cold.top_converged and warm.top_converged
-    assert warm.top_eigenvalue == pytest.approx(cold.top_eigenvalue, rel=1e-4)
-    assert warm.matvecs <= 0.5 * cold.matvecs, (warm.matvecs, cold.matvecs)  # measured: 10 against 31
+    assert abs(warm.top_eigenvalue - exact) <= warm.top_residual <= 1e-2 * exact
+    assert 3 * warm.matvecs <= cold.matvecs, (warm.matvecs, cold.matvecs)  # measured: 2 against 8
 
 
 def test_a_cold_call_gets_cold_max_iter_products_and_a_warm_one_max_iter(setup):
