@@ -34,12 +34,13 @@ max_iter : tol    λ_max error        λ_max(P^-1 H)      within 5%    products 
 
 The first call is cold: 51 products for both at the default ``cold_max_iter=64`` (70 at ``tol=1e-3``).
 Without the warm start the same budgets do worse: 8 : 1e-2 was within 5% at 93% of the checkpoints (6.1%
-and 9.5% off at step 10), 4 : 1e-2 at 80%, 2 : 1e-2 at 13%. Every 50 steps over 300 steps (6
-checkpoints) the defaults were within 1.7e-4 of both truths at 7 products per call (median). The defaults
-(``max_iter=8``, ``tol=1e-2``) meet the target of λ_max within 5% at >= 95% of checkpoints with a margin
-of two orders of magnitude; as a converged call stops early they cost what ``max_iter=4`` costs, about 4
-products per eigenvalue, 1.9 s per call for both (graph build included) = 19 training steps of 100 ms
-on that (shared) CPU, against 51 products cold. ``trace_probes`` adds one product per probe.
+and 9.5% off at step 10), 4 : 1e-2 at 80%, 2 : 1e-2 at 13%. Every 50 steps over 600 steps (12
+checkpoints) the defaults were within 1.7e-4 (λ_max) and 3.0e-4 (preconditioned) of the truths at 7
+products per call (median; max 10). So the defaults (``max_iter=8``, ``tol=1e-2``) meet the target of
+λ_max within 5% at >= 95% of checkpoints with two orders of magnitude to spare; as a converged call stops
+early, they cost what ``max_iter=4`` costs: about 4 products per eigenvalue, 0.6-1.9 s per call for both
+(graph build included), 18-19 training steps of 35-100 ms on that shared CPU, against 51 products cold.
+``trace_probes`` adds one product per probe.
 """
 
 from __future__ import annotations
