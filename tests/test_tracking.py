@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -269,3 +273,27 @@ def test_bad_input_is_refused_with_what_to_do(setup):
     frozen.head.bias.requires_grad_(False)
     with pytest.raises(ValueError, match="frozen"):
         track_model(frozen, loss_fn, batch, find_blocks(model))
+
+
+@pytest.mark.slow
+def test_the_tracking_benchmark_runs(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "tracking.md"
+    args = [
+        "--steps",
+        "2",
+        "--every",
+        "1",
+        "--layers",
+        "1",
+        "--dim",
+        "16",
+        "--configs",
+        "2:1e-2",
+        "--out",
+        out,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    subprocess.run([sys.executable, root / "benchmarks" / "bench_tracking.py", *args], check=True, env=env)
+    text = out.read_text()
+    assert "| warm 2:0.01 |" in text and "| cold 2:0.01 |" in text and "(2 in all)" in text
