@@ -1,7 +1,7 @@
 """The whole-model tier's tracking accuracy: warm ``track_model`` against tight cold Lanczos while training.
 
     python benchmarks/bench_tracking.py [--steps 150] [--every 10] [--layers 4] [--dim 64]
-                                        [--configs 4:1e-2,8:1e-2,8:1e-3] [--threads 1]
+                                        [--configs 2:1e-2,4:1e-2,8:1e-2,8:1e-3] [--threads 1]
                                         [--out benchmarks/results/tracking.md]
 
 The nanoGPT-style GPT of ``examples/train_char_gpt.py`` (``--layers`` blocks, width ``--dim``, 4 heads,
