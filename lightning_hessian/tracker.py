@@ -299,7 +299,7 @@ class CurvatureTracker:
             max_iter=self.model_max_iter,
             tol=self.model_tol,
             trace_probes=self.trace_probes,
-            seed=settings.get("seed", 0),
+            seed=settings.get("seed", 0) + result.step,  # fresh trace probes at every measurement
             mode=settings.get("mode", "eval"),
             dtype=settings.get("dtype"),
             reduce=reduce,
