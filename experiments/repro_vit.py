@@ -6,7 +6,9 @@ cut into 2x2 patches, a class token plus 16 patch tokens, width 32, 4 heads, pre
 token). It is trained here with a plain PyTorch AdamW loop (no Lightning), and
 :func:`lightning_hessian.analyze` measures, per block, the top and smallest Hessian eigenvalues (Lanczos),
 the trace (Hutch++) and the Gauss-Newton / functional split, on a fixed batch of training images, once at
-initialisation and once after training.
+initialisation and once after training; and, with ``curvature="gauss_newton"``, the smallest eigenvalue of
+each block's Gauss-Newton part (the test of its positive semi-definiteness: its λ_max says nothing about
+that).
 
 References:
     [O] W. Ormaniec, F. Dangel, S. P. Singh, arXiv:2410.10986 (ICLR 2025), Fig. 1 and §4.
@@ -56,6 +58,10 @@ class VitResult:
     final_train_loss: float
     attention_init: list[dict[str, float]]  # per layer, see attention_stats
     attention_trained: list[dict[str, float]]
+    gn_min_init: dict[str, float]  # block -> smallest eigenvalue of its Gauss-Newton part (Lanczos)
+    gn_min_trained: dict[str, float]
+    gn_top_init: dict[str, float]  # block -> the same run's Gauss-Newton λ_max (the scale of gn_min)
+    gn_top_trained: dict[str, float]
 
 
 Split = tuple[torch.Tensor, torch.Tensor]
@@ -141,10 +147,12 @@ def run(quick: bool = False, seed: int = 0) -> VitResult:
     init_acc = accuracy(model, x_test, y_test)
     init_attention = attention_stats(model, batch[0])
     init = analyze(model, example.loss_fn, batch, **kwargs)
+    gn_init = gauss_newton_extremes(model, example.loss_fn, batch, settings, seed)
     start = time.perf_counter()
     last_loss = train(model, (x_train, y_train), settings["steps"], seed=seed)
     seconds = time.perf_counter() - start
     trained = analyze(model, example.loss_fn, batch, **kwargs)
+    gn_trained = gauss_newton_extremes(model, example.loss_fn, batch, settings, seed)
     return VitResult(
         init=init,
         trained=trained,
@@ -155,6 +163,31 @@ def run(quick: bool = False, seed: int = 0) -> VitResult:
         final_train_loss=last_loss,
         attention_init=init_attention,
         attention_trained=attention_stats(model, batch[0]),
+        gn_min_init=gn_init[0],
+        gn_min_trained=gn_trained[0],
+        gn_top_init=gn_init[1],
+        gn_top_trained=gn_trained[1],
+    )
+
+
+def gauss_newton_extremes(
+    model: torch.nn.Module, loss_fn, batch: Split, settings: dict, seed: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per block, the smallest and the largest eigenvalue of the Gauss-Newton part ``J^T H_out J`` (Lanczos,
+    no trace). PSD means the smallest is >= 0 up to the Lanczos tolerance relative to the largest."""
+    report = analyze(
+        model,
+        loss_fn,
+        batch,
+        curvature="gauss_newton",
+        trace=False,
+        tol=settings["tol"],
+        max_iter=settings["max_iter"],
+        seed=seed,
+    )
+    return (
+        {b.name: float(b.min_eigenvalue) for b in report if b.min_eigenvalue is not None},
+        {b.name: float(b.top_eigenvalue) for b in report},
     )
 
 

@@ -59,6 +59,10 @@ THEORY = "theory"
 #: Theory statistics: per query/key/value block, per attention layer (``input_norm``, ``qk_over_v``) and per
 #: head (``<layer>/head_<h>/jacobian_q`` ...). See :mod:`lightning_hessian.theory`.
 THEORY_STATS = (
+    # the primary theory-vs-measured number: measured λ_max / gauss_newton
+    "gauss_newton_ratio",
+    # c λ_max(mean_s J_s^T J_s), c = 2/(L d): exact single-layer Gauss-Newton norm, every sequence
+    "gauss_newton",
     "jacobian_norm",  # max over heads of ||G||_2, the block's Jacobian of the layer output ([O] Thm 3.1)
     "outer_bound",  # corrected [P] Thm 1 bound on the block's outer (Gauss-Newton) part, single-layer MSE
     "outer_ratio",  # measured λ_max / outer_bound: a normaliser, not bounded outside the papers' setting
@@ -69,6 +73,9 @@ THEORY_STATS = (
     "jacobian_q",
     "jacobian_k",
     "jacobian_v",
+    "gauss_newton_q",  # per head: c λ_max(mean_s J_s^T J_s) of the head's query (key, value) weights
+    "gauss_newton_k",
+    "gauss_newton_v",
 )
 
 SHARPNESS = "stability/sharpness"  # the whole model's λ_max

@@ -19,6 +19,15 @@ such layer :func:`compare_attention` evaluates, with the functions of
   query, key and value weights ([O] Thm 3.1), exact (Lanczos on the Gram operator), averaged over the first
   ``jacobian_samples`` sequences; without an output projection the layer's Jacobian is block diagonal over
   heads, so the layer's norm is the largest head's;
+* the exact single-layer Gauss-Newton norm of each head and block,
+  :math:`c\,\lambda_{\max}\big(\frac1S\sum_s J_s^\top J_s\big)` with :math:`c = 2/(L d)`, over **every**
+  sequence of the curvature data (:mod:`lightning_hessian.formulas.gauss_newton`: dense ``eigvalsh`` for
+  the value weights, a batched matrix-free Lanczos on the averaged Gram operator for query and key). It is
+  the curvature the block would have if the loss were the mean-squared error of this layer's output (the
+  Gauss-Newton part, no residual term), so ``theory/<block>/gauss_newton_ratio`` = measured
+  :math:`\lambda_{\max}` / it is the **primary** theory-vs-measured number: comparable across query, key and
+  value, it says how much the rest of the network and the loss amplify (> 1) or damp (< 1) the layer's own
+  curvature. In the proven setting the value block's ratio is exactly 1 (no functional part);
 * the corrected single-layer bounds of [P] Thm 1 (docs/formulas.md §3) on the spectral norm of the
   query-query, key-key and value-value Hessian blocks of the mean-squared error
   :math:`\ell = \|\operatorname{concat}_h F_h - T\|_F^2 / (L d)`, averaged over every sequence of the
@@ -39,8 +48,10 @@ Where a bound is proven, and where it is a normaliser:
 * **Normaliser** (every other model: deeper stacks, an output projection, cross-entropy): the loss sees
   the layer through the rest of the network, so no bound is proven. ``theory/<block>/outer_ratio`` =
   measured :math:`\lambda_{\max}` / outer-part bound is then a dimensionless curvature: how much the rest of
-  the network and the loss amplify the single-layer Gauss-Newton curvature. Its trend is meaningful, its
-  value is not bounded.
+  the network and the loss amplify the corrected *bound* on the single-layer Gauss-Newton curvature. The bound
+  carries worst-case factors (:math:`\|X\|^6` for query/key), so this ratio mostly measures how loose the
+  bound is (2e-5 to 1.5e-3 for query/key against 0.5-12 for value on examples/analyze_tiny_transformer.py);
+  ``gauss_newton_ratio`` is the comparable number.
 
 References:
     [O] W. Ormaniec, F. Dangel, S. P. Singh, "What Does It Mean to Be a Transformer? Insights from a
@@ -65,6 +76,7 @@ from ._context import curvature_context
 from .analysis import cached_blocks
 from .blocks import Block, BlockPart, FusedLayout, _display, find_blocks
 from .formulas import attention as attn
+from .formulas.gauss_newton import gauss_newton_norms
 from .operators import as_batches, map_tensors
 from .report import CurvatureReport
 
@@ -78,6 +90,15 @@ _REBUILD_TOL = 1e-4  # relative Frobenius error of the rebuilt layer output (flo
 _REBUILD_SEQUENCES = 4  # sequences the rebuild is checked on
 _CHUNK = 8  # sequences per batched bound evaluation (memory: chunk x heads x L^2)
 _LOSS_TOL = 1e-5  # relative error of the loss against the mean-squared error in the proven setting
+
+
+_LEGEND = (
+    "*measured / GN*: measured λ_max over the exact single-layer Gauss-Newton norm c·λ_max(mean over all "
+    "sequences of J_s'J_s), c = 2/(L·d): how much the rest of the network and the loss amplify (> 1) or damp "
+    "(< 1) the layer's own curvature; comparable across Q, K, V. *measured / outer*: over a worst-case bound "
+    "instead, mostly the bound's looseness (far below 1 for Q, K). *measured / bound*: a theorem only where "
+    "marked (proven): ≤ 1."
+)
 
 
 class _Unsupported(Exception):
@@ -115,6 +136,11 @@ class LayerTheory:
         input_norm: mean over sequences of :math:`\|X\|_2` (the input scale of [O]'s growth laws).
         jacobian: per ``"Q"``, ``"K"``, ``"V"``, the norm :math:`\|G\|_2` of each head (mean over the first
             ``jacobian_samples`` sequences).
+        gauss_newton: per ``"Q"``, ``"K"``, ``"V"``, the exact single-layer Gauss-Newton norm of each head,
+            :math:`c\,\lambda_{\max}(\frac1S\sum_s J_s^\top J_s)` with :math:`c = 2/(L d)`, over every
+            sequence of the curvature data
+            (:func:`~lightning_hessian.formulas.gauss_newton.gauss_newton_norms`); the layer's is the largest
+            head's (without an output projection the layer's Gram operator is block diagonal over heads).
         outer_bound: per ``"Q"``, ``"K"``, ``"V"``, the corrected bound on the outer (Gauss-Newton) part of
             the diagonal Hessian block of the single-layer mean-squared error.
         bound: the same for the whole block (outer + functional), when the target is known; else ``None``.
@@ -130,6 +156,7 @@ class LayerTheory:
     input_norm: float
     jacobian: dict[str, list[float]]
     outer_bound: dict[str, float]
+    gauss_newton: dict[str, list[float]] = field(default_factory=dict)
     bound: dict[str, float] | None = None
     measured: dict[str, float] = field(default_factory=dict)
     top: dict[str, float] = field(default_factory=dict)
@@ -159,12 +186,18 @@ class TheoryComparison:
             jac = {n: max(v) for n, v in lt.jacobian.items()}
             if jac["V"] > 0:
                 out[tags.theory_tag(lt.layer, "qk_over_v")] = max(jac["Q"], jac["K"]) / jac["V"]
-            for n, values in lt.jacobian.items():
-                for h, value in enumerate(values):
-                    out[tags.theory_tag(f"{lt.layer}/head_{h}", f"jacobian_{n.lower()}")] = value
+            for stat, per_head in (("jacobian", lt.jacobian), ("gauss_newton", lt.gauss_newton)):
+                for n, values in per_head.items():
+                    for h, value in enumerate(values):
+                        out[tags.theory_tag(f"{lt.layer}/head_{h}", f"{stat}_{n.lower()}")] = value
             for n, block in lt.blocks.items():
                 out[tags.theory_tag(block, "jacobian_norm")] = jac[n]
                 out[tags.theory_tag(block, "outer_bound")] = lt.outer_bound[n]
+                gn = max(lt.gauss_newton[n]) if n in lt.gauss_newton else math.nan
+                if math.isfinite(gn):
+                    out[tags.theory_tag(block, "gauss_newton")] = gn
+                    if n in lt.top and gn > 0:
+                        out[tags.theory_tag(block, "gauss_newton_ratio")] = lt.top[n] / gn
                 if n in lt.top and lt.outer_bound[n] > 0:
                     out[tags.theory_tag(block, "outer_ratio")] = lt.top[n] / lt.outer_bound[n]
                 if lt.bound is not None:
@@ -176,9 +209,9 @@ class TheoryComparison:
     def table(self) -> str:
         """A Markdown table: one row per compared block, then the skipped layers."""
         rows = [
-            "| block | heads | mask | max head ‖G‖ | measured λ_max | outer bound | measured / outer | "
-            "bound | measured / bound |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+            "| block | heads | mask | max head ‖G‖ | measured λ_max | single-layer GN | measured / GN | "
+            "outer bound | measured / outer | bound | measured / bound |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
 
         def num(x: float | None) -> str:
@@ -190,11 +223,16 @@ class TheoryComparison:
                 bound = None if lt.bound is None else lt.bound[n]
                 ratio = lt.measured[n] / bound if (lt.proven and bound and n in lt.measured) else None
                 outer_ratio = top / lt.outer_bound[n] if top is not None and lt.outer_bound[n] > 0 else None
+                gn = max(lt.gauss_newton[n]) if n in lt.gauss_newton else None
+                gn_ratio = top / gn if top is not None and gn else None
                 rows.append(
                     f"| `{block}` | {lt.heads} | {lt.mask} | {num(max(lt.jacobian[n]))} | {num(top)} | "
-                    f"{num(lt.outer_bound[n])} | {num(outer_ratio)} | {num(bound)} | "
+                    f"{num(gn)} | {num(gn_ratio)} | {num(lt.outer_bound[n])} | {num(outer_ratio)} | "
+                    f"{num(bound)} | "
                     f"{num(ratio)}{' (proven)' if ratio is not None else ''} |"
                 )
+        if self.layers:
+            rows.append("\n" + _LEGEND)
         for name, reason in self.skipped.items():
             rows.append(f"\n`{name}`: not compared ({reason})")
         return "\n".join(rows)
@@ -429,7 +467,7 @@ def _prepare(layer: AttentionLayer, model: nn.Module, capture: _Capture, n_batch
 
 
 def _evaluate(
-    layer: AttentionLayer, prep: _Prepared, targets: Tensor | None, jacobian_samples: int, iters: int
+    layer: AttentionLayer, prep: _Prepared, targets: Tensor | None, jacobian_samples: int | None, iters: int
 ) -> LayerTheory:
     x, w, mask = prep.x, prep.weights, prep.mask
     h = layer.num_heads
@@ -455,9 +493,12 @@ def _evaluate(
     if per_head_target is not None:
         bound = {n: float((scale * sums[(n, "total")] / x.shape[0]).max()) for n in "QKV"}
     # Every (sequence, head) Gram operator in one Lanczos loop: sequences x heads broadcast.
-    samples = x[: max(1, jacobian_samples), None]
+    samples = x[: x.shape[0] if jacobian_samples is None else jacobian_samples, None]
     norms = attn.jacobian_norms(samples, w["Q"][None], w["K"][None], w["V"][None], iters=iters, mask=mask)
     jac = {n: [float(v) for v in norms[n].mean(0)] for n in "QKV"}  # type: ignore[union-attr]
+    # The layer's loss is the mean-squared error of the heads' concatenation: c = 2 / (L d), d its width.
+    c = 2.0 / (x.shape[1] * prep.d_model)
+    gn = gauss_newton_norms(x, w["Q"], w["K"], w["V"], c=c, mask=mask, iters=iters, chunk=_CHUNK)
     input_norm = float(torch.linalg.matrix_norm(x[..., :-1], ord=2).mean())
     return LayerTheory(
         layer=layer.name,
@@ -467,6 +508,7 @@ def _evaluate(
         input_norm=input_norm,
         jacobian=jac,
         outer_bound=outer,
+        gauss_newton={n: [float(v) for v in gn[n]] for n in "QKV"},
         bound=bound,
     )
 
@@ -485,7 +527,7 @@ def compare_attention(
     target: Callable[[Any], Tensor] | None = None,
     blocks: Sequence[Block] | None = None,
     rules: Mapping[str, str | FusedLayout] | None = None,
-    jacobian_samples: int = 2,
+    jacobian_samples: int | None = None,
     iters: int = 30,
     mode: str = "eval",
 ) -> TheoryComparison:
@@ -507,16 +549,22 @@ def compare_attention(
             and ``bound_ratio`` is reported.
         blocks: the model's blocks (default: :func:`~lightning_hessian.find_blocks` with ``rules``).
         rules: extra rules for :func:`~lightning_hessian.find_blocks` (as given to ``analyze``).
-        jacobian_samples: how many sequences the Jacobian norms are averaged over (each costs
-            ``2 x iters`` small products per head).
-        iters: Lanczos steps for each Jacobian norm (from below; exact once the Krylov space is exhausted).
+        jacobian_samples: how many sequences the per-sequence Jacobian norms ``jacobian`` are averaged over
+            (each costs ``2 x iters`` small products per head); ``None``: every sequence. The Gauss-Newton
+            norms, the primary normaliser, always use every sequence.
+        iters: Lanczos steps for each Jacobian and Gauss-Newton norm (from below; exact once the Krylov space
+            is exhausted).
         mode: train/eval mode during the forward pass, as in :func:`~lightning_hessian.analyze`.
 
     Returns:
         A :class:`TheoryComparison`.
     """
-    if isinstance(jacobian_samples, bool) or not isinstance(jacobian_samples, int) or jacobian_samples < 1:
-        raise ValueError(f"jacobian_samples must be a positive int, got {jacobian_samples!r}.")
+    if jacobian_samples is not None and (
+        isinstance(jacobian_samples, bool) or not isinstance(jacobian_samples, int) or jacobian_samples < 1
+    ):
+        raise ValueError(
+            f"jacobian_samples must be a positive int or None (every sequence), got {jacobian_samples!r}."
+        )
     if target is not None and not callable(target):
         raise TypeError("target must be a callable target(batch) -> Tensor (batch, tokens, features).")
     batches = as_batches(data)

@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_hessian.theory as theory_module
-from lightning_hessian import HessianMonitor, analyze, compare_attention, find_blocks, tags
+from lightning_hessian import Batches, HessianMonitor, analyze, compare_attention, find_blocks, tags
 from lightning_hessian.dashboard import TEXT_THEORY
 from lightning_hessian.theory import find_attention_layers
 
@@ -154,6 +154,62 @@ def test_jacobian_norms_per_head_match_autograd():
             assert layer.jacobian[n][h] == pytest.approx(float(torch.linalg.matrix_norm(jac, 2)), rel=1e-8)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_gauss_newton_normaliser_is_the_dense_gauss_newton_norm_over_every_sequence(causal):
+    """In the papers' setting the model's Gauss-Newton block is c (1/S) sum_s J_s^T J_s (two batches, five
+    sequences, three heads): the layer's normaliser is its exact λ_max (dense eigvalsh), and the value
+    block, whose Hessian has no functional part, measures a ratio of exactly 1."""
+    model, (x, t) = regression(seed=5, n=5, heads=3, causal=causal)
+    batches = Batches([(x[:2], t[:2]), (x[2:4], t[2:4])])  # equal sizes: the mean of the two losses
+    data = [(x[:4], t[:4])]
+    report = analyze(model, mse_loss, batches, tol=1e-10, max_iter=200)
+    result = compare_attention(model, mse_loss, batches, report, iters=60)
+    (layer,) = result.layers.values()
+    scalars = result.scalars()
+    blocks = {b.name: b for b in find_blocks(model)}
+    for n, name in layer.blocks.items():
+        theta = block_vector(model, blocks[name])
+        jac = torch.func.jacrev(lambda th, blk=blocks[name]: _output(model, data[0], blk, th))(theta)
+        jac = jac.reshape(-1, theta.numel())
+        gn = 2.0 / t[:4].numel() * jac.T @ jac  # the Gauss-Newton block of the mean-squared error
+        top = float(torch.linalg.eigvalsh(gn)[-1])
+        assert max(layer.gauss_newton[n]) == pytest.approx(top, rel=1e-9)
+        assert scalars[tags.theory_tag(name, "gauss_newton")] == pytest.approx(top, rel=1e-9)
+        ratio = scalars[tags.theory_tag(name, "gauss_newton_ratio")]
+        assert ratio == pytest.approx(report.blocks[name].top_eigenvalue / top, rel=1e-12)
+    assert scalars[tags.theory_tag(layer.blocks["V"], "gauss_newton_ratio")] == pytest.approx(1, rel=1e-8)
+    assert f"| {max(layer.gauss_newton['V']):.4g} |" in result.table()
+
+
+def test_gauss_newton_per_head_matches_autograd():
+    """Per head, c λ_max of the head's averaged Gram (rows of the projection's weight and bias)."""
+    model, batch = regression(seed=6, n=3, heads=3)
+    result = compare_attention(model, mse_loss, batch, iters=60)
+    (layer,) = result.layers.values()
+    x, d, heads = batch[0], 6, 3
+    dh = d // heads
+    scalars = result.scalars()
+    for n, proj in (("Q", model.attn.q), ("K", model.attn.k), ("V", model.attn.v)):
+        for h in range(heads):
+            rows = slice(h * dh, (h + 1) * dh)
+            w0, b0 = proj.weight[rows].detach().clone(), proj.bias[rows].detach().clone()
+
+            def output(w, b, proj=proj, rows=rows, n=n):
+                weight, bias = proj.weight.detach(), proj.bias.detach()
+                weight = torch.cat([weight[: rows.start], w, weight[rows.stop :]])
+                bias = torch.cat([bias[: rows.start], b, bias[rows.stop :]])
+                name = {"Q": "q", "K": "k", "V": "v"}[n]
+                params = {f"attn.{name}.weight": weight, f"attn.{name}.bias": bias}
+                return torch.func.functional_call(model, params, (x,)).reshape(-1)
+
+            jw, jb = torch.func.jacrev(output, argnums=(0, 1))(w0, b0)
+            jac = torch.cat([jw.reshape(jw.shape[0], -1), jb], 1)
+            want = float(torch.linalg.eigvalsh(2.0 / x.numel() * jac.T @ jac)[-1])
+            assert layer.gauss_newton[n][h] == pytest.approx(want, rel=1e-9)
+            tag = tags.theory_tag(f"{layer.layer}/head_{h}", f"gauss_newton_{n.lower()}")
+            assert scalars[tag] == layer.gauss_newton[n][h]
+
+
 def test_not_proven_when_the_loss_is_not_the_layer_mse():
     model, batch = regression(seed=1)
 
@@ -212,6 +268,9 @@ def test_families_are_recognised_or_skipped_with_a_reason(family):
             top = report.blocks[block].top_eigenvalue
             assert scalars[tags.theory_tag(block, "outer_ratio")] == pytest.approx(top / lt.outer_bound[n])
             assert scalars[tags.theory_tag(block, "jacobian_norm")] == max(lt.jacobian[n]) > 0
+            gn = scalars[tags.theory_tag(block, "gauss_newton")]
+            assert gn == max(lt.gauss_newton[n]) > 0
+            assert scalars[tags.theory_tag(block, "gauss_newton_ratio")] == pytest.approx(top / gn)
         assert scalars[tags.theory_tag(lt.layer, "input_norm")] > 0
     assert not any(t.endswith("/bound_ratio") for t in scalars)
     table = result.table()
@@ -335,17 +394,20 @@ def test_live_theory_in_the_proven_setting(tmp_path):
         assert [e.step for e in acc.Scalars(tags.theory_tag(block, "bound_ratio"))] == [2, 4, 6]
         assert all(0 < r <= 1 for r in ratios)
         assert tags.theory_tag(block, "outer_ratio") in scalar_tags
+        assert tags.theory_tag(block, "gauss_newton_ratio") in scalar_tags
     assert tags.theory_tag("model.attn/head_1", "jacobian_q") in scalar_tags
+    assert tags.theory_tag("model.attn/head_1", "gauss_newton_k") in scalar_tags
     assert not [a for a in fired if a.rule == "bound_violation"]
     charts = _layout_charts(acc)
     theory_charts = {t: regexes for (cat, t), regexes in charts.items() if cat.endswith("Theory vs measured")}
-    assert len(theory_charts) == 5
+    assert len(theory_charts) == 7
     logged = set(scalar_tags)
     for regexes in theory_charts.values():
         assert regexes and all(any(re_match(r, t) for t in logged) for r in regexes)
     text = acc.Tensors(TEXT_THEORY + "/text_summary")
     assert [e.step for e in text] == [2, 4, 6]
     assert "(proven)" in text[-1].tensor_proto.string_val[0].decode()
+    assert "*measured / GN*" in text[-1].tensor_proto.string_val[0].decode()
 
 
 def re_match(regex: str, tag: str) -> bool:

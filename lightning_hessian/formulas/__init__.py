@@ -9,6 +9,8 @@ Pure functions of tensors (no models). Submodules:
 * :mod:`.layernorm` — LayerNorm Jacobian, second derivative, norms and bounds ([P] Thm 2-3 and lemma),
   ``γ``/``β`` Hessian.
 * :mod:`.ffn` — FFN and whole post-norm block Jacobians and Hessians ([P] Thm 4-5), the Thm 6 bound.
+* :mod:`.gauss_newton` — the exact Gauss-Newton norm ``c λ_max(mean_s J_s^T J_s)`` of a multi-head layer's
+  mean-squared error over many sequences (the theory's normaliser).
 * :mod:`.convergence` — [P] Thm 7 and the loss-difference identity.
 * :mod:`.stability` — ``2/η``, Adam's ``(2 + 2β_1)/((1 - β_1) η)`` and preconditioner, block heterogeneity.
 
@@ -18,7 +20,7 @@ References:
     [K] N. Kiselev, A. Grabovoy, arXiv:2409.11995.
 """
 
-from . import attention, convergence, ffn, layernorm, stability
+from . import attention, convergence, ffn, gauss_newton, layernorm, stability
 from ._linalg import HessianBlock
 
-__all__ = ["HessianBlock", "attention", "convergence", "ffn", "layernorm", "stability"]
+__all__ = ["HessianBlock", "attention", "convergence", "ffn", "gauss_newton", "layernorm", "stability"]
