@@ -45,7 +45,7 @@ from lightning_hessian.operators import Batches, NonFiniteLossError, PassFailedE
 from lightning_hessian.optimizers import adam_preconditioners, stability_scalars
 from lightning_hessian.report import CurvatureReport
 from lightning_hessian.theory import TheoryComparison, compare_attention
-from lightning_hessian.tracker import DEFAULT_SHARES, TIERS, CurvatureTracker
+from lightning_hessian.tracker import DEFAULT_SHARES, FIGURES, FIGURES_SHARE, TIERS, CurvatureTracker
 
 __all__ = ["HessianMonitor"]
 
@@ -512,9 +512,12 @@ class HessianMonitor(Callback):
             else CurvatureTracker(
                 budget=self.budget,
                 shares={
-                    k: v
-                    for k, v in DEFAULT_SHARES.items()
-                    if k in self.tiers and (k != "model" or self._analyze_kwargs["full"])
+                    **{
+                        k: v
+                        for k, v in DEFAULT_SHARES.items()
+                        if k in self.tiers and (k != "model" or self._analyze_kwargs["full"])
+                    },
+                    **({FIGURES: FIGURES_SHARE} if self._figures else {}),
                 },
                 analysis=self._analyze_kwargs,
                 preconditioned=self.preconditioned,
@@ -931,9 +934,17 @@ class HessianMonitor(Callback):
         self.passes += 1
         table = theory.table() if theory is not None and theory.layers else None
         layout = None if self.tracker is None else self.tracker.expected_tags()
-        # The cheap tier alone draws no figures: it comes often, and its scalars are charted anyway.
-        draw = kinds is None or bool({"model", "blocks"} & set(kinds))
+        # In budget mode figures are drawn when their own share of the budget allows (after a whole-model or
+        # block measurement: the cheap tier's scalars are charted anyway).
+        draw = kinds is None or (
+            bool({"model", "blocks"} & set(kinds))
+            and self.tracker is not None
+            and self.tracker.planner.due(FIGURES)
+        )
+        began = time.perf_counter()
         self._record(trainer, PassRecord(step=step, scalars=scalars), report, table, layout, draw)
+        if draw and kinds is not None and self.tracker is not None and self._figures:
+            self.tracker.planner.spend(FIGURES, time.perf_counter() - began)
 
     @staticmethod
     def _cause(trainer: pl.Trainer, error: Exception) -> str:

@@ -41,17 +41,21 @@ from lightning_hessian.planner import BudgetPlanner
 from lightning_hessian.report import BlockCurvature, CurvatureReport
 from lightning_hessian.tracking import ModelCurvature, track_model
 
-__all__ = ["TIERS", "CurvatureTracker", "Measurement"]
+__all__ = ["FIGURES", "TIERS", "CurvatureTracker", "Measurement"]
 
 TIERS = ("update", "model", "blocks")
 #: Shares of the budget: the cheap tier needs little to come often; the exact tiers split the rest.
 DEFAULT_SHARES = {"update": 0.3, "model": 0.35, "blocks": 0.35}
+#: A kind the caller plans with the same budget: drawing the dashboards' figures (on small models a set of
+#: figures costs more than a whole-model measurement).
+FIGURES = "figures"
+FIGURES_SHARE = 0.15
 #: The critical sharpness's line search (4-8 forwards) runs at every this many update-tier measurements; the
 #: others cost about 1.5-2 training steps (update curvature and preconditioned gradient curvature).
 CRITICAL_EVERY = 4
 #: Cost of a first measurement in training steps, until one is measured: optimistic (small models on CPU),
 #: so a first measurement comes early and its measured cost then sets the pace.
-_PRIOR_STEPS = {"update": 1.0, "model": 8.0, "blocks": 5.0}
+_PRIOR_STEPS = {"update": 1.0, "model": 8.0, "blocks": 5.0, FIGURES: 20.0}
 _OTHER = "other"  # the group of the blocks outside the numbered layers
 
 
@@ -101,7 +105,7 @@ class CurvatureTracker:
         note: Callable[[str], None] | None = None,
     ) -> None:
         shares = dict(DEFAULT_SHARES if shares is None else shares)
-        unknown = set(shares) - set(TIERS)
+        unknown = set(shares) - set(TIERS) - {FIGURES}
         if unknown:
             raise ValueError(f"shares: unknown tier(s) {sorted(unknown)}; the tiers are {TIERS}.")
         self.analysis = {k: v for k, v in (analysis or {}).items() if k != "full"}
