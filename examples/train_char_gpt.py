@@ -4,15 +4,17 @@ The model follows nanoGPT (Karpathy): token and position embeddings, pre-norm bl
 ``c_attn`` projection and causal ``F.scaled_dot_product_attention``, a GELU MLP, and an ``lm_head`` tied to
 the token embedding. The text is ``examples/data/sonnets.txt`` (public domain, kept in the repository: no
 download). ``HessianMonitor`` measures the Hessian of the loss per block (query / key / value slices of
-``c_attn``, ``c_proj``, norms, MLP, embeddings) and for the whole model, and writes TensorBoard
-dashboards; at the end the model writes a few lines of "sonnet":
+``c_attn``, ``c_proj``, norms, MLP, embeddings) and for the whole model within a time budget (5% of the
+training time: the curvature along each update often, the whole model's sharpness less often, one layer's
+blocks at a time), plus one full pass at the end, and writes TensorBoard dashboards and an HTML report; at
+the end the model writes a few lines of "sonnet":
 
     python examples/train_char_gpt.py                   # about 1-2 minutes on 2 CPU cores
     tensorboard --logdir runs/char_gpt
 
     python examples/train_char_gpt.py --fast            # a ~20 s smoke run (used by the tests)
 
-Options: --max-steps, --every-n-steps, --lr, --logdir, --fast.
+Options: --max-steps, --budget, --lr, --logdir, --fast.
 """
 
 from __future__ import annotations
@@ -182,23 +184,22 @@ class CharGPT(L.LightningModule):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--max-steps", type=int, default=2000, help="optimizer steps (default 2000)")
-    parser.add_argument("--every-n-steps", type=int, default=250, help="curvature pass every N steps (250)")
+    parser.add_argument("--budget", type=float, default=0.05, help="monitor time / training time (0.05)")
     parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate of AdamW (default 1e-2)")
     parser.add_argument("--logdir", default="runs/char_gpt", help="TensorBoard log directory")
     parser.add_argument("--fast", action="store_true", help="smoke run (~20 s): 20 steps, one curvature pass")
     args = parser.parse_args(argv)
     if args.fast:
-        args.max_steps, args.every_n_steps = 20, 0  # 0: only the pass at the end of training
+        args.max_steps = 20  # too short for the budget's tiers: the pass at the end of training
     torch.set_num_threads(1)  # a model this small runs fastest on one thread
 
     L.seed_everything(0, verbose=False)
     module = CharGPT(lr=args.lr, max_steps=args.max_steps)
     monitor = HessianMonitor(
-        every_n_steps=args.every_n_steps,
-        early_steps=[] if args.fast else [10, 40],
+        budget=args.budget,
+        at_end=True,  # and one full pass at the end, with the split and the densities:
         loss_fn=loss_fn,  # returns (loss, logits): enables the Gauss-Newton / functional split
         split=True,
-        trace=True,
         density=True,  # spectral densities from 2 probes of 30 Lanczos steps per block
         density_probes=2,
         density_steps=30,
@@ -223,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
 
     val_loss = trainer.validate(module, verbose=False)[0]["val/loss"]
     print(
-        f"\ntrained {trainer.global_step} steps in {seconds:.0f} s ({monitor.passes} curvature passes); "
+        f"\ntrained {trainer.global_step} steps in {seconds:.0f} s ({monitor.passes} curvature measurements, "
+        f"{monitor.tracker.planner.overhead:.1%} of the training time); "
         f"validation loss {val_loss:.3f} nats/char"
     )
     last = monitor.history[-1].scalars if monitor.history else {}

@@ -23,6 +23,7 @@ from lightning_hessian.html_report import write_html_report
 from lightning_hessian.operators import Batches, CurvatureOperator
 from lightning_hessian.report import BlockCurvature, CurvatureReport
 from lightning_hessian.theory import TheoryComparison, compare_attention
+from lightning_hessian.tracker import CurvatureTracker
 
 __version__ = "0.1.0.dev0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "BlockPart",
     "CurvatureOperator",
     "CurvatureReport",
+    "CurvatureTracker",
     "FusedLayout",
     "HessianMonitor",
     "TheoryComparison",

@@ -14,9 +14,22 @@ time (5% by default):
   outside the layers) per measurement, warm-started from the group's previous vectors, rotating over the
   groups so every block is measured once per rotation (:func:`~lightning_hessian.analyze`).
 
-The tracker knows nothing of Lightning: a loop calls :meth:`CurvatureTracker.plan` before the optimiser
-step, :meth:`CurvatureTracker.snapshot` when something is due, and :meth:`CurvatureTracker.measure` after
-the step (:class:`~lightning_hessian.HessianMonitor` does this for a Lightning ``Trainer``).
+The tracker knows nothing of Lightning. In a plain PyTorch loop::
+
+    tracker = CurvatureTracker()                       # 5% of the training time
+    for batch in loader:
+        loss_fn(model, batch).backward()
+        tracker.before_step(model)                     # after backward, before the optimiser step
+        optimizer.step()
+        optimizer.zero_grad()
+        found = tracker.after_step(model, loss_fn, curvature_batch, optimizer)
+        if found is not None:
+            log(found.scalars, found.step)             # tags of lightning_hessian.tags
+
+:meth:`~CurvatureTracker.before_step` / :meth:`~CurvatureTracker.after_step` keep the clock; a loop that
+keeps its own calls :meth:`~CurvatureTracker.plan`, :meth:`~CurvatureTracker.snapshot` and
+:meth:`~CurvatureTracker.measure` (:class:`~lightning_hessian.HessianMonitor` does, for a Lightning
+``Trainer``).
 """
 
 from __future__ import annotations
@@ -125,7 +138,46 @@ class CurvatureTracker:
         self._ritz: dict[str, Tensor] = {}  # per block: the last Ritz vectors (CPU), the warm starts
         self._model: ModelCurvature | None = None
         self._snapshot: dict[str, Tensor] | None = None
+        self._clock: float | None = None  # before_step / after_step: when training started,
+        self._own_seconds = 0.0  # the time measurements took,
+        self._steps = 0  # and the optimiser steps so far
+        self._pending: list[str] = []
         self.latest = CurvatureReport(blocks={})  # every block's latest values, the whole model's too
+
+    # --- a loop of your own --------------------------------------------------------------------------------
+
+    def before_step(self, model: nn.Module) -> list[str]:
+        """Plan at the current step (call after ``backward``, before ``optimizer.step()``); returns the tiers
+        due, and keeps the weights if the update will be measured. Time between calls counts as training."""
+        now = time.perf_counter()
+        if self._clock is None:
+            self._clock = now
+        self._pending = self.plan(now - self._clock - self._own_seconds, self._steps)
+        if "update" in self._pending or "model" in self._pending:
+            self.snapshot(model)
+        return list(self._pending)
+
+    def after_step(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Any,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> Measurement | None:
+        """Count the optimiser step and run what :meth:`before_step` planned on the curvature ``data``
+        (the same batches every time, for curves of the model, not of the data); ``None`` if nothing was
+        due."""
+        self._steps += 1
+        kinds, self._pending = self._pending, []
+        if not kinds:
+            return None
+        began = time.perf_counter()
+        try:
+            return self.measure(kinds, model, loss_fn, data, self._steps, optimizer, reduce=reduce)
+        finally:
+            self._own_seconds += time.perf_counter() - began
 
     # --- planning ------------------------------------------------------------------------------------------
 

@@ -1,0 +1,58 @@
+"""CurvatureTracker in a plain PyTorch loop: tiers within a budget, training bitwise unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _models import loss_fn, make_batch, make_model
+
+from lightning_hessian import CurvatureTracker, tags
+
+
+def train(steps: int, tracker: CurvatureTracker | None) -> tuple[torch.nn.Module, list]:
+    """nanoGPT with AdamW on a fixed stream of batches; the tracker, if any, measures on one batch."""
+    model = make_model("nanogpt")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    curvature_batch = make_batch("nanogpt", seed=99)
+    found = []
+    torch.manual_seed(0)
+    for step in range(steps):
+        loss = loss_fn(model, make_batch("nanogpt", seed=step))
+        loss.backward()
+        if tracker is not None:
+            tracker.before_step(model)
+        optimizer.step()
+        optimizer.zero_grad()
+        if tracker is not None and (m := tracker.after_step(model, loss_fn, curvature_batch, optimizer)):
+            found.append(m)
+    return model, found
+
+
+def test_a_plain_loop_gets_every_tier_and_trains_bitwise_as_without():
+    plain, _ = train(60, None)
+    tracker = CurvatureTracker(budget=0.6)
+    watched, found = train(60, tracker)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), watched.state_dict().items()):
+        assert torch.equal(a, b), name
+    kinds = {kind for m in found for kind in m.kinds}
+    assert kinds == {"update", "model", "blocks"}
+    assert [m.step for m in found] == sorted({m.step for m in found})  # one measurement per step at most
+    update = next(m for m in found if "update" in m.kinds)
+    assert tags.UPDATE_CURVATURE in update.scalars and tags.THRESHOLD in update.scalars
+    model = next(m for m in found if "model" in m.kinds)
+    assert model.scalars[tags.SHARPNESS] > 0 and tags.SHARPNESS_RATIO in model.scalars
+    assert tracker.latest.full is not None
+    assert tracker.planner.steps == 59 and 0 < tracker.planner.overhead
+
+
+def test_before_step_keeps_the_weights_only_when_the_update_is_measured():
+    model = make_model("nanogpt")
+    tracker = CurvatureTracker(budget=0.05)
+    assert tracker.before_step(model) == []  # no step time yet: nothing planned, nothing kept
+    assert tracker._snapshot is None
+    assert tracker.after_step(model, loss_fn, make_batch("nanogpt")) is None
+
+
+def test_unknown_tiers_are_refused():
+    with pytest.raises(ValueError, match="unknown tier"):
+        CurvatureTracker(shares={"everything": 1.0})
