@@ -859,6 +859,7 @@ class HessianMonitor(Callback):
                     theorised = report
                 else:
                     assert self.tracker is not None
+                    rotations = self.tracker.rotations
                     measurement = self.tracker.measure(
                         kinds,
                         pl_module,
@@ -869,7 +870,9 @@ class HessianMonitor(Callback):
                         reduce=self._reduce(trainer),
                         progress=say,
                     )
-                    report, preconditioned, theorised = self.tracker.latest, False, measurement.report
+                    report, preconditioned = self.tracker.latest, False
+                    # The theory comparison needs every attention block: once per rotation over them.
+                    theorised = report if self.tracker.rotations > rotations else None
                 theory = (
                     self._theory(trainer, pl_module, data, theorised, step)
                     if self.theory and theorised is not None

@@ -10,9 +10,9 @@ time (5% by default):
 * ``"model"``: the whole model's :math:`\\lambda_{\\max}` and Adam's preconditioned :math:`\\lambda_{\\max}`,
   warm-tracked with a few products, each block's share of the top eigenvector, the gradient's and the
   update's alignment with it, and per-block traces from shared probes (:mod:`lightning_hessian.tracking`);
-* ``"blocks"`` (exact per block): Lanczos on one group of blocks (one Transformer layer, or the blocks
-  outside the layers) per measurement, warm-started from the group's previous vectors, rotating over the
-  groups so every block is measured once per rotation (:func:`~lightning_hessian.analyze`).
+* ``"blocks"`` (exact per block): Lanczos on one block per measurement, warm-started from its previous
+  vectors, rotating over the blocks layer by layer so every block is measured once per rotation
+  (:func:`~lightning_hessian.analyze`).
 
 The tracker knows nothing of Lightning. In a plain PyTorch loop::
 
@@ -66,10 +66,13 @@ FIGURES_SHARE = 0.15
 #: The critical sharpness's line search (4-8 forwards) runs at every this many update-tier measurements; the
 #: others cost about 1.5-2 training steps (update curvature and preconditioned gradient curvature).
 CRITICAL_EVERY = 4
-#: Cost of a first measurement in training steps, until one is measured: optimistic (small models on CPU),
-#: so a first measurement comes early and its measured cost then sets the pace.
-_PRIOR_STEPS = {"update": 1.0, "model": 8.0, "blocks": 5.0, FIGURES: 20.0}
-_OTHER = "other"  # the group of the blocks outside the numbered layers
+#: Cost of a first measurement in training steps, until one is measured (small models on CPU: a cold
+#: whole-model measurement costs ~20-40 steps, one layer's blocks cold ~30-100); the measured cost then
+#: sets the pace. Lower priors give earlier first points but overshoot the budget on short runs.
+_PRIOR_STEPS = {"update": 2.0, "model": 20.0, "blocks": 30.0, FIGURES: 20.0}
+#: Lanczos steps of the first (cold) whole-model measurement: the next ones continue from its vector, so it
+#: need not converge fully (``benchmarks/results/tracking.md``: 8 cold steps are 6-10% off).
+_COLD_MAX_ITER = 24
 
 
 @dataclass
@@ -265,7 +268,7 @@ class CurvatureTracker:
                 )
             elif kind == "blocks" and self._groups:
                 group, blocks = self._groups[self._next_group]
-                _say(progress, f"blocks of {_group_name(group)} ({self._next_group + 1}/{len(self._groups)})")
+                _say(progress, f"{_group_name(group)} ({self._next_group + 1}/{len(self._groups)})")
                 self._measure_blocks(model, loss_fn, batches, blocks, reduce, result)
                 self._next_group = (self._next_group + 1) % len(self._groups)
                 self.rotations += self._next_group == 0
@@ -322,13 +325,11 @@ class CurvatureTracker:
             model, self.analysis.get("blocks", "auto"), self.analysis.get("rules"), loss_fn, example, reduce
         )
         self._blocks = blocks
-        groups: dict[Any, list[Block]] = {}
-        for block in blocks:
-            groups.setdefault(_OTHER if block.layer is None else block.layer, []).append(block)
-        layers = sorted(k for k in groups if k != _OTHER)
-        self._groups = [(k, groups[k]) for k in layers] + (
-            [(_OTHER, groups[_OTHER])] if _OTHER in groups else []
-        )
+        # One block per measurement, layer by layer (the blocks outside the layers last): a block's cold
+        # Lanczos (top and smallest, tol 1e-3) costs ~50 products, a whole layer's hundreds, which would
+        # freeze training for seconds; costs are kept per block (earlier layers' products cost more).
+        ordered = sorted(blocks, key=lambda b: (b.layer is None, b.layer or 0))
+        self._groups = [(b.name, [b]) for b in ordered]
         self._next_group = self._next_group % len(self._groups) if self._groups else 0  # after a resume
         self.latest.blocks = {b.name: BlockCurvature(b.name, b.kind, b.layer, b.numel) for b in blocks}
 
@@ -353,6 +354,7 @@ class CurvatureTracker:
             preconditioner=preconditioner,
             update=update,
             max_iter=self.model_max_iter,
+            cold_max_iter=max(self.model_max_iter, _COLD_MAX_ITER),
             tol=self.model_tol,
             trace_probes=self.trace_probes,
             seed=settings.get("seed", 0) + result.step,  # fresh trace probes at every measurement
@@ -428,4 +430,4 @@ def _say(progress: Callable[[str], None] | None, what: str) -> None:
 
 
 def _group_name(group: Any) -> str:
-    return "the blocks outside the layers" if group == _OTHER else f"layer {group}"
+    return f"block {group}"

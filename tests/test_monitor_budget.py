@@ -28,8 +28,8 @@ def measured_steps(monitor: HessianMonitor, tag: str) -> list[int]:
 
 def test_every_tier_runs_and_every_block_is_measured_within_the_budget(tmp_path):
     torch.set_num_threads(1)
-    monitor = HessianMonitor(budget=0.5, **QUIET)
-    trainer, _ = fit(tmp_path, [monitor], max_steps=120, logger="tb")
+    monitor = HessianMonitor(budget=0.9, **QUIET)
+    trainer, _ = fit(tmp_path, [monitor], max_steps=500, logger="tb")
     planner = monitor.tracker.planner
     assert measured_steps(monitor, tags.UPDATE_CURVATURE), "the cheap tier never ran"
     assert measured_steps(monitor, tags.SHARPNESS), "the whole-model tier never ran"
@@ -41,7 +41,7 @@ def test_every_tier_runs_and_every_block_is_measured_within_the_budget(tmp_path)
     # Its own cost is logged and stays near the budget (one measurement's overshoot at most).
     overhead = monitor.history[-1].scalars[tags.MONITOR_OVERHEAD]
     assert overhead == pytest.approx(planner.overhead, rel=0.2)
-    assert overhead < 0.5 * 1.5
+    assert overhead < 0.9 * 1.5
     events = EventAccumulator(trainer.logger.log_dir)
     events.Reload()
     for tag in (tags.MONITOR_OVERHEAD, tags.UPDATE_CURVATURE, tags.SHARPNESS, tags.MONITOR_ROTATION):
@@ -57,9 +57,9 @@ def test_no_html_report_on_request(tmp_path):
 
 
 def test_budget_mode_leaves_training_bitwise_alone(tmp_path):
-    plain, plain_module = fit(tmp_path / "plain", max_steps=40)
-    monitor = HessianMonitor(budget=0.6, **QUIET)
-    watched, watched_module = fit(tmp_path / "watched", [monitor], max_steps=40)
+    plain, plain_module = fit(tmp_path / "plain", max_steps=150)
+    monitor = HessianMonitor(budget=0.9, **QUIET)
+    watched, watched_module = fit(tmp_path / "watched", [monitor], max_steps=150)
     for tag in (tags.UPDATE_CURVATURE, tags.SHARPNESS, tags.block_tag("layer.self_attn.q", "top_eigenvalue")):
         assert measured_steps(monitor, tag), tag
     for (name, a), (_, b) in zip(plain_module.state_dict().items(), watched_module.state_dict().items()):
@@ -87,7 +87,7 @@ def test_a_final_full_pass_on_request(tmp_path):
 
 
 def test_tiers_choose_what_is_measured(tmp_path):
-    monitor = HessianMonitor(budget=0.5, tiers=["update"], **QUIET)
+    monitor = HessianMonitor(budget=0.9, tiers=["update"], **QUIET)
     fit(tmp_path, [monitor], max_steps=40)
     assert measured_steps(monitor, tags.UPDATE_CURVATURE)
     assert not measured_steps(monitor, tags.SHARPNESS)
