@@ -63,3 +63,16 @@ def test_describe_blocks_example() -> None:
     assert "qkv_proj.weight[rows 32:40]" in result.stdout  # Phi-3's single key head, read off the attention
     assert "query_key_value.weight[rows 0:8, 24:32, 48:56, 72:80]" in result.stdout  # GPT-NeoX per head
     assert result.stdout.count("warning: find_blocks") == 2  # names only: both fused weights refused
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loop", ["plain", "fabric"])
+def test_plain_loop_example(tmp_path, loop: str) -> None:
+    command = [sys.executable, str(EXAMPLES / "plain_loop.py"), "--fast", "--logdir", str(tmp_path / "runs")]
+    result = subprocess.run(
+        command + (["--fabric"] if loop == "fabric" else []), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "curvature took" in result.stdout
+    found = scalar_tags(tmp_path / "runs")
+    assert {"stability/update_curvature", "stability/sharpness", "monitor/overhead", "train/loss"} <= found
