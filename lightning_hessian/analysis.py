@@ -264,8 +264,10 @@ def analyze(
     matrix-vector products on one retained gradient graph (see :mod:`lightning_hessian.operators`):
 
     * top-``k`` and smallest eigenvalues by Lanczos with full reorthogonalisation, stopped when every
-      requested Ritz pair has residual :math:`\|H_{bb} y - \theta y\| \le` ``tol`` :math:`\cdot \max|\theta|`
-      (an eigenvalue then lies within that distance; the eigenvalue error is usually far smaller);
+      requested Ritz pair has residual :math:`\|H_{bb} y - \theta y\| \le` ``tol`` :math:`\cdot |\theta|`,
+      relative to each value itself (:math:`\mathrm{tol}^2 \max|\theta|` for a value within
+      ``tol`` :math:`\cdot \max|\theta|` of 0: see :func:`~lightning_hessian.estimators.lanczos`); an
+      eigenvalue then lies within that distance, the eigenvalue error is usually far smaller;
     * the trace by Hutch++ (Meyer et al., 2021) with ``trace_matvecs`` products, exact for small blocks;
     * the spectral density by stochastic Lanczos quadrature (Ghorbani, Krishnan & Xiao, 2019), smoothed
       with Gaussians of width ``density_width`` times the block's spectral range;
@@ -289,7 +291,7 @@ def analyze(
         density: estimate the spectral density.
         split: also compute the Gauss-Newton top eigenvalue and the functional part's extreme eigenvalues
             (only with ``curvature="hessian"``).
-        tol: relative Ritz-residual tolerance of Lanczos.
+        tol: Ritz-residual tolerance of Lanczos, relative to each eigenvalue.
         max_iter: Lanczos step limit per block; blocks that stop there are reported as not converged.
         trace_matvecs: Hutch++ budget per block.
         density_probes, density_steps: stochastic Lanczos quadrature probes and steps per block.
