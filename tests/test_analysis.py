@@ -18,6 +18,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
 from lightning_hessian import Batches, analyze, find_blocks, model_block, tags
+from lightning_hessian import analysis as analysis_module
+from lightning_hessian.operators import CurvatureOperator
 
 
 def loss_and_output(model, batch):
@@ -96,6 +98,40 @@ def test_layernorm_top_eigenvalue_is_within_tol_of_itself(seed):
     assert result.converged and result.min_converged
     assert relative(result.top_eigenvalue, lam_max) <= tol
     assert relative(result.min_eigenvalue, lam_min) <= tol
+
+
+def test_blocks_run_one_at_a_time_with_results_bitwise_those_of_all_at_once(monkeypatch):
+    """At most one block's vectors per product call (so one block's Lanczos basis alive), same numbers."""
+    model = make_model("gpt2", torch.float64)
+    batch = make_batch("gpt2", dtype=torch.float64)
+    blocks = [b for b in find_blocks(model) if b.layer == 1][:4]  # query, key, value, attn_out: seconds
+    kwargs = dict(blocks=blocks, split=True, density=True, density_steps=10, trace_matvecs=12, tol=1e-3)
+    calls: list[list[int]] = []
+    matmat = CurvatureOperator.matmat
+
+    def recording(self, vectors):
+        calls.append([b for b, v in enumerate(vectors) if v is not None])
+        return matmat(self, vectors)
+
+    monkeypatch.setattr(CurvatureOperator, "matmat", recording)
+    one = analyze(model, loss_and_output, batch, **kwargs)
+    assert calls and max(len(c) for c in calls) == 1
+    calls.clear()
+    monkeypatch.setattr(analysis_module, "_ALL_BLOCKS_AT_ONCE", True)
+    together = analyze(model, loss_and_output, batch, **kwargs)
+    assert max(len(c) for c in calls) == len(one.blocks)  # the order compared against
+    assert one.matvecs == together.matvecs
+    for a, b in zip(one, together, strict=True):
+        assert json.dumps(_numbers(a)) == json.dumps(_numbers(b)), a.name
+        assert torch.equal(a.ritz_vectors, b.ritz_vectors), a.name
+        assert all(np.array_equal(x, y) for x, y in zip(a.density, b.density, strict=True)), a.name
+        assert a.seconds > 0 and a.matvecs > 0
+    assert sum(r.seconds for r in one) <= one.seconds
+
+
+def _numbers(r):
+    """Every number of a block's report entry except its seconds (timings differ between runs)."""
+    return {k: v for k, v in r.to_dict().items() if k != "seconds"}
 
 
 def test_hutchpp_trace_is_unbiased_within_its_standard_error():

@@ -389,6 +389,27 @@ def test_hutchpp_beats_hutchinson_on_decaying_spectrum():
     assert sum(sketched) < 0.2 * sum(plain)
 
 
+def test_every_estimator_runs_a_subset_of_blocks_with_the_results_of_running_all():
+    op = CountingOperator(mixed_operator()[0])
+    for estimator in (
+        lambda blocks: lanczos(op, 2, tol=1e-6, blocks=blocks),
+        lambda blocks: hutchpp(op, matvecs=9, blocks=blocks),
+        lambda blocks: slq(op, probes=2, steps=8, blocks=blocks),
+    ):
+        together = estimator(None)
+        for b in range(len(op.sizes)):
+            op.calls.clear()
+            alone = estimator([b])
+            assert all(set(call) == {b} for call in op.calls)
+            assert [r is None for r in alone] == [i != b for i in range(len(op.sizes))]
+            assert repr(alone[b]) == repr(together[b])  # floats exactly, tensors as printed: equal below
+            for name in ("eigenvalues", "residuals", "eigenvectors", "nodes", "weights"):
+                if hasattr(alone[b], name):
+                    assert torch.equal(getattr(alone[b], name), getattr(together[b], name))
+    with pytest.raises(ValueError, match="Block indices"):
+        hutchpp(op, blocks=[5])
+
+
 # --- float32, devices ---
 
 

@@ -135,9 +135,7 @@ def lanczos(
     if stop not in STOPPING_RULES:
         raise ValueError(f"stop must be one of {STOPPING_RULES}, got {stop!r}.")
     num_blocks = len(op.sizes)
-    selected = range(num_blocks) if blocks is None else sorted({int(b) for b in blocks})
-    if any(not 0 <= b < num_blocks for b in selected):
-        raise ValueError(f"Block indices must lie in [0, {num_blocks}); got {list(selected)}.")
+    selected = _random.selected_blocks(blocks, num_blocks)
 
     generators = {b: _random.generator(seed, _random.LANCZOS, b) for b in selected}
     starts = {b: _start_vector(op, b, _warm_start(init, b), generators[b]) for b in selected}
