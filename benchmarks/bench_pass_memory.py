@@ -111,6 +111,56 @@ def _label(kind: str, order: str, layer: int) -> str:
     return f"{what}, {'one block at a time' if order == 'one' else 'all blocks together (before)'}"
 
 
+def _basis_mib(numel: int, steps: int) -> tuple[float, float]:
+    """A block's Lanczos basis after ``steps`` steps, and with the copy made when it last grew (MiB, float32).
+
+    ``LanczosChains`` starts with ``min(max_iter + 1, 33)`` slots and doubles them when full.
+    """
+    slots = 33
+    while slots < steps + 1:
+        slots *= 2
+    mib = numel * 4 / 2**20
+    return slots * mib, (slots + (slots // 2 if slots > 33 else 0)) * mib
+
+
+def markdown(rows: list[dict], layers: int, layer: int, jobs: int) -> str:
+    """The result table, with what the memory above (a) is made of."""
+    base = rows[0]["peak_delta_mb"]
+    lines = [
+        f"# Peak memory of a curvature pass: {layers}-layer char GPT (d=128, 4 heads, vocab 65, "
+        f"batch {BATCH} x {SEQ} tokens)",
+        "",
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, float32, one thread; "
+        "peak resident memory above the memory before the measurement, each row in a fresh process "
+        "(`python benchmarks/bench_pass_memory.py`). Passes: top and smallest eigenvalue per block, tol "
+        "1e-3, max_iter 100, no trace. Target (issue 12): a pass's peak <= 1.25x (a). Seconds are not "
+        f"timings: {jobs} row(s) ran side by side.",
+        "",
+        "| measurement | peak above start (MiB) | x (a) | products | seconds | largest block (steps) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        steps = f" ({row['largest_block_steps']})" if "largest_block_steps" in row else ""
+        lines.append(
+            f"| {_label(row['kind'], row['order'], layer)} | {row['peak_delta_mb']:.0f} | "
+            f"{row['peak_delta_mb'] / base:.2f} | {row['matvecs']} | {row['seconds']:.0f} | "
+            f"{row['largest_block']:,}{steps} |"
+        )
+    slack = max(row["slack_mb"] for row in rows)
+    lines += ["", f"Largest slack (peak already above the start when measured): {slack:.1f} MiB."]
+    one = next(r for r in rows if r["kind"] == "all blocks" and r["order"] == "one")
+    basis, growing = _basis_mib(one["largest_block"], one["largest_block_steps"])
+    extra = one["peak_delta_mb"] - base
+    lines += [
+        "",
+        f"What the memory above (a) is, one block at a time: {extra:.0f} MiB for (c); the largest block's "
+        f"Lanczos basis ({one['largest_block']:,} parameters, {one['largest_block_steps']} steps) takes "
+        f"{basis:.0f} MiB, {growing:.0f} MiB while it grows (old and new storage side by side). All blocks "
+        f"together, every basis is alive: {one['params']:,} parameters at 33-66 slots of 4 bytes.",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -136,29 +186,7 @@ def main() -> None:
     # Every row has its own process, so rows may run side by side (--jobs): peaks are per process.
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(run, ROWS))
-    base = rows[0]["peak_delta_mb"]
-    lines = [
-        f"# Peak memory of a curvature pass: {args.layers}-layer char GPT (d=128, 4 heads, vocab 65, "
-        f"batch {BATCH} x {SEQ} tokens)",
-        "",
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, float32, one thread; "
-        "peak resident memory above the memory before the measurement, each row in a fresh process "
-        "(`python benchmarks/bench_pass_memory.py`). Passes: top and smallest eigenvalue per block, tol "
-        "1e-3, max_iter 100, no trace. Target (issue 12): a pass's peak <= 1.25x (a).",
-        "",
-        "| measurement | peak above start (MiB) | x (a) | products | seconds | largest block (steps) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        steps = f" ({row['largest_block_steps']})" if "largest_block_steps" in row else ""
-        lines.append(
-            f"| {_label(row['kind'], row['order'], args.layer)} | {row['peak_delta_mb']:.0f} | "
-            f"{row['peak_delta_mb'] / base:.2f} | {row['matvecs']} | {row['seconds']:.0f} | "
-            f"{row['largest_block']:,}{steps} |"
-        )
-    slack = max(row["slack_mb"] for row in rows)
-    lines += ["", f"Largest slack (peak already above the start when measured): {slack:.1f} MiB."]
-    publish("\n".join(lines), args.out)
+    publish(markdown(rows, args.layers, args.layer, args.jobs), args.out)
 
 
 if __name__ == "__main__":
