@@ -114,25 +114,66 @@ def cached_blocks(
 _STARTS = ("gradient", "random")
 
 
-def _gradient_starts(
-    op: CurvatureOperator, starts: list[Tensor | None] | None, seed: int
-) -> list[Tensor | None]:
-    """Start vectors ``g_b/||g_b|| + r_b/||r_b||`` for the blocks without a warm start (see ``analyze``).
+class _Starts:
+    """Lanczos start vectors per block, made when the block's turn comes (see ``analyze``'s ``start``).
 
-    Every process calls ``op.gradient`` for the same blocks in the same order (it sums over processes).
+    A warm start is used as given. Otherwise, with ``start="gradient"``, ``g_b/||g_b|| + r_b/||r_b||``: the
+    block's gradient plus a random unit vector from one generator shared by the blocks in index order (the
+    blocks are visited in that order, so the draws do not depend on how they are grouped). Every process
+    calls ``op.gradient`` for the same blocks in the same order (it sums over processes).
     """
-    out = list(starts) if starts is not None else [None] * len(op.blocks)
-    # seed < 2**63 - 2**16 (check_settings): the offset stays in manual_seed's range
-    gen = torch.Generator().manual_seed(seed + 7919)  # apart from the estimators' own draws
-    for index, warm in enumerate(out):
-        if warm is not None:
-            continue
-        g = op.gradient(index).to(device="cpu", dtype=torch.float64)
-        r = torch.randn(g.shape, generator=gen, dtype=torch.float64)
+
+    def __init__(
+        self, op: CurvatureOperator, warm: list[Tensor | None] | None, start: str, seed: int
+    ) -> None:
+        self.op, self.warm, self.gradient = op, warm, start == "gradient"
+        # seed < 2**63 - 2**16 (check_settings): the offset stays in manual_seed's range
+        self.gen = torch.Generator().manual_seed(seed + 7919)  # apart from the estimators' own draws
+
+    def __call__(self, index: int) -> Tensor | None:
+        warm = None if self.warm is None else self.warm[index]
+        if warm is not None or not self.gradient:
+            return warm
+        g = self.op.gradient(index).to(device="cpu", dtype=torch.float64)
+        r = torch.randn(g.shape, generator=self.gen, dtype=torch.float64)
         r = r / r.norm()
         norm = g.norm()
-        out[index] = r if not torch.isfinite(norm) or norm == 0 else g / norm + r
-    return out
+        return r if not torch.isfinite(norm) or norm == 0 else g / norm + r
+
+
+# analyze runs the estimators one block at a time, so that at most one block's Lanczos basis (Hutch++
+# sketch, SLQ probes) is alive: a pass's memory does not grow with the number of blocks. Every block has its
+# own products and random streams, so the results are bitwise those of running all blocks together. With
+# chunk_size every product call rebuilds the graph for all the blocks in it: there the blocks run together.
+_ALL_BLOCKS_AT_ONCE = False  # True: the order before one block at a time (tests and benchmarks compare)
+
+
+def _block_groups(count: int, chunked: bool) -> list[list[int]]:
+    """The groups of block indices that run together, in index order."""
+    if chunked or _ALL_BLOCKS_AT_ONCE:
+        return [list(range(count))]
+    return [[index] for index in range(count)]
+
+
+def _pick(per_block: list[Any], group: list[int]) -> list[tuple[int, Any]]:
+    """``(index, result)`` for the blocks of ``group`` from an estimator's per-block list."""
+    return [(i, per_block[i]) for i in group]
+
+
+def _store_eigenpairs(r: BlockCurvature, eig: Any) -> None:
+    """Copy one block's :class:`~lightning_hessian.estimators.LanczosResult` into its report entry."""
+    r.top_eigenvalues = eig.eigenvalues.tolist()
+    r.top_residuals = eig.residuals.tolist()
+    r.converged = eig.converged
+    r.min_eigenvalue, r.min_residual, r.min_converged = (
+        eig.min_eigenvalue,
+        eig.min_residual,
+        eig.min_converged,
+    )
+    # The smallest Ritz vector too: a warm start from the top vectors alone leaves the bottom of the
+    # spectrum cold, and the smallest eigenvalue then costs as many steps as without a warm start.
+    vectors = [v for v in (eig.eigenvectors, eig.min_eigenvector) if v is not None]
+    r.ritz_vectors = torch.cat([v.reshape(v.shape[0], -1) for v in vectors], dim=1) if vectors else None
 
 
 def _check_positive(name: str, value: Any, kind: type = int) -> None:
@@ -264,8 +305,10 @@ def analyze(
     matrix-vector products on one retained gradient graph (see :mod:`lightning_hessian.operators`):
 
     * top-``k`` and smallest eigenvalues by Lanczos with full reorthogonalisation, stopped when every
-      requested Ritz pair has residual :math:`\|H_{bb} y - \theta y\| \le` ``tol`` :math:`\cdot \max|\theta|`
-      (an eigenvalue then lies within that distance; the eigenvalue error is usually far smaller);
+      requested Ritz pair has residual :math:`\|H_{bb} y - \theta y\| \le` ``tol`` :math:`\cdot |\theta|`,
+      relative to each value itself (:math:`\mathrm{tol}^2 \max|\theta|` for a value within
+      ``tol`` :math:`\cdot \max|\theta|` of 0: see :func:`~lightning_hessian.estimators.lanczos`); an
+      eigenvalue then lies within that distance, the eigenvalue error is usually far smaller;
     * the trace by Hutch++ (Meyer et al., 2021) with ``trace_matvecs`` products, exact for small blocks;
     * the spectral density by stochastic Lanczos quadrature (Ghorbani, Krishnan & Xiao, 2019), smoothed
       with Gaussians of width ``density_width`` times the block's spectral range;
@@ -289,7 +332,7 @@ def analyze(
         density: estimate the spectral density.
         split: also compute the Gauss-Newton top eigenvalue and the functional part's extreme eigenvalues
             (only with ``curvature="hessian"``).
-        tol: relative Ritz-residual tolerance of Lanczos.
+        tol: Ritz-residual tolerance of Lanczos, relative to each eigenvalue.
         max_iter: Lanczos step limit per block; blocks that stop there are reported as not converged.
         trace_matvecs: Hutch++ budget per block.
         density_probes, density_steps: stochastic Lanczos quadrature probes and steps per block.
@@ -310,6 +353,9 @@ def analyze(
             :class:`~lightning_hessian.CurvatureOperator`): peak memory of one chunk instead of all the
             data, for one extra forward and gradient per chunk per call. Same result when ``loss_fn`` is a
             mean of per-sample losses. ``None`` (default) keeps every batch's graph for the whole pass.
+            Without ``chunk_size`` the blocks are measured one after the other, so that only one block's
+            Lanczos basis (``max_iter`` vectors of the block's size) is alive at a time; with it they run
+            together, every call's graph build shared by all blocks (then every block's basis is alive).
         start: the Lanczos start vector of a block without a warm start. ``"gradient"`` (default):
             :math:`g_b/\|g_b\| + r_b/\|r_b\|`, the block's gradient (already computed with the graph)
             plus an equal-norm random vector: training gradients lie mostly in the top Hessian eigenspace
@@ -435,44 +481,44 @@ def analyze(
                 UserWarning,
                 stacklevel=2,
             )
-        if start == "gradient":
-            starts = _gradient_starts(op, starts, seed)
-        for r, eig in zip(
-            results, lanczos(op, top_k, smallest=smallest, tol=tol, max_iter=max_iter, init=starts, seed=seed)
-        ):
-            r.top_eigenvalues = eig.eigenvalues.tolist()
-            r.top_residuals = eig.residuals.tolist()
-            r.converged = eig.converged
-            r.min_eigenvalue, r.min_residual, r.min_converged = (
-                eig.min_eigenvalue,
-                eig.min_residual,
-                eig.min_converged,
+        groups = _block_groups(len(selected), chunk_size is not None)
+        start_of = _Starts(op, starts, start, seed)
+        for group in groups:
+            eigs = lanczos(
+                op,
+                top_k,
+                smallest=smallest,
+                tol=tol,
+                max_iter=max_iter,
+                init={i: start_of(i) for i in group},
+                seed=seed,
+                blocks=group,
             )
-            # The smallest Ritz vector too: a warm start from the top vectors alone leaves the bottom of the
-            # spectrum cold, and the smallest eigenvalue then costs as many steps as without a warm start.
-            vectors = [v for v in (eig.eigenvectors, eig.min_eigenvector) if v is not None]
-            r.ritz_vectors = (
-                torch.cat([v.reshape(v.shape[0], -1) for v in vectors], dim=1) if vectors else None
-            )
-        if trace:
-            for r, tr in zip(results, hutchpp(op, matvecs=trace_matvecs, seed=seed)):
-                r.trace, r.trace_stderr = tr.trace, tr.stderr
-        if density:
-            for r, d in zip(results, slq(op, probes=density_probes, steps=density_steps, seed=seed)):
-                r.density = d.smoothed(width=density_width)
-                r.density_nodes, r.density_weights = d.nodes.numpy(), d.weights.numpy()
+            for i in group:
+                _store_eigenpairs(results[i], eigs[i])
+            del eigs  # this group's Ritz vectors now live in the results only
+            if trace:
+                for i, tr in _pick(hutchpp(op, matvecs=trace_matvecs, seed=seed, blocks=group), group):
+                    results[i].trace, results[i].trace_stderr = tr.trace, tr.stderr
+            if density:
+                densities = slq(op, probes=density_probes, steps=density_steps, seed=seed, blocks=group)
+                for i, d in _pick(densities, group):
+                    results[i].density = d.smoothed(width=density_width)
+                    results[i].density_nodes, results[i].density_weights = d.nodes.numpy(), d.weights.numpy()
         matvecs = op.matvecs
         for r, n, s in zip(results, op.block_matvecs, op.block_seconds):
             r.matvecs, r.seconds = n, s
         if split:
-            gauss_newton = op.using("gauss_newton")
-            for r, eig in zip(
-                results, lanczos(gauss_newton, 1, smallest=False, tol=tol, max_iter=max_iter, seed=seed)
-            ):
-                r.gauss_newton_top = eig.eigenvalues[0].item()
-            functional = op.using("functional")
-            for r, eig in zip(results, lanczos(functional, 1, tol=tol, max_iter=max_iter, seed=seed)):
-                r.functional_top, r.functional_min = eig.eigenvalues[0].item(), eig.min_eigenvalue
+            gauss_newton, functional = op.using("gauss_newton"), op.using("functional")
+            for group in groups:
+                kwargs = dict(tol=tol, max_iter=max_iter, seed=seed, blocks=group)
+                for i, eig in _pick(lanczos(gauss_newton, 1, smallest=False, **kwargs), group):
+                    results[i].gauss_newton_top = eig.eigenvalues[0].item()
+                for i, eig in _pick(lanczos(functional, 1, **kwargs), group):
+                    results[i].functional_top, results[i].functional_min = (
+                        eig.eigenvalues[0].item(),
+                        eig.min_eigenvalue,
+                    )
             for r, extra in zip(results, zip(gauss_newton.block_matvecs, functional.block_matvecs)):
                 r.matvecs += sum(extra)
             matvecs += gauss_newton.matvecs + functional.matvecs

@@ -3,8 +3,10 @@ promise to leave the model alone; clear errors on bad input."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
 from lightning_hessian import Batches, analyze, find_blocks, model_block, tags
+from lightning_hessian import analysis as analysis_module
+from lightning_hessian.operators import CurvatureOperator
 
 
 def loss_and_output(model, batch):
@@ -63,6 +67,71 @@ def test_default_settings_are_accurate():
     for name, result in report.blocks.items():
         assert result.converged
         assert relative(result.top_eigenvalue, exact[name][-1].item()) < 1e-3, name
+
+
+def _char_gpt():
+    """``examples/train_char_gpt.py``'s nanoGPT (d=32, 2 layers, vocab 65) at initialisation, in float64."""
+    path = Path(__file__).parents[1] / "examples" / "train_char_gpt.py"
+    spec = importlib.util.spec_from_file_location("_train_char_gpt", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    model = module.GPT(65, 16, dim=32, depth=2, heads=4).double()
+    batch = (torch.randint(0, 65, (4, 16)), torch.randint(0, 65, (4, 16)))
+    return model, batch, module.loss_fn
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_layernorm_top_eigenvalue_is_within_tol_of_itself(seed):
+    """A LayerNorm block whose lambda_min is -8.7 lambda_max, against its dense Hessian (float64).
+
+    At tol 1e-2 the old rule (residual <= tol * max|theta|) reported lambda_max 1.3e-2 (seed 0) and 1.1e-1
+    (seed 1) off, marked converged; the rule relative to each value gives 3.4e-5 and 6.0e-5.
+    """
+    model, batch, fn = _char_gpt()
+    (block,) = [b for b in find_blocks(model) if b.name == "transformer.h.0.ln_1"]
+    spectrum = exact_spectra(model, batch, [block], fn=fn)[block.name]
+    tol = 1e-2
+    result = analyze(model, fn, batch, blocks=[block], tol=tol, trace=False, seed=seed).blocks[block.name]
+    lam_max, lam_min = spectrum[-1].item(), spectrum[0].item()
+    assert lam_min < -8 * lam_max  # the case the rule is for
+    assert result.converged and result.min_converged
+    assert relative(result.top_eigenvalue, lam_max) <= tol
+    assert relative(result.min_eigenvalue, lam_min) <= tol
+
+
+def test_blocks_run_one_at_a_time_with_results_bitwise_those_of_all_at_once(monkeypatch):
+    """At most one block's vectors per product call (so one block's Lanczos basis alive), same numbers."""
+    model = make_model("gpt2", torch.float64)
+    batch = make_batch("gpt2", dtype=torch.float64)
+    blocks = [b for b in find_blocks(model) if b.layer == 1][:4]  # query, key, value, attn_out: seconds
+    kwargs = dict(blocks=blocks, split=True, density=True, density_steps=10, trace_matvecs=12, tol=1e-3)
+    calls: list[list[int]] = []
+    matmat = CurvatureOperator.matmat
+
+    def recording(self, vectors):
+        calls.append([b for b, v in enumerate(vectors) if v is not None])
+        return matmat(self, vectors)
+
+    monkeypatch.setattr(CurvatureOperator, "matmat", recording)
+    one = analyze(model, loss_and_output, batch, **kwargs)
+    assert calls and max(len(c) for c in calls) == 1
+    calls.clear()
+    monkeypatch.setattr(analysis_module, "_ALL_BLOCKS_AT_ONCE", True)
+    together = analyze(model, loss_and_output, batch, **kwargs)
+    assert max(len(c) for c in calls) == len(one.blocks)  # the order compared against
+    assert one.matvecs == together.matvecs
+    for a, b in zip(one, together, strict=True):
+        assert json.dumps(_numbers(a)) == json.dumps(_numbers(b)), a.name
+        assert torch.equal(a.ritz_vectors, b.ritz_vectors), a.name
+        assert all(np.array_equal(x, y) for x, y in zip(a.density, b.density, strict=True)), a.name
+        assert a.seconds > 0 and a.matvecs > 0
+    assert sum(r.seconds for r in one) <= one.seconds
+
+
+def _numbers(r):
+    """Every number of a block's report entry except its seconds (timings differ between runs)."""
+    return {k: v for k, v in r.to_dict().items() if k != "seconds"}
 
 
 def test_hutchpp_trace_is_unbiased_within_its_standard_error():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from lightning_hessian.estimators import (
     slq,
 )
 from lightning_hessian.estimators._lanczos_core import ritz_error_estimates
+from lightning_hessian.estimators.lanczos import STOPPING_RULES
 
 
 def symmetric(eigenvalues: Tensor | list[float], seed: int = 0, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -225,6 +227,56 @@ def test_gap_estimate_fails_on_an_unresolved_cluster_and_the_residual_rule_does_
     assert residual.converged and 1.0 - residual.eigenvalues[0].item() <= residual.residuals[0].item() <= tol
 
 
+_LANCZOS_MODULE = sys.modules["lightning_hessian.estimators.lanczos"]  # the package exports the function
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_top_eigenvalue_is_within_tol_of_itself_when_the_smallest_is_40_times_larger(seed, monkeypatch):
+    """A LayerNorm-like block: lambda_max = 1 next to 0.97, lambda_min = -40 (scale = 40).
+
+    The old rule, r <= tol * max|theta| = 0.04 here, stopped after 12-15 steps with lambda_max 0.65%-1.6%
+    off (seeds 0-3 at tol 1e-3: 6.5e-3, 1.4e-2, 1.4e-2, 1.6e-2) and said converged; relative to the value
+    itself it is within 2e-6 after 26-29 steps.
+    """
+    spectrum = torch.cat([torch.tensor([1.0, 0.97, -40.0]), torch.linspace(-1.0, 0.9, 297)])
+    op = DenseBlockOperator([symmetric(spectrum, seed)])
+    tol = 1e-3
+    (r,) = lanczos(op, 1, tol=tol, seed=seed)
+    top = r.eigenvalues[0].item()
+    assert r.converged and r.min_converged
+    assert abs(top - 1.0) <= r.residuals[0].item() <= tol * abs(top)
+    assert abs(r.min_eigenvalue + 40.0) <= tol * 40.0 and r.min_residual <= tol * 40.0
+    monkeypatch.setattr(_LANCZOS_MODULE, "_floor_fraction", lambda tol, eps: 1.0)  # the old, absolute rule
+    (old,) = lanczos(op, 1, tol=tol, seed=seed)
+    assert old.converged and abs(old.eigenvalues[0].item() - 1.0) > 5 * tol
+
+
+def test_smallest_eigenvalue_is_relative_to_itself_and_a_value_near_zero_stops_at_the_floor():
+    tol = 1e-3
+    # lambda_min = -0.004 scale: the old rule asked only r <= 5e-3 of it, 25% of its size.
+    near = torch.cat([torch.tensor([5.0, 3.0, -0.02]), torch.linspace(0.0, 1.0, 197)])
+    (r,) = lanczos(DenseBlockOperator([symmetric(near, 4)]), 1, tol=tol)
+    assert r.min_converged and r.min_residual <= tol * abs(r.min_eigenvalue)
+    assert abs(r.min_eigenvalue + 0.02) <= tol * 0.02
+    # lambda_min = 1e-12: relative accuracy would need ~1e-15, the floor tol^2 * scale stops it well before.
+    psd = torch.cat([torch.tensor([5.0, 1e-12]), torch.linspace(0.1, 1.0, 198)])
+    (z,) = lanczos(DenseBlockOperator([symmetric(psd, 5)]), 1, tol=tol, max_iter=200)
+    assert z.min_converged and z.steps < 200
+    assert abs(z.min_eigenvalue - 1e-12) <= tol * tol * 5.0 and z.min_residual <= tol * tol * 5.0
+    # float32 at tol 1e-4: tol^2 * scale is below rounding, the floor 10 eps / tol keeps it reachable.
+    (f,) = lanczos(DenseBlockOperator([symmetric(psd, 5).float()]), 1, tol=1e-4, max_iter=200)
+    assert f.min_converged and f.steps < 200
+
+
+@pytest.mark.parametrize("stop", STOPPING_RULES)
+def test_gap_rule_uses_the_same_relative_thresholds(stop):
+    spectrum = torch.cat([torch.tensor([1.0, 0.97, -40.0]), torch.linspace(-1.0, 0.9, 297)])
+    (r,) = lanczos(DenseBlockOperator([symmetric(spectrum, 0)]), 1, tol=1e-3, stop=stop)
+    measure = r.residuals if stop == "residual" else r.error_estimates
+    assert r.converged and measure[0].item() <= 1e-3 * r.eigenvalues[0].item()
+    assert abs(r.eigenvalues[0].item() - 1.0) <= 1e-3
+
+
 # --- power iteration ---
 
 
@@ -335,6 +387,27 @@ def test_hutchpp_beats_hutchinson_on_decaying_spectrum():
     plain = [abs(hutchinson(op, probes=33, seed=s)[0].trace - exact) for s in range(10)]
     sketched = [abs(hutchpp(op, matvecs=33, seed=s)[0].trace - exact) for s in range(10)]
     assert sum(sketched) < 0.2 * sum(plain)
+
+
+def test_every_estimator_runs_a_subset_of_blocks_with_the_results_of_running_all():
+    op = CountingOperator(mixed_operator()[0])
+    for estimator in (
+        lambda blocks: lanczos(op, 2, tol=1e-6, blocks=blocks),
+        lambda blocks: hutchpp(op, matvecs=9, blocks=blocks),
+        lambda blocks: slq(op, probes=2, steps=8, blocks=blocks),
+    ):
+        together = estimator(None)
+        for b in range(len(op.sizes)):
+            op.calls.clear()
+            alone = estimator([b])
+            assert all(set(call) == {b} for call in op.calls)
+            assert [r is None for r in alone] == [i != b for i in range(len(op.sizes))]
+            assert repr(alone[b]) == repr(together[b])  # floats exactly, tensors as printed: equal below
+            for name in ("eigenvalues", "residuals", "eigenvectors", "nodes", "weights"):
+                if hasattr(alone[b], name):
+                    assert torch.equal(getattr(alone[b], name), getattr(together[b], name))
+    with pytest.raises(ValueError, match="Block indices"):
+        hutchpp(op, blocks=[5])
 
 
 # --- float32, devices ---

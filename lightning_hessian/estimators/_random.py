@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -10,6 +12,18 @@ from lightning_hessian.estimators._operator import BlockOperator
 
 # One stream per estimator, so that e.g. Lanczos and SLQ with the same seed draw unrelated vectors.
 LANCZOS, POWER, SLQ, HUTCHINSON, HUTCHPP = range(1, 6)
+
+
+def selected_blocks(blocks: Sequence[int] | None, count: int) -> list[int]:
+    """The sorted, distinct block indices an estimator's ``blocks=`` names (all ``count`` when ``None``).
+
+    Raises:
+        ValueError: when an index is outside ``[0, count)``.
+    """
+    selected = list(range(count)) if blocks is None else sorted({int(b) for b in blocks})
+    if any(not 0 <= b < count for b in selected):
+        raise ValueError(f"Block indices must lie in [0, {count}); got {selected}.")
+    return selected
 
 
 def generator(seed: int, *keys: int) -> torch.Generator:

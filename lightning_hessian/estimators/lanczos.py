@@ -71,11 +71,28 @@ def lanczos(
     ``T_L`` are the Ritz values. With ``T_L = S diag(theta) S^T``, the Ritz pair ``(theta_i, Q_L s_i)`` has
     residual norm ``r_i = beta_L |s_{L,i}|`` (Parlett 1998, Sec. 13.1) and its Ritz value lies within ``r_i``
     of an eigenvalue of the block (within ``r_i^2 / gap`` if every other eigenvalue is at least ``gap`` away:
-    Kato-Temple). A block stops when its top-k (and, with ``smallest``, its smallest) Ritz pairs satisfy
-    ``r_i <= tol * max_i |theta_i|`` (``stop="residual"``; with ``stop="gap"``, when the gap estimate
-    ``min(r_i, r_i^2 / gap_i)`` does), at ``max_iter`` steps, or when the Krylov space is invariant
-    (breakdown, or ``L = n``), where the Ritz values are exact.
+    Kato-Temple). A block stops when each of its top-k (and, with ``smallest``, its smallest) Ritz pairs
+    satisfies ``r_i <= tol * max(|theta_i|, f * scale)`` (``stop="residual"``; with ``stop="gap"``, when the
+    gap estimate ``min(r_i, r_i^2 / gap_i)`` does), at ``max_iter`` steps, or when the Krylov space is
+    invariant (breakdown, or ``L = n``), where the Ritz values are exact. Here ``scale = max_i |theta_i|``
+    and ``f = min(1, max(tol, 10 eps / tol))``, which is ``tol`` unless ``tol`` nears the rounding level
+    ``eps`` of ``op.dtype``.
     A breakdown with fewer than k Ritz values restarts from a random vector orthogonal to the basis.
+
+    What ``converged`` guarantees (``stop="residual"``), each value on its own:
+
+    * top values: an eigenvalue lies within ``tol * |theta_i|`` of ``theta_i``, a relative error
+      ``<= tol / (1 - tol)``, whatever the rest of the spectrum; only a value below ``f * scale`` in
+      magnitude is held to the absolute ``tol * f * scale`` (``tol^2 * scale`` for ``f = tol``) instead.
+      So ``lambda_max`` of a LayerNorm block, whose ``|lambda_min|`` is often 40 times larger, is right to
+      ``tol`` relative: a rule relative to ``max|theta|`` only would let it be off by ``40 tol``.
+    * the smallest value: an eigenvalue within ``tol * max(|theta_0|, f * scale)`` of ``theta_0``: relative
+      ``tol`` when ``|theta_0| >= f * scale``, absolute ``tol * f * scale`` when it is near 0 (the common
+      case of a nearly positive semi-definite block, ``|theta_0| << lambda_max``).
+
+    The relative rule costs more products where the smallest value sits near the dense part of the spectrum
+    (about 1.6x over all blocks of a trained 2-layer GPT at ``tol=1e-3``); the floor keeps a value near 0
+    from running to ``max_iter``.
 
     All blocks run together: every step makes one ``op.matmat`` call carrying the current vector of every
     block still running (``None`` for the others).
@@ -95,10 +112,11 @@ def lanczos(
         op: The block-diagonal symmetric operator.
         k: Number of largest eigenvalues per block; truncated to the block size.
         smallest: Also compute the smallest eigenvalue (it then takes part in the stopping rule).
-        tol: Relative tolerance of the stopping rule.
-        stop: ``"residual"`` (default): stop when ``r_i <= tol * scale``, a guarantee that an eigenvalue lies
-            within ``tol * scale`` (which one: see the limitations). ``"gap"``: stop when the gap estimate
-            ``min(r_i, r_i^2 / gap_i)`` is ``<= tol * scale``; fewer steps, but not a guarantee: an
+        tol: Tolerance of the stopping rule, relative to each Ritz value (see above).
+        stop: ``"residual"`` (default): stop when ``r_i <= tol * max(|theta_i|, f * scale)``, a guarantee
+            that an eigenvalue lies that close (which one: see the limitations). ``"gap"``: stop when the gap
+            estimate ``min(r_i, r_i^2 / gap_i)`` is below the same threshold; fewer steps, but not a
+            guarantee: an
             eigenvalue that the Krylov space has not resolved yet (a close cluster) can make the error
             exceed it, see :func:`~lightning_hessian.estimators._lanczos_core.ritz_error_estimates`.
         max_iter: Maximum number of steps (= matvecs) per block.
@@ -117,9 +135,7 @@ def lanczos(
     if stop not in STOPPING_RULES:
         raise ValueError(f"stop must be one of {STOPPING_RULES}, got {stop!r}.")
     num_blocks = len(op.sizes)
-    selected = range(num_blocks) if blocks is None else sorted({int(b) for b in blocks})
-    if any(not 0 <= b < num_blocks for b in selected):
-        raise ValueError(f"Block indices must lie in [0, {num_blocks}); got {list(selected)}.")
+    selected = _random.selected_blocks(blocks, num_blocks)
 
     generators = {b: _random.generator(seed, _random.LANCZOS, b) for b in selected}
     starts = {b: _start_vector(op, b, _warm_start(init, b), generators[b]) for b in selected}
@@ -140,10 +156,10 @@ def lanczos(
         floor = rounding * scale
         estimates = None if stop == "residual" else _error_estimates(theta, residuals, invariant, floor)
         measure = residuals if estimates is None else estimates
-        threshold = tol * max(scale, torch.finfo(torch.float64).tiny)
+        threshold = _thresholds(theta, tol, rounding)
         top = torch.arange(steps - 1, steps - 1 - min(top_k, steps), -1)
-        top_converged = steps >= top_k and (invariant or bool((measure[top] <= threshold).all()))
-        min_converged = invariant or bool(measure[0] <= threshold)
+        top_converged = steps >= top_k and (invariant or bool((measure[top] <= threshold[top]).all()))
+        min_converged = invariant or bool(measure[0] <= threshold[0])
         done = top_converged and (min_converged or not smallest)
         if not (done or steps >= max_iter or not chain.running):
             return
@@ -168,6 +184,33 @@ def lanczos(
 
     run_lanczos(op, chains, on_step)
     return results
+
+
+def _thresholds(theta: Tensor, tol: float, eps: float) -> Tensor:
+    """Per Ritz value, the residual (or gap estimate) below which it counts as converged.
+
+    ``tol * max(|theta_i|, f * scale)`` with ``scale = max_j |theta_j|`` (a lower bound of ``||A||``) and the
+    floor ``f = min(1, max(tol, 10 eps / tol))``: relative to the value itself above ``f * scale``, absolute
+    below. Without a floor a value near 0 would need a residual near 0 and run to ``max_iter`` for nothing:
+    with ``f = tol`` such a value is still pinned to ``tol^2 * scale``, and ``10 eps / tol`` keeps the
+    threshold at least ten times the rounding level ``eps * scale`` of the products (float32 at small
+    ``tol``). The cap ``f <= 1`` leaves a ``tol`` below the rounding level as unreachable as before.
+
+    Args:
+        theta: ``(L,)`` Ritz values.
+        tol: The relative tolerance.
+        eps: The machine epsilon of the operator's dtype.
+
+    Returns:
+        ``(L,)`` thresholds (float64).
+    """
+    scale = max(float(theta.abs().max()), torch.finfo(torch.float64).tiny)
+    return tol * theta.abs().clamp(min=_floor_fraction(tol, eps) * scale)
+
+
+def _floor_fraction(tol: float, eps: float) -> float:
+    """``f = min(1, max(tol, 10 eps / tol))``: below ``f * max|theta|`` the stopping rule is absolute."""
+    return min(1.0, max(tol, 10 * eps / max(tol, torch.finfo(torch.float64).tiny)))
 
 
 def _error_estimates(theta: Tensor, residuals: Tensor, invariant: bool, floor: float) -> Tensor:

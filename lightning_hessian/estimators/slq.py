@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -108,7 +109,9 @@ class SpectralDensity:
         return float((cdf_gap.abs() * torch.diff(points[order])).sum())
 
 
-def slq(op: BlockOperator, *, probes: int = 4, steps: int = 40, seed: int = 0) -> list[SpectralDensity]:
+def slq(
+    op: BlockOperator, *, probes: int = 4, steps: int = 40, seed: int = 0, blocks: Sequence[int] | None = None
+) -> list[SpectralDensity | None]:
     """Spectral density of every block by stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017).
 
     For each block, ``probes`` Rademacher vectors ``z`` (normalised) start ``m = min(steps, n)`` Lanczos steps
@@ -117,24 +120,26 @@ def slq(op: BlockOperator, *, probes: int = 4, steps: int = 40, seed: int = 0) -
     Ghorbani, Krishnan & Xiao (2019) and PyHessian. A probe whose Krylov space becomes invariant before ``m``
     steps (always the case for ``n <= steps``) stops there, and its rule is then exact: ``mu_z`` itself.
 
-    All probes of all blocks are batched: every step makes one ``op.matmat`` call with ``probes`` columns per
-    block still running.
+    All probes of the selected blocks are batched: every step makes one ``op.matmat`` call with ``probes``
+    columns per block still running. Every block draws from its own generator, so a block's result does not
+    depend on which others run.
 
     Args:
         op: The block-diagonal symmetric operator.
         probes: Number of random probes per block.
         steps: Lanczos steps per probe (quadrature nodes).
         seed: Seed of the probes (drawn per block on the CPU in float64).
+        blocks: Indices of the blocks to run; the others get ``None``. Default: all.
 
     Returns:
-        One :class:`SpectralDensity` per block.
+        One :class:`SpectralDensity` per block (``None`` for blocks not selected).
     """
     if probes < 1 or steps < 1:
         raise ValueError(f"Need probes >= 1 and steps >= 1; got probes={probes}, steps={steps}.")
     lengths = [min(steps, n) for n in op.sizes]
     chains = {}
-    for b, n in enumerate(op.sizes):
-        z = _random.rademacher((probes, n), _random.generator(seed, _random.SLQ, b))
+    for b in _random.selected_blocks(blocks, len(op.sizes)):
+        z = _random.rademacher((probes, op.sizes[b]), _random.generator(seed, _random.SLQ, b))
         chains[b] = LanczosChains(_random.to_operator(z, op), capacity=lengths[b] + 1)
 
     def on_step(b: int, chain: LanczosChains) -> None:
@@ -142,7 +147,7 @@ def slq(op: BlockOperator, *, probes: int = 4, steps: int = 40, seed: int = 0) -
             chain.stop()
 
     run_lanczos(op, chains, on_step)
-    return [_gauss_rule(chains[b], lengths[b], n) for b, n in enumerate(op.sizes)]
+    return [_gauss_rule(chains[b], lengths[b], n) if b in chains else None for b, n in enumerate(op.sizes)]
 
 
 def _gauss_rule(chain: LanczosChains, length: int, size: int) -> SpectralDensity:

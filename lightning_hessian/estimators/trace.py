@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +83,9 @@ def _probe_matrix(draw: Callable[..., Tensor], n: int, seed: int, block: int, co
     return torch.stack(probes, dim=1)
 
 
-def hutchpp(op: BlockOperator, *, matvecs: int = 33, seed: int = 0) -> list[TraceResult]:
+def hutchpp(
+    op: BlockOperator, *, matvecs: int = 33, seed: int = 0, blocks: Sequence[int] | None = None
+) -> list[TraceResult | None]:
     """Trace of every block by Hutch++ (Meyer, Musco, Musco & Woodruff 2021).
 
     With ``s = matvecs // 3`` and ``g = matvecs - 2 s``: a Rademacher sketch ``S`` (n x s) gives an
@@ -107,45 +109,50 @@ def hutchpp(op: BlockOperator, *, matvecs: int = 33, seed: int = 0) -> list[Trac
     ``n <= s`` is computed exactly as ``sum_i e_i^T A e_i`` (``n`` matvecs, ``stderr = 0``), and a block of
     rank ``<= s`` is exact up to rounding because ``Q`` spans its range.
 
-    All blocks run together in two ``op.matmat`` calls: ``A S``, then ``[A Q, A (I - Q Q^T) G]``.
+    The selected blocks run together in two ``op.matmat`` calls: ``A S``, then ``[A Q, A (I - Q Q^T) G]``.
+    Every block draws from its own generator, so a block's result does not depend on which others run.
 
     Args:
         op: The block-diagonal symmetric operator.
         matvecs: Total products per block (at least 3).
         seed: Seed of the sketch and the probes (drawn per block on the CPU in float64).
+        blocks: Indices of the blocks to run; the others get ``None``. Default: all.
 
     Returns:
-        One :class:`TraceResult` per block.
+        One :class:`TraceResult` per block (``None`` for blocks not selected).
     """
     if matvecs < 3:
         raise ValueError(f"Hutch++ needs matvecs >= 3, got {matvecs}.")
+    selected = _random.selected_blocks(blocks, len(op.sizes))
     sketch, probes = matvecs // 3, matvecs - 2 * (matvecs // 3)
-    generators = [_random.generator(seed, _random.HUTCHPP, b) for b in range(len(op.sizes))]
-    exact = [n <= sketch for n in op.sizes]
+    generators = {b: _random.generator(seed, _random.HUTCHPP, b) for b in selected}
+    exact = {b: op.sizes[b] <= sketch for b in selected}
 
-    first = [
-        torch.eye(n, dtype=op.dtype, device=op.device)
-        if exact[b]
-        else _random.to_operator(_random.rademacher((n, sketch), generators[b]), op)
-        for b, n in enumerate(op.sizes)
-    ]
+    first: list[Tensor | None] = [None] * len(op.sizes)
+    for b in selected:
+        n = op.sizes[b]
+        first[b] = (
+            torch.eye(n, dtype=op.dtype, device=op.device)
+            if exact[b]
+            else _random.to_operator(_random.rademacher((n, sketch), generators[b]), op)
+        )
     sketched = op.matmat(first)
 
     bases: list[Tensor | None] = [None] * len(op.sizes)
     second: list[Tensor | None] = [None] * len(op.sizes)
-    for b, n in enumerate(op.sizes):
+    for b in selected:
         if exact[b]:
             continue
         q = torch.linalg.qr(sketched[b]).Q
-        g = _random.to_operator(_random.rademacher((n, probes), generators[b]), op)
+        g = _random.to_operator(_random.rademacher((op.sizes[b], probes), generators[b]), op)
         g = g - q @ (q.T @ g)
         bases[b], second[b] = q, torch.cat([q, g], dim=1)
-    products = op.matmat(second) if not all(exact) else second
+    products = second if all(exact.values()) else op.matmat(second)
 
-    results = []
-    for b, n in enumerate(op.sizes):
+    results: list[TraceResult | None] = [None] * len(op.sizes)
+    for b in selected:
         if exact[b]:
-            results.append(TraceResult(float(torch.diagonal(sketched[b]).double().sum()), 0.0, n))
+            results[b] = TraceResult(float(torch.diagonal(sketched[b]).double().sum()), 0.0, op.sizes[b])
             continue
         columns = _random.column_dots(second[b], products[b])
         head, tail = columns[:sketch].sum(), columns[sketch:]
@@ -153,5 +160,5 @@ def hutchpp(op: BlockOperator, *, matvecs: int = 33, seed: int = 0) -> list[Trac
         deflated = (remainder - q @ (q.T @ remainder)).to(torch.float64)  # M g_j
         frobenius = float(deflated.square().sum(0).mean().cpu())  # unbiased for ||M||_F^2
         stderr = max((2 * frobenius / probes) ** 0.5, _random.sample_stderr(tail))
-        results.append(TraceResult(float(head + tail.mean()), stderr, matvecs))
+        results[b] = TraceResult(float(head + tail.mean()), stderr, matvecs)
     return results
