@@ -15,7 +15,7 @@ Reported per depth:
   against a tight per-block Lanczos. Weights are copied at those steps by a recorder callback whose own
   time is subtracted.
 
-    python benchmarks/bench_overhead.py [--layers 4 12] [--steps 600] [--repeats 2]
+    python benchmarks/bench_overhead.py [--layers 4 12] [--steps 2000 1000] [--repeats 1]
     python benchmarks/bench_overhead.py --tiny      # a seconds-long smoke run (tests)
 """
 
@@ -197,8 +197,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 12])
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--steps", type=int, nargs="+", default=[2000, 1000], help="per depth (or one for all)"
+    )
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
@@ -208,17 +210,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead.md")
     args = parser.parse_args()
     if args.tiny:
-        args.layers, args.steps, args.repeats, args.dim, args.context = [2], 60, 1, 32, 16
+        args.layers, args.steps, args.repeats, args.dim, args.context = [2], [300], 1, 32, 16
         args.budget = 0.5
         args.out = Path(args.logdir) / "overhead_tiny.md"
     torch.set_num_threads(1)
 
     rows = []
-    for depth in args.layers:
+    steps_per_depth = args.steps * len(args.layers) if len(args.steps) == 1 else args.steps
+    for depth, steps in zip(args.layers, steps_per_depth):
         plain, watched = [], []
         for _ in range(args.repeats):  # interleaved: the machine's load hits both alike
-            plain.append(train(depth, args.steps, False, args)["seconds"])
-            run = train(depth, args.steps, True, args)
+            plain.append(train(depth, steps, False, args)["seconds"])
+            run = train(depth, steps, True, args)
             watched.append(run["seconds"])
         monitor, errors = run["monitor"], accuracy(run)
         history = list(monitor.history)
@@ -228,7 +231,7 @@ def main() -> None:
         overhead = statistics.median(watched) / statistics.median(plain) - 1
         params = sum(p.numel() for p in run["module"].parameters())
         rows.append(
-            f"| {depth} | {params / 1e6:.2f}M | {args.steps} | {statistics.median(plain):.1f} | "
+            f"| {depth} | {params / 1e6:.2f}M | {steps} | {statistics.median(plain):.1f} | "
             f"{overhead:+.1%} | {monitor.tracker.planner.overhead:.1%} | "
             f"{counts[tags.UPDATE_CURVATURE]} | {counts[tags.SHARPNESS]} | {monitor.tracker.rotations} | "
             f"{_fraction(errors['model'], 0.05)} ({_median(errors['model'])}) | "

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from lightning_hessian import tags
 from lightning_hessian._context import curvature_context
-from lightning_hessian.analysis import _check_positive, _gradient_starts, check_settings
+from lightning_hessian.analysis import _check_positive, _Starts, check_settings
 from lightning_hessian.blocks import Block, check_blocks, model_block
 from lightning_hessian.estimators import _random
 from lightning_hessian.estimators._lanczos_core import LanczosChains, run_lanczos
@@ -341,7 +341,7 @@ def track_model(
         options = dict(dtype=dtype, reduce=reduce, chunk_size=chunk_size)
         op = _operator(model, loss_fn, data, whole, products, **options)
         fresh = init is None or init.top_vector.shape != (whole.numel,)
-        warm = _gradient_starts(op, None, seed)[0] if fresh else init.top_vector
+        warm = _Starts(op, None, "gradient", seed)(0) if fresh else init.top_vector
         top, residual, converged, v = _top(op, warm, tol, cold_max_iter if fresh else max_iter, seed)
         v = v.to(device="cpu", dtype=torch.float64)
         v = v / v.norm()
@@ -357,7 +357,7 @@ def track_model(
                 source = SimpleNamespace(
                     blocks=op.blocks, gradient=lambda _: diagonal.rsqrt().to(gradient) * gradient
                 )
-                p_warm = _gradient_starts(source, None, seed)[0]
+                p_warm = _Starts(source, None, "gradient", seed)(0)
             p_top, p_residual, p_converged, p_vector = _top(scaled, p_warm, tol, budget, seed)
             p_vector = p_vector.detach().cpu()
 
