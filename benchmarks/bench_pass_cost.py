@@ -49,7 +49,7 @@ def main() -> None:
     model = Classifier()
     batch = reference_batch()
     stepped = one_optimizer_step(model, batch)
-    defaults = {k: v for k, v in HessianMonitor()._analyze_kwargs.items() if k not in ("rules", "seed")}
+    defaults = {k: v for k, v in HessianMonitor().settings.kwargs().items() if k not in ("rules", "seed")}
 
     trained = copy.deepcopy(model).train()
     optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-3)

@@ -1401,7 +1401,7 @@ def task_callback(steps: int, breakdown: bool) -> tuple[list[str], list[tuple[st
         monitor = lightning_hessian.HessianMonitor(every_n_steps=100)
         monitored, _ = fit([monitor], steps, logdir)
     passes = monitor.passes
-    settings = {k: v for k, v in monitor._analyze_kwargs.items() if k != "rules"}
+    settings = {k: v for k, v in monitor.settings.kwargs().items() if k != "rules"}
     defaults = ", ".join(f"{k}={settings[k]}" for k in ("top_k", "smallest", "trace", "density", "tol"))
     extra = monitored - plain
     per_pass = extra / max(passes, 1)

@@ -22,6 +22,7 @@ from lightning_hessian.callback import HessianMonitor
 from lightning_hessian.html_report import write_html_report
 from lightning_hessian.operators import Batches, CurvatureOperator
 from lightning_hessian.report import BlockCurvature, CurvatureReport
+from lightning_hessian.settings import AnalysisSettings
 from lightning_hessian.theory import TheoryComparison, compare_attention
 from lightning_hessian.tracker import CurvatureTracker
 
@@ -29,6 +30,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "KINDS",
+    "AnalysisSettings",
     "Batches",
     "Block",
     "BlockCurvature",

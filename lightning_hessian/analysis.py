@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 import warnings
 import weakref
@@ -13,8 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_hessian._context import _MODES, ReentrantCheckpointError, curvature_context
-from lightning_hessian.blocks import Block, FusedLayout, _compile_rules, find_blocks, model_block
+from lightning_hessian._context import ReentrantCheckpointError, curvature_context
+from lightning_hessian.blocks import Block, FusedLayout, find_blocks, model_block
 from lightning_hessian.estimators import hutchpp, lanczos, slq
 from lightning_hessian.operators import (
     CURVATURES,
@@ -28,6 +27,7 @@ from lightning_hessian.operators import (
 )
 from lightning_hessian.products import check_products, resolve_products
 from lightning_hessian.report import BlockCurvature, CurvatureReport
+from lightning_hessian.settings import AnalysisSettings, check_positive
 from lightning_hessian.sharded import ShardedOperator, is_sharded
 
 __all__ = ["analyze"]
@@ -176,86 +176,6 @@ def _store_eigenpairs(r: BlockCurvature, eig: Any) -> None:
     r.ritz_vectors = torch.cat([v.reshape(v.shape[0], -1) for v in vectors], dim=1) if vectors else None
 
 
-def _check_positive(name: str, value: Any, kind: type = int) -> None:
-    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-        raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}.")
-
-
-_DTYPES = (torch.float32, torch.float64)
-_MAX_SEED = 2**63 - 2**16  # torch.Generator.manual_seed takes < 2**63; the gradient start adds an offset
-
-
-def check_settings(
-    *,
-    blocks: Any = "auto",
-    rules: Any = None,
-    top_k: Any = 1,
-    max_iter: Any = 100,
-    trace_matvecs: Any = 30,
-    density_probes: Any = 4,
-    density_steps: Any = 40,
-    tol: Any = 1e-4,
-    dtype: Any = None,
-    mode: Any = "eval",
-    seed: Any = 0,
-    chunk_size: Any = None,
-) -> None:
-    """Validate the settings shared by :func:`analyze` and :class:`~lightning_hessian.HessianMonitor`.
-
-    One place for both, so that the callback refuses at construction what ``analyze`` would refuse at the
-    first pass. Block *names* are checked against the model later (``analyze``, or the callback's setup).
-
-    Raises:
-        ValueError, TypeError: on the first invalid setting, with what to pass instead.
-    """
-    if (
-        (blocks != "auto")
-        if isinstance(blocks, str)
-        else (
-            blocks is not None
-            and (not isinstance(blocks, Sequence) or not all(isinstance(b, Block | str) for b in blocks))
-        )
-    ):
-        raise ValueError(
-            f'blocks must be "auto", None, or a list of Blocks / block names (see find_blocks(model)); '
-            f"got {blocks!r}."
-        )
-    _compile_rules(rules)
-    for name, value in [
-        ("top_k", top_k),
-        ("max_iter", max_iter),
-        ("trace_matvecs", trace_matvecs),
-        ("density_probes", density_probes),
-        ("density_steps", density_steps),
-    ]:
-        _check_positive(name, value)
-    if trace_matvecs < 3:
-        raise ValueError(
-            f"trace_matvecs must be >= 3 (Hutch++ splits it into a sketch, its products and probes), got "
-            f"{trace_matvecs!r}."
-        )
-    if isinstance(tol, bool) or not isinstance(tol, int | float) or not math.isfinite(tol) or not 0 < tol < 1:
-        raise ValueError(
-            f"tol must be a relative Ritz-residual tolerance in (0, 1), e.g. 1e-4; got {tol!r} (a tolerance "
-            ">= 1 accepts any Ritz value as converged)."
-        )
-    if dtype is not None and dtype not in _DTYPES:
-        raise ValueError(
-            f"dtype must be None (the parameters' dtype), torch.float32 or torch.float64; got {dtype!r} "
-            "(pass the torch.dtype object, not a string; half precision has no reliable double backward)."
-        )
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _MAX_SEED:
-        raise ValueError(f"seed must be an int in [0, 2**63 - 2**16), e.g. 0; got {seed!r}.")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(
-            f"chunk_size must be a positive int (samples per chunk) or None, got {chunk_size!r}."
-        )
-
-
 def _is_batch(item: Any) -> bool:
     """Whether ``item`` looks like a batch itself (a container), rather than one tensor of a batch."""
     return isinstance(item, tuple | list | Mapping) or (
@@ -394,21 +314,26 @@ def analyze(
         raise ValueError("preconditioner= gives the whole model's preconditioned sharpness: pass full=True.")
     if split and curvature != "hessian":
         raise ValueError('split=True decomposes the Hessian: use it with curvature="hessian".')
-    check_settings(
+    AnalysisSettings(  # validates, with the messages HessianMonitor gives at construction
         blocks=blocks,
         rules=rules,
+        full=full,
         top_k=top_k,
+        smallest=smallest,
+        trace=trace,
+        density=density,
+        split=split,
+        tol=tol,
         max_iter=max_iter,
         trace_matvecs=trace_matvecs,
         density_probes=density_probes,
         density_steps=density_steps,
-        tol=tol,
         dtype=dtype,
         mode=mode,
         seed=seed,
         chunk_size=chunk_size,
     )
-    _check_positive(
+    check_positive(
         "density_width",
         float(density_width) if isinstance(density_width, int | float) else density_width,
         float,

@@ -36,7 +36,7 @@ from typing_extensions import override
 from lightning_hessian import tags
 from lightning_hessian._side_effects import TrainingStepGuard
 from lightning_hessian.alerts import Alert, AlertManager, AlertRule, PassRecord, as_record
-from lightning_hessian.analysis import analyze, check_settings
+from lightning_hessian.analysis import analyze
 from lightning_hessian.blocks import Block, FusedLayout, find_blocks
 from lightning_hessian.dashboard import CurvatureDashboard
 from lightning_hessian.formulas.stability import block_heterogeneity
@@ -44,6 +44,7 @@ from lightning_hessian.html_report import write_html_report
 from lightning_hessian.operators import Batches, NonFiniteLossError, PassFailedElsewhere
 from lightning_hessian.optimizers import adam_preconditioners, stability_scalars
 from lightning_hessian.report import CurvatureReport
+from lightning_hessian.settings import AnalysisSettings
 from lightning_hessian.theory import TheoryComparison, compare_attention
 from lightning_hessian.tracker import DEFAULT_SHARES, FIGURES, FIGURES_SHARE, TIERS, CurvatureTracker
 
@@ -433,21 +434,7 @@ class HessianMonitor(Callback):
         self.name = name
         # Checked here rather than at the first pass, by the function analyze checks them with. Block names
         # need the model: they are checked at setup.
-        check_settings(
-            blocks=blocks,
-            rules=rules,
-            top_k=top_k,
-            max_iter=max_iter,
-            trace_matvecs=trace_matvecs,
-            density_probes=density_probes,
-            density_steps=density_steps,
-            tol=tol,
-            dtype=dtype,
-            mode=mode,
-            seed=seed,
-            chunk_size=chunk_size,
-        )
-        self._analyze_kwargs = dict(
+        self.settings = AnalysisSettings(
             blocks=blocks,
             rules=rules,
             full=full,
@@ -515,11 +502,11 @@ class HessianMonitor(Callback):
                     **{
                         k: v
                         for k, v in DEFAULT_SHARES.items()
-                        if k in self.tiers and (k != "model" or self._analyze_kwargs["full"])
+                        if k in self.tiers and (k != "model" or self.settings.full)
                     },
                     **({FIGURES: FIGURES_SHARE} if self._figures else {}),
                 },
-                analysis=self._analyze_kwargs,
+                analysis=self.settings.kwargs(),
                 preconditioned=self.preconditioned,
                 note=self._note,
             )
@@ -561,9 +548,9 @@ class HessianMonitor(Callback):
                 "HessianMonitor: with manual optimization training_step does not return the loss alone: pass "
                 "loss_fn=lambda module, batch: <the loss> to HessianMonitor."
             )
-        names = [b for b in self._analyze_kwargs["blocks"] or () if isinstance(b, str)]
-        if names and not isinstance(self._analyze_kwargs["blocks"], str):
-            known = [b.name for b in find_blocks(pl_module, self._analyze_kwargs["rules"], warn=False)]
+        names = [b for b in self.settings.blocks or () if isinstance(b, str)]
+        if names and not isinstance(self.settings.blocks, str):
+            known = [b.name for b in find_blocks(pl_module, self.settings.rules, warn=False)]
             # The first pass reads fused layouts off the attention: a projection left whole here may then
             # become the blocks <module>.q / .k / .v.
             splits = {f"{name.rpartition('.')[0]}.{s}" for name in known for s in ("q", "k", "v")}
@@ -794,7 +781,7 @@ class HessianMonitor(Callback):
         found = (getattr(owner, "generator", None) for owner in owners)
         generators = list({id(g): g for g in found if isinstance(g, torch.Generator)}.values())
         states = [g.get_state() for g in generators]
-        seed = self._analyze_kwargs["seed"]
+        seed = self.settings.seed
         try:
             with isolate_rng(include_cuda=torch.cuda.is_available()):
                 torch.manual_seed(seed)
@@ -989,9 +976,9 @@ class HessianMonitor(Callback):
                 data,
                 report,
                 target=target,
-                rules=self._analyze_kwargs["rules"],
+                rules=self.settings.rules,
                 jacobian_samples=self.theory_samples,
-                mode=self._analyze_kwargs["mode"],
+                mode=self.settings.mode,
             )
         except Exception as error:
             if self.on_error == "raise":
@@ -1085,7 +1072,7 @@ class HessianMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, data: Any
     ) -> tuple[CurvatureReport, bool]:
         loss_fn = self._loss_fn()
-        kwargs = dict(self._analyze_kwargs)
+        kwargs = self.settings.kwargs()
         preconditioner = None
         if self.preconditioned and kwargs["full"]:
             preconditioner, missing = adam_preconditioners(self._optimizer(trainer), pl_module)

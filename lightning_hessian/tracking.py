@@ -57,13 +57,14 @@ from torch import Tensor, nn
 
 from lightning_hessian import tags
 from lightning_hessian._context import curvature_context
-from lightning_hessian.analysis import _check_positive, _Starts, check_settings
+from lightning_hessian.analysis import _Starts
 from lightning_hessian.blocks import Block, check_blocks, model_block
 from lightning_hessian.estimators import _random
 from lightning_hessian.estimators._lanczos_core import LanczosChains, run_lanczos
 from lightning_hessian.estimators.lanczos import _start_vector
 from lightning_hessian.operators import Batches, CurvatureOperator, LossFn, PreconditionedOperator, as_batches
 from lightning_hessian.products import check_products, resolve_products
+from lightning_hessian.settings import check_positive, check_settings
 from lightning_hessian.sharded import ShardedOperator, is_sharded
 
 __all__ = ["ModelCurvature", "track_model"]
@@ -294,7 +295,7 @@ def track_model(
     Returns:
         A :class:`ModelCurvature`; ``.scalars()`` gives the tags to log.
     """
-    _check_positive("cold_max_iter", cold_max_iter)
+    check_positive("cold_max_iter", cold_max_iter)
     check_settings(max_iter=max_iter, tol=tol, dtype=dtype, mode=mode, seed=seed, chunk_size=chunk_size)
     if isinstance(trace_probes, bool) or not isinstance(trace_probes, int) or trace_probes < 0:
         raise ValueError(f"trace_probes must be an int >= 0 (0: no traces), got {trace_probes!r}.")

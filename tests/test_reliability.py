@@ -125,7 +125,7 @@ def test_bf16_mixed_training_is_unchanged_and_curvature_is_float32_or_float64(tm
 
     # The end-of-training pass equals analyze() on the final weights, outside any Trainer, in float32.
     for monitor in (m32, m64):
-        kwargs = dict(monitor._analyze_kwargs)
+        kwargs = monitor.settings.kwargs()
         expected = analyze(module, monitor.loss_fn, Batches(monitor._batches), **kwargs).scalars()
         measured = monitor.history[-1].scalars
         block_tags = [t for t in expected if tags.parse_block_tag(t)]
