@@ -70,6 +70,10 @@ HOW_TO_READ = """**How to read the curvature charts**
   sharpness λ_max(P⁻¹H) against its threshold (dashed, same colour), and both ratios against the black
   line at 1. Above 1 the step overshoots along the sharpest direction: expect a loss spike or a jump to a
   flatter region. Dotted verticals mark warning (orange) and critical (red) alerts.
+- Budget mode adds, on the same ratio axis, lr/η_c (`stability/critical_ratio`: the step just taken,
+  taken again, would raise the loss above 1) and Adam's preconditioned curvature along the gradient over
+  2/lr (`stability/preconditioned_gradient_ratio`: loss spikes follow its crossing of 1); its own cost is
+  `monitor/overhead` (Pass cost), and each block is measured once per `monitor/rotation_steps` steps.
 - `curvature/attention_per_layer`: query, key, value and attention output of one layer in one panel
   (log scale when they span decades). Query and key overtaking value means growing attention logits.
 - `curvature/layer_heatmaps`: per block kind, which layer is sharpest when.
