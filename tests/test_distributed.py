@@ -280,3 +280,15 @@ def test_an_error_in_the_products_of_one_process_skips_the_pass_on_all_with_its_
     assert "pass at step 1" in failed[0]
     assert "process 1: OutOfMemoryError: simulated out of memory in the 12th loss call" in failed[0]
     assert [e.step for e in _events(tmp_path).Scalars(tags.PASS_LOSS)] == [2]  # the next pass ran
+
+
+def test_budget_mode_under_ddp_plans_on_rank_zero_and_never_hangs(tmp_path):
+    """Budget mode: rank 0's plan is broadcast (each process's clock differs), every tier's collective
+    calls line up, and the union's curvature is logged once."""
+    from lightning_hessian import HessianMonitor, tags
+
+    monitor = HessianMonitor(budget=0.9, figures=False, theory=False, html_report=False)
+    events = _fit_ddp(tmp_path, monitor, max_steps=150)
+    logged = set(events.Tags()["scalars"])
+    assert {tags.UPDATE_CURVATURE, tags.SHARPNESS, tags.MONITOR_OVERHEAD} <= logged, logged
+    assert any(t.endswith("/top_eigenvalue") and not t.startswith("curvature/model/") for t in logged)
