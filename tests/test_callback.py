@@ -97,6 +97,19 @@ def logged_metrics(logger: CSVLogger, keys: tuple[str, ...]) -> list[dict[str, s
         ]
 
 
+def assert_same_training(plain: tuple, watched: tuple) -> None:
+    """Two ``fit`` results trained bitwise alike: weights, buffers, logged metrics, optimizer state."""
+    (plain_trainer, plain_module), (watched_trainer, watched_module) = plain, watched
+    for (name, a), (_, b) in zip(plain_module.state_dict().items(), watched_module.state_dict().items()):
+        assert torch.equal(a, b), name
+    keys = ("train_loss", "train_acc")
+    assert logged_metrics(plain_trainer.logger, keys) == logged_metrics(watched_trainer.logger, keys)
+    plain_opt = plain_trainer.optimizers[0].state_dict()
+    watched_opt = watched_trainer.optimizers[0].state_dict()
+    for index, state in plain_opt["state"].items():
+        assert all(torch.equal(v, watched_opt["state"][index][k]) for k, v in state.items())
+
+
 def test_training_is_bitwise_unchanged(tmp_path):
     """Dropout, BatchNorm, gradient accumulation, AdamW, a shuffling DataLoader: same weights and metrics."""
     plain, plain_module = fit(tmp_path / "plain", accumulate=2)
@@ -104,13 +117,7 @@ def test_training_is_bitwise_unchanged(tmp_path):
     watched, watched_module = fit(tmp_path / "watched", [monitor], accumulate=2)
     assert pass_steps(monitor) == [1, 3, 6, 8]
     assert plain.global_step == watched.global_step == 8
-    for (name, a), (_, b) in zip(plain_module.state_dict().items(), watched_module.state_dict().items()):
-        assert torch.equal(a, b), name
-    keys = ("train_loss", "train_acc")
-    assert logged_metrics(plain.logger, keys) == logged_metrics(watched.logger, keys)
-    plain_opt, watched_opt = plain.optimizers[0].state_dict(), watched.optimizers[0].state_dict()
-    for index, state in plain_opt["state"].items():
-        assert all(torch.equal(v, watched_opt["state"][index][k]) for k, v in state.items())
+    assert_same_training((plain, plain_module), (watched, watched_module))
 
 
 def test_a_final_pass_measures_at_the_end(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_callback import fit, logged_metrics
+from test_callback import assert_same_training, fit
 
 from lightning_hessian import HessianMonitor, tags
 from lightning_hessian.alerts import ThresholdRule
@@ -57,18 +57,12 @@ def test_no_html_report_on_request(tmp_path):
 
 
 def test_budget_mode_leaves_training_bitwise_alone(tmp_path):
-    plain, plain_module = fit(tmp_path / "plain", max_steps=150)
+    plain = fit(tmp_path / "plain", max_steps=150)
     monitor = HessianMonitor(budget=0.9, **QUIET)
-    watched, watched_module = fit(tmp_path / "watched", [monitor], max_steps=150)
+    watched = fit(tmp_path / "watched", [monitor], max_steps=150)
     for tag in (tags.UPDATE_CURVATURE, tags.SHARPNESS, tags.block_tag("layer.self_attn.q", "top_eigenvalue")):
         assert measured_steps(monitor, tag), tag
-    for (name, a), (_, b) in zip(plain_module.state_dict().items(), watched_module.state_dict().items()):
-        assert torch.equal(a, b), name
-    keys = ("train_loss", "train_acc")
-    assert logged_metrics(plain.logger, keys) == logged_metrics(watched.logger, keys)
-    plain_opt, watched_opt = plain.optimizers[0].state_dict(), watched.optimizers[0].state_dict()
-    for index, state in plain_opt["state"].items():
-        assert all(torch.equal(v, watched_opt["state"][index][k]) for k, v in state.items())
+    assert_same_training(plain, watched)
 
 
 def test_a_run_too_short_for_its_budget_says_so_early(tmp_path):
