@@ -331,7 +331,10 @@ def _layout(report: CurvatureReport, logged: Iterable[str], prefix: str) -> dict
         "Norms and FFN": per_kind(_NORM_FFN, ["top_eigenvalue"], "λ_max across layers"),
         "Embedding and head": per_kind(other, ["top_eigenvalue"], "λ_max"),
         "Trace": per_kind(by_kind, ["trace"], "trace"),
-        "Top eigenvector": per_kind(by_kind, ["top_share"], "share of the top eigenvector"),
+        "Top eigenvector": {
+            **per_kind(by_kind, ["top_share"], "share of the top eigenvector"),
+            **per_kind(by_kind, ["top_rayleigh"], "own curvature along the top eigenvector"),
+        },
         "Negative curvature": negative,
         "Gauss-Newton split": per_kind(
             by_kind, ["gauss_newton_top", "functional_top"], "Gauss-Newton vs functional λ_max"

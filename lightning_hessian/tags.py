@@ -51,6 +51,7 @@ BLOCK_STATS = (
     "functional_min",
     "preconditioned_top",  # λ_max(P^-1 H) with an optimiser's diagonal preconditioner P (whole model)
     "top_share",  # |v_b|^2: the block's share of the whole model's top eigenvector v (whole-model tier)
+    "top_rayleigh",  # v_b' H_bb v_b / |v_b|^2: the block's own curvature along its piece of v
     "trace_stderr",  # standard error of the trace estimate
 )
 

@@ -9,7 +9,8 @@ time (5% by default):
   optimisers the preconditioned curvature along the gradient (:mod:`lightning_hessian.directional`);
 * ``"model"``: the whole model's :math:`\\lambda_{\\max}` and Adam's preconditioned :math:`\\lambda_{\\max}`,
   warm-tracked with a few products, each block's share of the top eigenvector, the gradient's and the
-  update's alignment with it, and per-block traces from shared probes (:mod:`lightning_hessian.tracking`);
+  update's alignment with it, per-block traces from shared probes and, at every fourth measurement, each
+  block's Rayleigh quotient along its piece of the top eigenvector (:mod:`lightning_hessian.tracking`);
 * ``"blocks"`` (exact per block): Lanczos on one block per measurement, warm-started from its previous
   vectors, rotating over the blocks layer by layer so every block is measured once per rotation
   (:func:`~lightning_hessian.analyze`).
@@ -66,6 +67,9 @@ FIGURES_SHARE = 0.15
 #: The critical sharpness's line search (4-8 forwards) runs at every this many update-tier measurements; the
 #: others cost about 1.5-2 training steps (update curvature and preconditioned gradient curvature).
 CRITICAL_EVERY = 4
+#: Each block's Rayleigh quotient along its piece of the top eigenvector costs about one product with every
+#: block (2.7 + 2.33 L whole-model products for L layers): at every this many whole-model measurements.
+RAYLEIGH_EVERY = 4
 #: Cost of a first measurement in training steps, until one is measured (small models on CPU: a cold
 #: whole-model measurement costs ~20-40 steps, one layer's blocks cold ~30-100); the measured cost then
 #: sets the pace. Lower priors give earlier first points but overshoot the budget on short runs.
@@ -138,6 +142,7 @@ class CurvatureTracker:
         self._next_group = 0
         self.rotations = 0  # completed rotations over every group
         self._update_count = 0  # update-tier measurements so far
+        self._model_count = 0  # whole-model measurements so far
         self._ritz: dict[str, Tensor] = {}  # per block: the last Ritz vectors (CPU), the warm starts
         self._model: ModelCurvature | None = None
         self._snapshot: dict[str, Tensor] | None = None
@@ -312,7 +317,7 @@ class CurvatureTracker:
                 tags.PRECONDITIONED_THRESHOLD,
                 tags.PRECONDITIONED_RATIO,
             }
-        stats = ["top_eigenvalue", "top_share"]
+        stats = ["top_eigenvalue", "top_share", "top_rayleigh"]
         if self.analysis.get("smallest", True):
             stats += ["min_eigenvalue", "negative_ratio"]
         if self.trace_probes > 0 or self.analysis.get("trace"):
@@ -355,6 +360,7 @@ class CurvatureTracker:
             update=update,
             max_iter=self.model_max_iter,
             cold_max_iter=max(self.model_max_iter, _COLD_MAX_ITER),
+            block_rayleigh=self._model_count % RAYLEIGH_EVERY == RAYLEIGH_EVERY - 1,
             tol=self.model_tol,
             trace_probes=self.trace_probes,
             seed=settings.get("seed", 0) + result.step,  # fresh trace probes at every measurement
@@ -364,6 +370,7 @@ class CurvatureTracker:
             chunk_size=settings.get("chunk_size"),
         )
         self._model = found
+        self._model_count += 1
         result.scalars.update(found.scalars())
         result.scalars.update(stability_scalars(optimizer, found.top_eigenvalue, found.preconditioned_top))
         numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -415,6 +422,7 @@ class CurvatureTracker:
             "next_group": self._next_group,
             "rotations": self.rotations,
             "update_count": self._update_count,
+            "model_count": self._model_count,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -422,6 +430,7 @@ class CurvatureTracker:
         self._next_group = int(state.get("next_group", 0))
         self.rotations = int(state.get("rotations", 0))
         self._update_count = int(state.get("update_count", 0))
+        self._model_count = int(state.get("model_count", 0))
 
 
 def _say(progress: Callable[[str], None] | None, what: str) -> None:

@@ -56,3 +56,15 @@ def test_before_step_keeps_the_weights_only_when_the_update_is_measured():
 def test_unknown_tiers_are_refused():
     with pytest.raises(ValueError, match="unknown tier"):
         CurvatureTracker(shares={"everything": 1.0})
+
+
+def test_whole_model_measurements_add_the_block_rayleigh_quotients_on_their_turn(monkeypatch):
+    import lightning_hessian.tracker as tracker_module
+
+    monkeypatch.setattr(tracker_module, "RAYLEIGH_EVERY", 1)  # every whole-model measurement
+    _, found = train(150, CurvatureTracker(budget=0.9))
+    model = [m for m in found if "model" in m.kinds]
+    assert model and all(any(t.endswith("/top_rayleigh") for t in m.scalars) for m in model)
+    monkeypatch.setattr(tracker_module, "RAYLEIGH_EVERY", 10**6)  # never
+    _, found = train(150, CurvatureTracker(budget=0.9))
+    assert not any(t.endswith("/top_rayleigh") for m in found for t in m.scalars)

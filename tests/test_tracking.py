@@ -164,6 +164,24 @@ def test_shares_and_alignments_match_the_dense_top_eigenvector(setup):
     assert result.top_vector.shape == (model_block(model).numel,) and result.top_vector.device.type == "cpu"
 
 
+def test_block_rayleigh_quotients_match_the_dense_blocks_along_the_top_eigenvector(setup):
+    model, batch, hessian = setup
+    blocks = find_blocks(model) + interleaved(model)[:1]
+    plain = track_model(model, loss_fn, batch, blocks[:-1], max_iter=300, tol=1e-10)
+    assert plain.block_rayleigh == {}  # opt-in: it costs a product with every block
+    result = track_model(model, loss_fn, batch, blocks[:-1], max_iter=300, tol=1e-10, block_rayleigh=True)
+    odd = track_model(model, loss_fn, batch, blocks[-1:], max_iter=300, tol=1e-10, block_rayleigh=True)
+    assert result.matvecs > plain.matvecs
+    v = result.top_vector.to(torch.float64)
+    for block in blocks:
+        index = whole_indices(model, block)
+        piece = v[index]
+        expected = (piece @ hessian[index][:, index] @ piece / (piece @ piece)).item()
+        found = (odd if block is blocks[-1] else result).block_rayleigh[block.name]
+        assert found == pytest.approx(expected, rel=1e-8, abs=1e-10), block.name
+        assert result.scalars().get(tags.block_tag(block.name, "top_rayleigh"), found) == found
+
+
 def test_block_traces_from_shared_probes_are_the_dense_probe_sums(setup):
     model, batch, hessian = setup
     blocks = find_blocks(model) + interleaved(model)
