@@ -59,7 +59,7 @@ __all__ = ["FIGURES", "TIERS", "CurvatureTracker", "Measurement"]
 
 TIERS = ("update", "model", "blocks")
 #: Shares of the budget: the cheap tier needs little to come often; the exact tiers split the rest.
-DEFAULT_SHARES = {"update": 0.3, "model": 0.35, "blocks": 0.35}
+DEFAULT_SHARES = {"update": 0.4, "model": 0.35, "blocks": 0.25}
 #: A kind the caller plans with the same budget: drawing the dashboards' figures (on small models a set of
 #: figures costs more than a whole-model measurement).
 FIGURES = "figures"
