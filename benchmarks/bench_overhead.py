@@ -184,6 +184,12 @@ def accuracy(run: dict) -> dict:
     return dict(model=model_errors, blocks=block_errors)
 
 
+def _cost(monitor: HessianMonitor, kind: str, step_seconds: float) -> str:
+    """The median measured cost of one measurement of ``kind``, in training steps."""
+    costs = [c for (k, _), cs in monitor.tracker.planner._costs.items() if k == kind for c in cs]
+    return f"{statistics.median(costs) / step_seconds:.0f}" if costs else "-"
+
+
 def _fraction(errors: list[float], bound: float) -> str:
     return f"{sum(e <= bound for e in errors)}/{len(errors)}" if errors else "-"
 
@@ -229,11 +235,15 @@ def main() -> None:
             tag: sum(tag in r.scalars for r in history) for tag in (tags.UPDATE_CURVATURE, tags.SHARPNESS)
         }
         overhead = statistics.median(watched) / statistics.median(plain) - 1
+        step_seconds = statistics.median(plain) / steps
+        cost = {kind: _cost(monitor, kind, step_seconds) for kind in ("update", "model", "blocks")}
+
         params = sum(p.numel() for p in run["module"].parameters())
         rows.append(
             f"| {depth} | {params / 1e6:.2f}M | {steps} | {statistics.median(plain):.1f} | "
             f"{overhead:+.1%} | {monitor.tracker.planner.overhead:.1%} | "
             f"{counts[tags.UPDATE_CURVATURE]} | {counts[tags.SHARPNESS]} | {monitor.tracker.rotations} | "
+            f"{cost['update']} / {cost['model']} / {cost['blocks']} | "
             f"{_fraction(errors['model'], 0.05)} ({_median(errors['model'])}) | "
             f"{_fraction(errors['blocks'], 1e-3)} ({_median(errors['blocks'])}) |"
         )
@@ -248,8 +258,9 @@ def main() -> None:
             "",
             "| layers | params | steps | seconds without | overhead (measured) | monitor/overhead (logged) | "
             "update-tier points | whole-model points | block rotations | "
+            "cost per measurement in training steps (update / model / one block) | "
             "sharpness within 5% (median error) | block λ_max within 1e-3 (median error) |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             *rows,
         ]
     )
