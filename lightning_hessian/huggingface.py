@@ -52,8 +52,9 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
     loss = model(**batch).loss
     if loss is None:
         raise ValueError(
-            "model(**batch).loss is None: the curvature batch has no 'labels'. Build it with the data collator "
-            "that makes the training batches, or pass loss_fn=lambda model, batch: ... returning a scalar loss."
+            "model(**batch).loss is None: the curvature batch has no 'labels'. Build it with the data "
+            "collator that makes the training batches, or pass loss_fn=lambda model, batch: ... returning a "
+            "scalar loss."
         )
     return loss
 
@@ -75,9 +76,9 @@ class HessianTrainerCallback(TrainerCallback):
             :class:`~lightning_hessian.CurvatureTracker`); each keeps its default share of the budget.
         logdir: a TensorBoard directory for the scalars. Default, when ``"tensorboard"`` is in
             ``args.report_to``: ``$TENSORBOARD_LOGGING_DIR`` if set (the Trainer's own run), else
-            ``output_dir/runs/<date>_<host>_curvature``, next to the Trainer's ``output_dir/runs/<date>_<host>``
-            (``tensorboard --logdir output_dir/runs`` shows both). Otherwise nothing is written (``history``
-            still holds every measurement).
+            ``output_dir/runs/<date>_<host>_curvature``, next to the Trainer's
+            ``output_dir/runs/<date>_<host>`` (``tensorboard --logdir output_dir/runs`` shows both).
+            Otherwise nothing is written (``history`` still holds every measurement).
         analysis: keyword arguments of :func:`~lightning_hessian.analyze` for the ``"blocks"`` tier.
         preconditioned, model_max_iter, trace_probes: as in :class:`~lightning_hessian.CurvatureTracker`.
         on_measurement: called with each :class:`~lightning_hessian.tracker.Measurement` (its ``step`` is
@@ -112,7 +113,8 @@ class HessianTrainerCallback(TrainerCallback):
     ) -> None:
         if batch is None:
             raise ValueError(
-                "HessianTrainerCallback needs a curvature batch: e.g. collator([dataset[i] for i in range(8)])."
+                "HessianTrainerCallback needs a curvature batch, "
+                "e.g. collator([dataset[i] for i in range(8)])."
             )
         if isinstance(tiers, str):
             tiers = (tiers,)
@@ -145,8 +147,8 @@ class HessianTrainerCallback(TrainerCallback):
         if args.world_size > 1:
             raise NotImplementedError(
                 f"HessianTrainerCallback runs in a single process; this run has {args.world_size} "
-                "(DDP / FSDP / DeepSpeed are not supported yet). Train on one device, or measure a checkpoint "
-                "afterwards with lightning_hessian.analyze."
+                "(DDP / FSDP / DeepSpeed are not supported yet). Train on one device, or measure a "
+                "checkpoint afterwards with lightning_hessian.analyze."
             )
         if self._writer is not None or not state.is_world_process_zero:
             return
@@ -206,8 +208,8 @@ def _model(kwargs: Mapping[str, Any]) -> nn.Module:
 
 def _tensorboard_dir(args: TrainingArguments) -> str:
     """Next to the Trainer's own TensorBoard run: ``$TENSORBOARD_LOGGING_DIR`` (the Trainer's run itself)
-    if set, else ``output_dir/runs/<date>_<host>_curvature`` (the Trainer's is ``output_dir/runs/<date>_<host>``;
-    a callback cannot read its exact name)."""
+    if set, else ``output_dir/runs/<date>_<host>_curvature`` (the Trainer's is
+    ``output_dir/runs/<date>_<host>``; a callback cannot read its exact name)."""
     shared = os.getenv("TENSORBOARD_LOGGING_DIR")
     if shared:
         return os.path.expanduser(shared)
