@@ -147,11 +147,16 @@ def test_bitwise_same_run_as_without_callback(runs: dict[str, Any]) -> None:
 def test_gradient_accumulation(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     batch = transformers.default_data_collator(_dataset()[:8])
-    callback = HessianTrainerCallback(batch, budget=0.9, tiers=("update",))
+    forwarded: list[int] = []
+    callback = HessianTrainerCallback(
+        batch, budget=0.9, tiers=("update",), on_measurement=lambda m: forwarded.append(m.step)
+    )
     accumulated = _train(tmp_path / "with", [callback], steps=40, accumulate=2)
     assert accumulated.state.global_step == 40
     assert callback.tracker._steps == 40  # one planned step per optimizer step, not per micro-batch
     assert callback.history and all(tags.UPDATE_CURVATURE in s for _, s in callback.history)
+    assert forwarded == [step for step, _ in callback.history]  # at the Trainer's global steps
+    assert tags.SHARPNESS not in set().union(*(s for _, s in callback.history))  # only the tier asked for
     assert all(torch.isfinite(torch.tensor(s[tags.UPDATE_CURVATURE])) for _, s in callback.history)
     _assert_same_run(accumulated, _train(tmp_path / "without", [], steps=40, accumulate=2))
 
