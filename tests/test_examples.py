@@ -76,3 +76,17 @@ def test_plain_loop_example(tmp_path, loop: str) -> None:
     assert "curvature took" in result.stdout
     found = scalar_tags(tmp_path / "runs")
     assert {"stability/update_curvature", "stability/sharpness", "monitor/overhead", "train/loss"} <= found
+
+
+@pytest.mark.slow
+def test_hf_trainer_example(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    out = tmp_path / "hf"
+    command = [sys.executable, str(EXAMPLES / "hf_trainer.py"), "--fast", "--output-dir", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "curvature measurement(s) took" in result.stdout
+    curvature = next((out / "runs").glob("*_curvature"))  # next to the Trainer's own run
+    assert {"stability/update_curvature", "stability/sharpness", "monitor/overhead"} <= scalar_tags(curvature)
+    assert "train/loss" in scalar_tags(out / "runs")
