@@ -144,7 +144,10 @@ def train(depth: int, steps: int, monitored: bool, args: argparse.Namespace) -> 
         callbacks = [monitor, recorder]
     trainer = L.Trainer(
         max_steps=steps,
-        logger=L.pytorch.loggers.TensorBoardLogger(args.logdir, name=f"L{depth}") if monitored else False,
+        # the same logger with and without the monitor: its own cost is not the monitor's
+        logger=L.pytorch.loggers.TensorBoardLogger(
+            args.logdir, name=f"L{depth}{'' if monitored else '_plain'}"
+        ),
         callbacks=callbacks,
         accelerator="cpu",
         devices=1,
