@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> None:
 
     seconds = time.perf_counter() - start
     print(
-        f"trained {args.steps} steps in {seconds:.0f} s; curvature took {tracker.planner.overhead:.1%} of the "
-        f"training time ({tracker.rotations} rotation(s) over the blocks)"
+        f"trained {args.steps} steps in {seconds:.0f} s; curvature took {tracker.planner.overhead:.1%} of "
+        f"the training time ({tracker.rotations} rotation(s) over the blocks)"
     )
     full = tracker.latest.full
     if full is not None:
