@@ -316,8 +316,11 @@ def _layout(report: CurvatureReport, logged: Iterable[str], prefix: str) -> dict
                 tags.CRITICAL_RATIO,
                 tags.PRECONDITIONED_GRADIENT_RATIO,
             ),
-            "curvature along the update, critical sharpness vs 2/lr": chart(
-                tags.UPDATE_CURVATURE, tags.CRITICAL_SHARPNESS, tags.THRESHOLD
+            # 2/lr is charted here only next to what the update tier measured
+            "curvature along the update, critical sharpness vs 2/lr": (
+                chart(tags.UPDATE_CURVATURE, tags.CRITICAL_SHARPNESS, tags.THRESHOLD)
+                if {tags.UPDATE_CURVATURE, tags.CRITICAL_SHARPNESS} & logged
+                else []
             ),
             "alignment of gradient and update with the top eigenvector": chart(
                 tags.GRADIENT_ALIGNMENT, tags.UPDATE_ALIGNMENT

@@ -391,3 +391,19 @@ def test_rebinning_keeps_narrow_densities_visible():
     values = _rebin(edges, x, y)
     assert np.sum(values * np.diff(edges)) == pytest.approx(1.0, rel=1e-9)
     assert values.max() > 0
+
+
+def test_the_update_tier_chart_appears_only_with_the_update_tier():
+    from lightning_hessian.dashboard import _layout
+    from lightning_hessian.report import BlockCurvature, CurvatureReport
+
+    report = CurvatureReport(blocks={"a": BlockCurvature("a", "query", 0, 4)})
+    title = "curvature along the update, critical sharpness vs 2/lr"
+    scheduled = _layout(report, {tags.SHARPNESS, tags.THRESHOLD, tags.SHARPNESS_RATIO}, "")
+    assert title not in scheduled["Curvature: Stability"]  # 2/lr alone would make an empty-looking chart
+    budget = _layout(report, {tags.UPDATE_CURVATURE, tags.THRESHOLD, tags.CRITICAL_RATIO}, "")
+    charted = budget["Curvature: Stability"][title][1]
+    assert any("update_curvature" in r for r in charted) and any("threshold" in r for r in charted)
+    assert any(
+        "critical_ratio" in r for r in budget["Curvature: Stability"]["sharpness ratios (> 1: unstable)"][1]
+    )
