@@ -1,9 +1,11 @@
 """``HessianMonitor``: the Lightning callback that measures per-block curvature while a model trains.
 
-The callback is thin: it decides when to measure, on which data and with which loss, calls
-:func:`~lightning_hessian.analyze`, adds the stability thresholds of the live optimiser, and hands the
-numbers to the dashboard (:mod:`lightning_hessian.dashboard`) and the alert rules
-(:mod:`lightning_hessian.alerts`). No mathematics lives here.
+The callback is thin: it holds the curvature data and the loss, lets
+:class:`~lightning_hessian.tracker.CurvatureTracker` plan and run the budget mode's tiers (or calls
+:func:`~lightning_hessian.analyze` on a schedule), takes the live optimiser's thresholds from
+:mod:`lightning_hessian.optimizers`, keeps the history of measurements, and hands the numbers to the
+dashboard (:mod:`lightning_hessian.dashboard`) and the alert rules (:mod:`lightning_hessian.alerts`). No
+mathematics lives here.
 """
 
 from __future__ import annotations
