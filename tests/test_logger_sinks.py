@@ -28,6 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # the alert belo
 
 def _monitor() -> HessianMonitor:
     """Passes at steps 2 and 4, with an alert at each (no densities: they cost seconds)."""
+    pytest.importorskip("matplotlib")  # the figures
     rule = ThresholdRule("any sharpness", tag_pattern=r"stability/sharpness", above=0.0, severity="warning")
     return HessianMonitor(every_n_steps=2, alerts=[rule])
 
@@ -51,15 +52,16 @@ def _offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 def _local_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """An MLFlowLogger on a local file store (MLflow >= 3.x refuses one without the opt-in below)."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     pytest.importorskip("mlflow")
     from lightning.pytorch.loggers import MLFlowLogger
 
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     return MLFlowLogger(experiment_name="curvature", tracking_uri=f"file:{tmp_path}/mlruns")
 
 
 def test_wandb_offline_gets_figures_texts_and_scalars(tmp_path, monkeypatch):
-    import wandb
+    wandb = pytest.importorskip("wandb")
 
     logger = _offline_wandb(tmp_path, monkeypatch)
     monitor = _monitor()
@@ -108,7 +110,6 @@ def test_mlflow_local_gets_figure_and_text_artifacts_and_scalars(tmp_path, monke
 
 
 def test_figures_are_drawn_once_per_pass_for_every_logger(tmp_path, monkeypatch):
-    pytest.importorskip("matplotlib")
     drawn: list[dict] = []
     draw = CurvatureDashboard._draw
 
