@@ -37,7 +37,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_hessian import dashboard_figures, tags
 from lightning_hessian.alerts import Alert, PassRecord
 from lightning_hessian.blocks import KINDS
-from lightning_hessian.logger_sinks import TensorBoardSink, sink_for
+from lightning_hessian.logger_sinks import LoggerSink, TensorBoardSink, sink_for
 from lightning_hessian.report import BlockCurvature, CurvatureReport
 
 __all__ = [
@@ -159,7 +159,7 @@ class CurvatureDashboard:
         metrics: dict[str, Any] = {k: v for k, v in scalars.items() if v is not None}
         metrics[tags.ALERT_COUNT] = len(alerts)
         written = {self.prefix + k: v for k, v in metrics.items()}
-        sinks = []  # what each logger gets beyond its scalars (lightning_hessian.logger_sinks)
+        sinks: list[LoggerSink] = []  # what each logger gets beyond its scalars (logger_sinks)
         for logger in loggers:
             logger.log_metrics(written, step)
             sink = sink_for(logger, self.prefix)

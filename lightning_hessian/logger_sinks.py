@@ -64,6 +64,7 @@ class TensorBoardSink:
             self.writer.add_text(tag, text, step)
 
     def write(self, step: int, figures: Mapping[str, Any], texts: Mapping[str, str]) -> None:
+        """Figures as images and texts as text cards at ``step``, then flush."""
         for tag, figure in figures.items():
             self.writer.add_figure(self.prefix + tag, figure, step, close=False)  # other loggers share it
         for tag, text in texts.items():
@@ -72,12 +73,16 @@ class TensorBoardSink:
 
 
 class WandbSink:
-    """Figures as ``wandb.Image``, Markdown texts as ``wandb.Html``, on the scalars' step axis."""
+    """Figures as ``wandb.Image``, Markdown texts as ``wandb.Html``, on the scalars' step axis.
+
+    HTML rather than a ``wandb.Table``: it keeps each text whole (title line, table, legend, notes).
+    """
 
     def __init__(self, logger: WandbLogger, prefix: str) -> None:
         self.logger, self.prefix = logger, prefix
 
     def write(self, step: int, figures: Mapping[str, Any], texts: Mapping[str, str]) -> None:
+        """All of the pass's media in one ``log`` call, at ``trainer/global_step`` = ``step``."""
         import wandb  # WandbLogger already needs it
 
         media: dict[str, Any] = {self.prefix + tag: wandb.Image(_png(fig)) for tag, fig in figures.items()}
@@ -94,6 +99,7 @@ class MLflowSink:
         self.logger, self.prefix = logger, prefix
 
     def write(self, step: int, figures: Mapping[str, Any], texts: Mapping[str, str]) -> None:
+        """One artifact per figure and text; a repeated step (a resumed run) overwrites its own."""
         client, run_id = self.logger.experiment, self.logger.run_id
         for tag, figure in figures.items():
             client.log_figure(run_id, figure, _artifact(self.prefix + tag, step, "png"))
