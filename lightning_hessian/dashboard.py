@@ -1,7 +1,8 @@
 """Curvature passes as logger output: scalars for every Lightning logger, dashboards for TensorBoard.
 
-Every logger gets the pass's scalars (tags of :mod:`lightning_hessian.tags`) through ``log_metrics``. A
-TensorBoard logger also gets
+Every logger gets the pass's scalars (tags of :mod:`lightning_hessian.tags`) through ``log_metrics``.
+Weights & Biases and MLflow loggers also get the figures and texts below (as images / HTML, as PNG / Markdown
+artifacts: :mod:`lightning_hessian.logger_sinks`). A TensorBoard logger gets
 
 * a custom-scalars layout (the "Custom Scalars" tab), written once per writer: categories
   ``Curvature: Stability``, ``Curvature: Attention``, ``Curvature: Norms and FFN``,
@@ -30,14 +31,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from lightning.fabric.loggers import TensorBoardLogger
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.tensorboard import SummaryWriter
 
 from lightning_hessian import dashboard_figures, tags
 from lightning_hessian.alerts import Alert, PassRecord
 from lightning_hessian.blocks import KINDS
+from lightning_hessian.logger_sinks import LoggerSink, TensorBoardSink, sink_for
 from lightning_hessian.report import BlockCurvature, CurvatureReport
 
 __all__ = [
@@ -105,8 +105,9 @@ class CurvatureDashboard:
     """Writes curvature passes to every Lightning logger; richer views when a logger is TensorBoard.
 
     Args:
-        figures: draw matplotlib figures for TensorBoard loggers (needs ``matplotlib``; without it the
-            dashboard warns once and writes everything else).
+        figures: draw matplotlib figures for the TensorBoard, Weights & Biases and MLflow loggers, once per
+            pass however many there are (needs ``matplotlib``; without it the dashboard warns once and
+            writes everything else).
         density_history: how many passes of spectral density the density-over-time heatmap shows.
         prefix: put before every tag written (scalars, figures, texts, the dashboards' charts), e.g.
             ``"full/"`` for a :class:`~lightning_hessian.HessianMonitor` named ``"full"``. A TensorBoard
@@ -140,7 +141,8 @@ class CurvatureDashboard:
         """Log one curvature pass (rank 0 only).
 
         Args:
-            loggers: the trainer's loggers; all get the scalars, TensorBoard ones the dashboards too.
+            loggers: the trainer's loggers; all get the scalars, TensorBoard ones the dashboards too,
+                Weights & Biases and MLflow ones the figures and texts.
             step: the optimizer step of the pass.
             scalars: the pass's scalars (``report.scalars()`` plus stability and pass-cost tags); ``None``
                 values are skipped, non-finite ones logged as they are.
@@ -157,36 +159,34 @@ class CurvatureDashboard:
         metrics: dict[str, Any] = {k: v for k, v in scalars.items() if v is not None}
         metrics[tags.ALERT_COUNT] = len(alerts)
         written = {self.prefix + k: v for k, v in metrics.items()}
-        writers = []
+        sinks: list[LoggerSink] = []  # what each logger gets beyond its scalars (logger_sinks)
         for logger in loggers:
             logger.log_metrics(written, step)
-            writer = _summary_writer(logger)
-            if writer is not None:
-                writers.append((writer, _prefix(logger) + self.prefix))
+            sink = sink_for(logger, self.prefix)
+            if sink is not None:
+                sinks.append(sink)
         if self.figures:
             self._remember_density(step, report)
             fired = [(int(step), a.severity) for a in alerts]
             self._alerts = [a for a in self._alerts if a[0] < step] + fired  # a resumed step replaces its own
-        if not writers:
+        if not sinks:
             return
 
+        # Drawn once, whatever the number of loggers: every sink gets the same Figure objects.
         figures = self._draw(step, report, history) if self.figures and draw else {}
         texts = {TEXT_LATEST: _latest_markdown(step, report)}
         if theory:
             texts[TEXT_THEORY] = f"**Theory vs measured at step {step}**\n\n{theory}"
         if alerts:
             texts[TEXT_ALERTS] = _alerts_markdown(step, alerts)
-        for writer, prefix in writers:
-            if id(writer) not in self._layouts:
+        for sink in sinks:
+            if isinstance(sink, TensorBoardSink) and sink.key not in self._layouts:
                 charted = set(metrics) if layout_tags is None else {*metrics, *layout_tags}
-                writer.add_custom_scalars(_layout(report, charted, prefix))
-                writer.add_text(TEXT_HOW_TO_READ, HOW_TO_READ, step)
-                self._layouts.add(id(writer))
-            for tag, figure in figures.items():
-                writer.add_figure(self.prefix + tag, figure, step, close=False)  # one drawing, every writer
-            for tag, text in texts.items():
-                writer.add_text(self.prefix + tag, text, step)
-            writer.flush()
+                sink.write_layout(
+                    _layout(report, charted, sink.layout_prefix), step, {TEXT_HOW_TO_READ: HOW_TO_READ}
+                )
+                self._layouts.add(sink.key)
+            sink.write(step, figures, texts)
 
     def state_dict(self) -> dict[str, Any]:
         """The density and alert history, as plain Python values (the layout is rewritten after a resume)."""
@@ -249,23 +249,6 @@ class CurvatureDashboard:
             IMAGE_LAYER_HEATMAPS: dashboard_figures.layer_heatmap_figure(Figure, report, history),
         }
         return {tag: fig for tag, fig in drawn.items() if fig is not None}
-
-
-# --- loggers -------------------------------------------------------------------------------------------
-
-
-def _summary_writer(logger: Logger) -> Any | None:
-    """The logger's TensorBoard writer, or ``None`` for other loggers."""
-    if isinstance(logger, TensorBoardLogger):
-        return logger.experiment
-    experiment = getattr(logger, "experiment", None)
-    return experiment if isinstance(experiment, SummaryWriter) else None
-
-
-def _prefix(logger: Logger) -> str:
-    """What ``TensorBoardLogger(prefix=...)`` puts before every scalar tag, so layout regexes match."""
-    prefix = getattr(logger, "_prefix", "") if isinstance(logger, TensorBoardLogger) else ""
-    return f"{prefix}{logger.LOGGER_JOIN_CHAR}" if prefix else ""
 
 
 # --- custom-scalars layout -----------------------------------------------------------------------------
