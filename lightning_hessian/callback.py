@@ -259,7 +259,8 @@ class HessianMonitor(Callback):
         on_alert: called with every :class:`~lightning_hessian.alerts.Alert` (on rank 0).
         stop_on: stop training at the first alert of this severity or worse (``"warning"``,
             ``"critical"``) or never (``None``).
-        figures: draw TensorBoard figures (needs matplotlib).
+        figures: draw the dashboards' figures for the loggers that take them (TensorBoard, Weights &
+            Biases, MLflow; needs matplotlib).
         theory: evaluate the papers' attention theory on the model's own attention layers at every pass
             (:func:`~lightning_hessian.theory.compare_attention`): per-head Jacobian norms, the corrected
             single-layer bounds and measured / theory ratios as ``theory/...`` scalars, a "Theory vs measured"
