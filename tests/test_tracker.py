@@ -68,3 +68,31 @@ def test_whole_model_measurements_add_the_block_rayleigh_quotients_on_their_turn
     monkeypatch.setattr(tracker_module, "RAYLEIGH_EVERY", 10**6)  # never
     _, found = train(150, CurvatureTracker(budget=0.9))
     assert not any(t.endswith("/top_rayleigh") for m in found for t in m.scalars)
+
+
+def test_a_fabric_loop_trains_bitwise_as_without():
+    """The same guarantee through Lightning Fabric (the tracker measures the module Fabric wraps)."""
+    from lightning.fabric import Fabric
+
+    def fabric_train(tracker: CurvatureTracker | None) -> torch.nn.Module:
+        fabric = Fabric(accelerator="cpu", devices=1)
+        model = make_model("nanogpt")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        model, optimizer = fabric.setup(model, optimizer)
+        curvature_batch = make_batch("nanogpt", seed=99)
+        torch.manual_seed(0)
+        for step in range(150):
+            fabric.backward(loss_fn(model, make_batch("nanogpt", seed=step)))
+            if tracker is not None:
+                tracker.before_step(model.module)
+            optimizer.step()
+            optimizer.zero_grad()
+            if tracker is not None:
+                tracker.after_step(model.module, loss_fn, curvature_batch, optimizer)
+        return model.module
+
+    tracker = CurvatureTracker(budget=0.9)
+    plain, watched = fabric_train(None), fabric_train(tracker)
+    assert {"update", "model"} <= {k for k, v in tracker.planner.spent.items() if v > 0}
+    for (name, a), (_, b) in zip(plain.state_dict().items(), watched.state_dict().items()):
+        assert torch.equal(a, b), name
