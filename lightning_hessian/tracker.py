@@ -158,8 +158,8 @@ class CurvatureTracker:
         """Plan at the current step (call after ``backward``, before ``optimizer.step()``); returns the tiers
         due, and keeps the weights if the update will be measured. Time between calls counts as training."""
         now = time.perf_counter()
-        if self._clock is None:
-            self._clock = now
+        if self._clock is None:  # the training time before a resume counts too
+            self._clock = now - self.planner.training_seconds
         self._pending = self.plan(now - self._clock - self._own_seconds, self._steps)
         if "update" in self._pending or "model" in self._pending:
             self.snapshot(model)
@@ -416,9 +416,11 @@ class CurvatureTracker:
     # --- checkpointing -------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Planner credits and costs, the rotation's position (warm-start vectors are not kept)."""
+        """Planner credits and costs, the rotation's position and the step count of ``before_step`` /
+        ``after_step`` (warm-start vectors are not kept)."""
         return {
             "planner": self.planner.state_dict(),
+            "steps": self._steps,
             "next_group": self._next_group,
             "rotations": self.rotations,
             "update_count": self._update_count,
@@ -431,6 +433,9 @@ class CurvatureTracker:
         self.rotations = int(state.get("rotations", 0))
         self._update_count = int(state.get("update_count", 0))
         self._model_count = int(state.get("model_count", 0))
+        # A loop of your own resumes its clock and step count where the checkpoint left them.
+        self._steps = int(state.get("steps", 0))
+        self._clock, self._own_seconds = None, 0.0
 
 
 def _say(progress: Callable[[str], None] | None, what: str) -> None:

@@ -96,3 +96,30 @@ def test_a_fabric_loop_trains_bitwise_as_without():
     assert {"update", "model"} <= {k for k, v in tracker.planner.spent.items() if v > 0}
     for (name, a), (_, b) in zip(plain.state_dict().items(), watched.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_a_resumed_loop_continues_its_steps_and_its_budget():
+    model = make_model("nanogpt")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = make_batch("nanogpt", seed=99)
+
+    def run(tracker: CurvatureTracker, steps: int) -> list:
+        found = []
+        for step in range(steps):
+            loss_fn(model, make_batch("nanogpt", seed=step)).backward()
+            tracker.before_step(model)
+            optimizer.step()
+            optimizer.zero_grad()
+            if (m := tracker.after_step(model, loss_fn, batch, optimizer)) is not None:
+                found.append(m)
+        return found
+
+    first = CurvatureTracker(budget=0.9)
+    run(first, 60)
+    resumed = CurvatureTracker(budget=0.9)
+    resumed.load_state_dict(first.state_dict())
+    later = run(resumed, 60)
+    assert later and all(m.step > 60 for m in later)  # the step axis goes on
+    assert resumed.planner.steps == 119
+    # the training time before the checkpoint still counts: the credit was not reset to zero
+    assert resumed.planner.training_seconds > first.planner.training_seconds
