@@ -314,7 +314,7 @@ def analyze(
         raise ValueError("preconditioner= gives the whole model's preconditioned sharpness: pass full=True.")
     if split and curvature != "hessian":
         raise ValueError('split=True decomposes the Hessian: use it with curvature="hessian".')
-    AnalysisSettings(  # validates, with the messages HessianMonitor gives at construction
+    validated = AnalysisSettings(  # validates, with the messages HessianMonitor gives at construction
         blocks=blocks,
         rules=rules,
         full=full,
@@ -466,23 +466,11 @@ def analyze(
         del op
     seconds = time.perf_counter() - began
 
-    settings = dict(
-        top_k=top_k,
-        smallest=smallest,
-        trace=trace,
-        density=density,
-        split=split,
-        tol=tol,
-        max_iter=max_iter,
-        trace_matvecs=trace_matvecs,
-        density_probes=density_probes,
-        density_steps=density_steps,
+    settings = {k: v for k, v in validated.kwargs().items() if k not in ("blocks", "rules", "full")}
+    settings.update(
         density_width=density_width,
-        mode=mode,
-        seed=seed,
         dtype=str(dtype) if dtype is not None else None,
         batching=batching,
-        chunk_size=chunk_size,
         products=products,
         products_reason=reason,
     )

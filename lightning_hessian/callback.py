@@ -699,7 +699,8 @@ class HessianMonitor(Callback):
                 kinds = self._plan(trainer)
             if kinds:
                 self._measure(trainer, pl_module, step, kinds)
-            self._tell_schedule(trainer, step)
+            if kinds or not self._told_schedule:  # not at every step: the estimates change only here
+                self._tell_schedule(trainer, step)
             return
         if self._due(step):
             over_budget = self._over_budget()

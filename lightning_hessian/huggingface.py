@@ -145,9 +145,9 @@ class HessianTrainerCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         if args.world_size > 1:
-            raise NotImplementedError(
+            raise RuntimeError(
                 f"HessianTrainerCallback runs in a single process; this run has {args.world_size} "
-                "(DDP / FSDP / DeepSpeed are not supported yet). Train on one device, or measure a "
+                "(DDP / FSDP / DeepSpeed are not supported). Train on one device, or measure a "
                 "checkpoint afterwards with lightning_hessian.analyze."
             )
         if self._writer is not None or not state.is_world_process_zero:
