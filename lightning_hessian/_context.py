@@ -21,23 +21,13 @@ from collections.abc import Iterator
 
 import torch
 import torch.utils.checkpoint
-from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-_MODES = ("eval", "train", "keep")
+from lightning_hessian._rng import isolated_rng
+from lightning_hessian.errors import REENTRANT_MESSAGE, ReentrantCheckpointError
 
-REENTRANT_MESSAGE = (
-    "The model uses activation checkpointing with torch.utils.checkpoint.checkpoint(..., "
-    "use_reentrant=True), which has no double backward: a Hessian cannot be computed through it (and "
-    "parameters inside it can silently drop out of the graph). Pass use_reentrant=False to checkpoint "
-    "(Hugging Face models: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
-    '{"use_reentrant": False})); the results are the same.'
-)
-
-
-class ReentrantCheckpointError(RuntimeError):
-    """The model runs ``torch.utils.checkpoint.checkpoint(..., use_reentrant=True)`` during a pass."""
+MODES = ("eval", "train", "keep")
 
 
 @contextlib.contextmanager
@@ -84,12 +74,12 @@ def curvature_context(model: nn.Module, mode: str = "eval", exact: bool = True) 
     activation checkpointing refused (:class:`ReentrantCheckpointError`), and the random number generators
     (torch, CUDA, numpy, python) isolated so that random draws inside the pass leave the user's streams.
     """
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     flags = [(module, module.training) for module in model.modules()]
     try:
         with contextlib.ExitStack() as stack:
-            stack.enter_context(isolate_rng(include_cuda=torch.cuda.is_available()))
+            stack.enter_context(isolated_rng())
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
             stack.enter_context(torch.autocast("cpu", enabled=False))

@@ -13,18 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_hessian._context import ReentrantCheckpointError, curvature_context
+from lightning_hessian.batches import Batches, as_batches, map_tensors
 from lightning_hessian.blocks import Block, FusedLayout, find_blocks, model_block
+from lightning_hessian.errors import NonFiniteLossError
 from lightning_hessian.estimators import hutchpp, lanczos, slq
-from lightning_hessian.operators import (
-    CURVATURES,
-    Batches,
-    CurvatureOperator,
-    LossFn,
-    NonFiniteLossError,
-    PreconditionedOperator,
-    as_batches,
-    map_tensors,
-)
+from lightning_hessian.loss_calls import LossFn
+from lightning_hessian.operators import CURVATURES, CurvatureOperator
+from lightning_hessian.preconditioning import PreconditionedOperator, block_diagonal
 from lightning_hessian.products import check_products, resolve_products
 from lightning_hessian.report import BlockCurvature, CurvatureReport
 from lightning_hessian.settings import AnalysisSettings, check_positive
@@ -449,12 +444,7 @@ def analyze(
             matvecs += gauss_newton.matvecs + functional.matvecs
         if preconditioner is not None:
             whole = len(selected) - 1
-            missing = [n for n in selected[whole].params if n not in preconditioner]
-            if missing:
-                raise ValueError(
-                    f"preconditioner has no entry for {missing[:3]}; give one per trainable parameter."
-                )
-            diagonals = [None] * whole + [selected[whole].vector(preconditioner)]
+            diagonals = [None] * whole + [block_diagonal(selected[whole], preconditioner)]
             preconditioned = PreconditionedOperator(op, diagonals)
             eig = lanczos(
                 preconditioned, 1, smallest=False, tol=tol, max_iter=max_iter, seed=seed, blocks=[whole]

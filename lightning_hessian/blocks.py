@@ -243,7 +243,26 @@ class Block:
         The layout is the one every block vector uses: the parts in order, each row-major. For example
         ``block.vector(dict(model.named_parameters()))`` gives the block's current weights.
         """
-        return torch.cat([part.select(tensors[part.param]).reshape(-1) for part in self.parts])
+        return self.columns({name: tensors[name].unsqueeze(0) for name in self.params})[:, 0]
+
+    def columns(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`vector` for ``m`` stacked tensors: per parameter ``(m, *shape)`` -> ``(numel, m)``."""
+        pieces = [part.select(tensors[part.param], leading=1) for part in self.parts]
+        return torch.cat([p.reshape(p.shape[0], -1) for p in pieces], dim=1).T
+
+    def scatter(self, columns: torch.Tensor, shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
+        """Inverse of :meth:`columns`: ``(numel, m)`` block vectors -> per parameter ``(m, *shape)`` tensors,
+        zero outside the block (``shapes``: the parameters' shapes by name)."""
+        m = columns.shape[1]
+        out: dict[str, torch.Tensor] = {}
+        offset = 0
+        for part in self.parts:
+            target = out.setdefault(part.param, columns.new_zeros((m, *shapes[part.param])))
+            piece_shape = part.select(target, leading=1).shape
+            n = piece_shape[1:].numel()
+            part.assign(target, columns[offset : offset + n].T.reshape(piece_shape), leading=1)
+            offset += n
+        return out
 
 
 def check_blocks(blocks: Sequence[Block], model: nn.Module) -> None:

@@ -30,20 +30,21 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.seed import isolate_rng
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_hessian import tags
+from lightning_hessian._rng import isolated_rng
 from lightning_hessian._side_effects import TrainingStepGuard
 from lightning_hessian.alerts import Alert, AlertManager, AlertRule, PassRecord, as_record
 from lightning_hessian.analysis import analyze
+from lightning_hessian.batches import Batches
 from lightning_hessian.blocks import Block, FusedLayout, find_blocks
 from lightning_hessian.dashboard import CurvatureDashboard
+from lightning_hessian.errors import NonFiniteLossError, PassFailedElsewhere
 from lightning_hessian.formulas.stability import block_heterogeneity
 from lightning_hessian.html_report import write_html_report
-from lightning_hessian.operators import Batches, NonFiniteLossError, PassFailedElsewhere
 from lightning_hessian.optimizers import adam_preconditioners, stability_scalars
 from lightning_hessian.report import CurvatureReport
 from lightning_hessian.settings import AnalysisSettings
@@ -787,7 +788,7 @@ class HessianMonitor(Callback):
         states = [g.get_state() for g in generators]
         seed = self.settings.seed
         try:
-            with isolate_rng(include_cuda=torch.cuda.is_available()):
+            with isolated_rng():
                 torch.manual_seed(seed)
                 random.seed(seed)
                 np.random.seed(seed % 2**32)  # noqa: NPY002 - datasets draw from it

@@ -84,16 +84,11 @@ from torch import Tensor, nn
 
 from lightning_hessian import tags
 from lightning_hessian._context import curvature_context
+from lightning_hessian._rng import device_rng_state, set_device_rng_state
+from lightning_hessian.batches import as_batches, batch_size
+from lightning_hessian.errors import NonFiniteLossError, PassFailedElsewhere
 from lightning_hessian.finite_difference import STEP_FLOOR, accumulation_dtype
-from lightning_hessian.operators import (
-    LossFn,
-    NonFiniteLossError,
-    PassFailedElsewhere,
-    _rng_state,
-    _set_rng_state,
-    as_batches,
-    batch_size,
-)
+from lightning_hessian.loss_calls import LossFn
 
 __all__ = ["DirectionalCurvature", "directional_curvature"]
 # c of the step rule: the best of 0.01-1 on the test models along Adam-like updates (module docstring)
@@ -172,7 +167,7 @@ class _Line:
         self.saved = {name: p.detach().clone() for name, p in params.items()}
         self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
         self.device = next(iter(params.values())).device
-        self.state = _rng_state(self.device)
+        self.state = device_rng_state(self.device)
         self.forwards = self.backwards = 0
 
     @contextmanager
@@ -186,7 +181,7 @@ class _Line:
                         acc = accumulation_dtype(self.saved[name].dtype)
                         moved = torch.add(self.saved[name].to(acc), v.to(acc), alpha=scale)
                         self.params[name].copy_(moved)
-            _set_rng_state(self.state, self.device)  # the same dropout masks at every point
+            set_device_rng_state(self.state, self.device)  # the same dropout masks at every point
             yield
         finally:
             with torch.no_grad():
@@ -386,7 +381,7 @@ def directional_curvature(
         reduce: with data split over processes, a function summing a tensor over them: the loss sums, batch
             sizes and the gradient are summed, so every process gets the same numbers (and the same
             line-search path); an error on one process is raised there and as
-            :class:`~lightning_hessian.operators.PassFailedElsewhere` on the others, none left waiting.
+            :class:`~lightning_hessian.errors.PassFailedElsewhere` on the others, none left waiting.
 
     Returns:
         A :class:`DirectionalCurvature`; its :meth:`~DirectionalCurvature.scalars` gives the tags.

@@ -50,7 +50,7 @@ Randomness: before each of the two forwards the random number state recorded bef
 forward is restored, so dropout draws the same masks for :math:`+\varepsilon` and :math:`-\varepsilon`
 (and the same as the gradient the operator started from): the product is that of one fixed training-mode
 function. A non-finite product (a perturbed forward that overflows in low precision) raises
-:class:`NonFiniteProductError`, a :class:`~lightning_hessian.operators.NonFiniteLossError`, so a monitor
+:class:`NonFiniteProductError`, a :class:`~lightning_hessian.errors.NonFiniteLossError`, so a monitor
 skips the pass with its ``non_finite`` alert.
 
 References: Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation 1994 (finite
@@ -68,7 +68,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from lightning_hessian.operators import NonFiniteLossError, _set_rng_state
+from lightning_hessian._rng import set_device_rng_state
+from lightning_hessian.errors import NonFiniteLossError
 
 if TYPE_CHECKING:
     from lightning_hessian.blocks import Block
@@ -150,7 +151,7 @@ def _gradient(op: CurvatureOperator, block: Block, shifts: dict[str, Tensor]) ->
         tensors[f"model.{name}"] = inputs[-1]
     total = [torch.zeros(t.shape, dtype=acc, device=t.device) for t in inputs]
     for chunk, size, state in op._chunks:
-        _set_rng_state(state, op.device)
+        set_device_rng_state(state, op.device)
         loss, _ = op._forward(chunk, 0, False, tensors=tensors)
         grads = torch.autograd.grad(
             loss * (size / op._size), inputs, allow_unused=True, materialize_grads=True
@@ -165,7 +166,7 @@ def _product(op: CurvatureOperator, block: Block, columns: Tensor) -> Tensor:
     columns = columns.to(acc)
     theta = block.vector({name: op._leaves[name].detach() for name in block.params})
     steps = step_sizes(theta, columns, op.dtype)
-    shifts = op._scatter(block, columns * steps)
+    shifts = block.scatter(columns * steps, op._shapes)
     products = []
     for j, step in enumerate(steps.tolist()):
         if step == 0.0:
@@ -174,7 +175,7 @@ def _product(op: CurvatureOperator, block: Block, columns: Tensor) -> Tensor:
         plus = _gradient(op, block, {name: shifts[name][j] for name in block.params})
         minus = _gradient(op, block, {name: -shifts[name][j] for name in block.params})
         diff = {name: ((plus[name] - minus[name]) / (2 * step)).unsqueeze(0) for name in block.params}
-        products.append(op._gather(block, diff))
+        products.append(block.columns(diff))
     return torch.cat(products, dim=1)
 
 

@@ -30,10 +30,8 @@ How the products are computed:
   multiplies all requested blocks' vectors on it and frees it, so the peak memory is that of one chunk's
   graph, at the price of one graph build per chunk per product call.
 
-Batches: tensors found in tuples, lists, dicts, other ``Mapping``\ s (``UserDict``, Hugging Face's
-``BatchEncoding``) and dataclasses are moved to the parameters' device, and floating ones cast to the
-compute dtype; other objects are passed to ``loss_fn`` unchanged (a device or dtype mismatch inside
-``loss_fn`` is then reported with what to do).
+Batches are found, moved and split by :mod:`lightning_hessian.batches`; ``loss_fn`` is called and checked
+by :mod:`lightning_hessian.loss_calls`; the retained graphs are :mod:`lightning_hessian._graphs`.
 
 The class implements :class:`lightning_hessian.estimators.BlockOperator`, so every estimator runs on it.
 Build it inside :func:`lightning_hessian._context.curvature_context` (``analyze`` does this).
@@ -41,332 +39,58 @@ Build it inside :func:`lightning_hessian._context.curvature_context` (``analyze`
 
 from __future__ import annotations
 
-import collections
-import collections.abc
 import copy
-import dataclasses
-import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
-from torch.utils.data import DataLoader
 
+from lightning_hessian import finite_difference
+from lightning_hessian._graphs import Graph, grad
+from lightning_hessian._rng import DeviceRngState, device_rng_state, set_device_rng_state
+from lightning_hessian.batches import as_batches, move_batch, split_batch
 from lightning_hessian.blocks import Block, check_blocks
+from lightning_hessian.errors import NonFiniteLossError, PassFailedElsewhere
+from lightning_hessian.loss_calls import LossCall, LossFn, call_loss, check_loss, split_loss
+from lightning_hessian.products import check_products, resolve_products
 
-__all__ = [
-    "BATCHING",
-    "CURVATURES",
-    "Batches",
-    "CurvatureOperator",
-    "NonFiniteLossError",
-    "PassFailedElsewhere",
-    "PreconditionedOperator",
-    "split_batch",
-]
+__all__ = ["BATCHING", "CURVATURES", "CurvatureOperator"]
 
 CURVATURES = ("hessian", "gauss_newton", "functional")
 BATCHING = ("auto", "loop", "vmap")
 
-LossFn = Callable[[nn.Module, Any], "Tensor | tuple[Tensor, Tensor]"]
 
-
-class NonFiniteLossError(ValueError):
-    """The loss on a curvature batch is NaN or infinite, so its curvature is undefined."""
-
-
-class PassFailedElsewhere(RuntimeError):
-    """With data split over processes: the pass failed on another process, so it is abandoned here too."""
-
-
-class Batches(tuple):
-    """Marks a sequence of batches, so that ``analyze(model, loss_fn, Batches([b1, b2]))`` uses all of them.
-
-    A plain tuple or list is taken as *one* batch (``(inputs, targets)`` is a tuple too). A
-    :class:`~torch.utils.data.DataLoader` or any iterator is taken as several batches without marking.
-    """
-
-    __slots__ = ()
-
-
-def as_batches(data: Any) -> list[Any]:
-    """Return the list of batches that ``data`` stands for (see :class:`Batches`)."""
-    if isinstance(data, Batches | DataLoader | collections.abc.Iterator):
-        batches = list(data)
-        if not batches:
-            raise ValueError("data holds no batches: pass at least one batch.")
-        return batches
-    return [data]
-
-
-def _is_dataclass_instance(data: Any) -> bool:
-    return dataclasses.is_dataclass(data) and not isinstance(data, type)
-
-
-def find_tensors(data: Any) -> Iterator[Tensor]:
-    r"""The tensors of a batch, in order: inside tuples, lists, ``Mapping``\ s and dataclasses, recursively.
-
-    Tensors held by other objects are not found (and so are neither moved, cast nor split).
-    """
-    if isinstance(data, Tensor):
-        yield data
-    elif isinstance(data, collections.abc.Mapping):
-        for value in data.values():
-            yield from find_tensors(value)
-    elif _is_dataclass_instance(data):
-        for field in dataclasses.fields(data):
-            yield from find_tensors(getattr(data, field.name))
-    elif isinstance(data, list | tuple):
-        for value in data:
-            yield from find_tensors(value)
-
-
-def map_tensors(data: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    r"""A copy of a batch with ``fn`` applied to every tensor :func:`find_tensors` finds.
-
-    The containers are rebuilt (the user's batch is never modified): dicts, ``defaultdict``, ``UserDict``
-    subclasses (Hugging Face's ``BatchEncoding``; their other attributes are kept), other ``Mapping``\ s
-    built from a dict, named tuples, tuples, lists, and dataclasses (frozen ones too; a shallow copy whose
-    fields are replaced). Other objects are returned as they are.
-
-    Raises:
-        TypeError: when a container cannot be rebuilt, with what to do.
-    """
-    if isinstance(data, Tensor):
-        return fn(data)
-    if isinstance(data, collections.abc.Mapping):
-        items = {key: map_tensors(value, fn) for key, value in data.items()}
-        if type(data) is dict:
-            return items
-        if isinstance(data, collections.defaultdict):
-            return type(data)(data.default_factory, items)
-        if isinstance(data, collections.UserDict):
-            out = copy.copy(data)  # UserDict.__copy__ copies its .data: the original is not touched
-            out.data = items
-            return out
-        try:
-            return type(data)(items)
-        except Exception as error:
-            raise TypeError(
-                f"Cannot rebuild the batch's {type(data).__name__} with its tensors moved ({error}). Make "
-                f"{type(data).__name__}(dict) work, pass a dict instead, or put the batch on the model's "
-                "device and dtype yourself before calling analyze (then it is passed through unchanged)."
-            ) from error
-    if _is_dataclass_instance(data):
-        out = copy.copy(data)
-        for field in dataclasses.fields(data):
-            object.__setattr__(out, field.name, map_tensors(getattr(data, field.name), fn))
-        return out
-    if isinstance(data, tuple) and hasattr(data, "_fields"):  # a named tuple
-        return type(data)(*(map_tensors(value, fn) for value in data))
-    if isinstance(data, list | tuple):
-        items = [map_tensors(value, fn) for value in data]
-        return items if type(data) is list else tuple(items) if type(data) is tuple else type(data)(items)
-    return data
-
-
-def batch_size(batch: Any) -> int:
-    """Size of a batch: the leading dimension of its first tensor (1 if it holds no tensor with a dim).
-
-    "First" is in the order of :func:`find_tensors`: put a batch-first tensor (the inputs) first, not a
-    mask shared by all samples. It weights the batch in the mean loss over several batches, and is the
-    dimension ``chunk_size`` splits.
-    """
-    return next((t.shape[0] for t in find_tensors(batch) if t.ndim > 0), 1)
-
-
-def split_batch(batch: Any, chunk_size: int | None) -> list[tuple[Any, int]]:
-    """Split a batch along its first dimension into chunks of at most ``chunk_size`` samples.
-
-    Args:
-        batch: one batch; every tensor with a dimension must have the batch size first.
-        chunk_size: the largest chunk; ``None`` keeps the batch whole.
-
-    Returns:
-        ``(chunk, size)`` pairs; 0-dimensional tensors go whole into every chunk.
-
-    Raises:
-        ValueError: when a tensor's first dimension is not the batch size (the chunks would not be the
-            batch's samples).
-    """
-    n = batch_size(batch)
-    if chunk_size is None or n <= chunk_size:
-        return [(batch, n)]
-    shapes = [tuple(t.shape) for t in find_tensors(batch)]
-    if any(shape and shape[0] != n for shape in shapes):
+def _check_arguments(blocks: Sequence[Block], curvature: str, batching: str, chunk_size: int | None) -> None:
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
         raise ValueError(
-            f"chunk_size={chunk_size} splits each batch along its first dimension (the batch size, {n}: "
-            f"the first dimension of its first tensor), but the batch's tensors have shapes {shapes}. Give "
-            "every tensor the batch size first (e.g. targets of shape (batch, seq) rather than flattened, "
-            "masks shared by all samples built inside the model), or pass chunk_size=None."
+            f"chunk_size must be a positive int (samples per chunk) or None, got {chunk_size!r}."
         )
-    chunks = []
-    for start in range(0, n, chunk_size):
-        chunk = map_tensors(batch, lambda t, s=start: t[s : s + chunk_size] if t.ndim else t)
-        chunks.append((chunk, min(chunk_size, n - start)))
-    return chunks
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    if batching not in BATCHING:
+        raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
+    if not blocks:
+        raise ValueError("No parameter blocks to analyse: the model has no trainable parameters selected.")
 
 
-_DEVICE_ERRORS = re.compile(
-    r"same device|expected device|device type|on the expected device|must be on|on a different device", re.I
-)
-_DTYPE_ERRORS = re.compile(r"same dtype|expected scalar type|expected .*dtype|found dtype", re.I)
-# Convolutions say "Input type (torch.FloatTensor) and weight type (torch.cuda.FloatTensor)": either one.
-_EITHER_ERRORS = re.compile(r"Input type .* and (weight|bias) type", re.I)
-_REENTRANT_ERROR = "Checkpointing is not compatible with .grad()"
-
-
-class _Graph:
-    """Retained graphs that products are computed on: all batches at once, or one chunk.
-
-    ``grads``: the weighted gradient per needed parameter (with its graph); with the Gauss-Newton graphs,
-    ``outputs`` / ``output_grads`` per batch and ``dummies`` / ``jtu`` for :math:`J v` products.
-    """
-
-    __slots__ = ("dummies", "grads", "jtu", "output_grads", "outputs")
-
-    def __init__(self, grads: dict[str, Tensor]) -> None:
-        self.grads = grads
-        self.outputs: list[Tensor] = []
-        self.output_grads: list[Tensor] = []
-        self.dummies: list[Tensor] = []
-        self.jtu: dict[str, Tensor] = {}
-
-    def prepare_jacobian(self, names: Sequence[str], leaves: Sequence[Tensor]) -> None:
-        """``J^T u`` for a dummy ``u``: linear in ``u``, so one graph serves every ``J v``."""
-        self.dummies = [torch.zeros_like(o, requires_grad=True) for o in self.outputs]
-        self.jtu = dict(zip(names, _grad(self.outputs, leaves, self.dummies, create_graph=True)))
-
-
-def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
-class _LossCall(nn.Module):
-    """Calls ``loss_fn(model, batch)``; a module so that ``functional_call`` can swap the model's tensors."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> Any:
-        return self.loss_fn(self.model, batch)
-
-
-def _check_loss(value: Any, index: int, need_output: bool) -> tuple[Tensor, Tensor | None]:
-    """Validate what ``loss_fn`` returned and split it into ``(loss, output)``."""
-    output = None
-    if isinstance(value, tuple | list) and len(value) == 2:
-        value, output = value
-    elif need_output:
-        raise TypeError(
-            "The Gauss-Newton / functional split needs the model output: make loss_fn return "
-            "(loss, output), where output is the tensor the loss is computed from (e.g. the logits)."
-        )
-    if not isinstance(value, Tensor):
-        raise TypeError(
-            f"loss_fn must return a scalar tensor (or a pair (loss, output)); got {type(value).__name__}."
-        )
-    if value.numel() != 1:
-        raise ValueError(
-            f"loss_fn returned a tensor of shape {tuple(value.shape)} on batch {index}; the curvature is "
-            "defined for a scalar loss: reduce it (e.g. .mean()) inside loss_fn."
-        )
-    if not torch.isfinite(value).all():
-        raise NonFiniteLossError(
-            f"loss_fn returned {value.item()} on batch {index}; the curvature of a non-finite loss is "
-            "undefined. Check the batch and the model, or analyse another batch."
-        )
-    if not value.requires_grad:
-        raise ValueError(
-            "The loss does not depend on the parameters being analysed (it has no grad_fn). Make sure "
-            "loss_fn computes the loss from model(...) without .detach(), torch.no_grad() or .item(), and "
-            "that the analysed parameters are trainable."
-        )
-    if need_output and (not isinstance(output, Tensor) or not output.requires_grad):
-        raise TypeError(
-            "The second element returned by loss_fn must be the model output tensor the loss is computed "
-            "from (with a grad_fn)."
-        )
-    return value.reshape(()), output
-
-
-def _grad(
-    outputs: Sequence[Tensor],
-    inputs: Sequence[Tensor],
-    grad_outputs: Sequence[Tensor] | None = None,
-    *,
-    create_graph: bool = False,
-    batched: bool = False,
-) -> list[Tensor]:
-    """``torch.autograd.grad`` that keeps graphs alive and gives zeros where an output has no graph."""
-    pairs = [
-        (o, g)
-        for o, g in zip(outputs, grad_outputs if grad_outputs is not None else [None] * len(outputs))
-        if o.requires_grad
-    ]
-    shape_of = (lambda t: (grad_outputs[0].shape[0], *t.shape)) if batched else (lambda t: t.shape)
-    if not pairs:
-        return [torch.zeros(shape_of(x), dtype=x.dtype, device=x.device) for x in inputs]
-    outs, gouts = zip(*pairs)
-    grads = torch.autograd.grad(
-        outs,
-        inputs,
-        grad_outputs=None if grad_outputs is None else gouts,
-        retain_graph=True,
-        create_graph=create_graph,
-        allow_unused=True,
-        materialize_grads=True,
-        is_grads_batched=batched,
-    )
-    if batched:
-        # Inputs the outputs do not reach come back as unbatched zeros: give them the batch dimension.
-        grads = tuple(
-            g if g.shape == shape_of(x) else g.new_zeros(shape_of(x)) for g, x in zip(grads, inputs)
-        )
-    return list(grads)
-
-
-class PreconditionedOperator:
-    r"""The symmetric :math:`P^{-1/2} A P^{-1/2}` of a block operator :math:`A` and a diagonal :math:`P > 0`.
-
-    Its eigenvalues are those of :math:`P^{-1} A` (the two are similar), so Lanczos on it gives the
-    preconditioned sharpness :math:`\lambda_{\max}(P^{-1} H)` of adaptive optimisers (Cohen et al.,
-    "Adaptive Gradient Methods at the Edge of Stability", arXiv:2207.14484).
-
-    Args:
-        op: the operator (e.g. a :class:`CurvatureOperator`).
-        diagonals: per block, the diagonal of :math:`P` as a block vector, or ``None`` to leave the block
-            out (it must then never be asked for).
-    """
-
-    def __init__(self, op: Any, diagonals: Sequence[Tensor | None]) -> None:
-        if len(diagonals) != len(op.sizes):
-            raise ValueError(f"Expected {len(op.sizes)} diagonals (one per block), got {len(diagonals)}.")
-        self.op, self.sizes, self.dtype, self.device = op, op.sizes, op.dtype, op.device
-        self._scales = []
-        for size, d in zip(op.sizes, diagonals):
-            if d is not None:
-                if d.shape != (size,) or not bool((d > 0).all()):
-                    raise ValueError(f"A preconditioner diagonal must be positive, of shape ({size},).")
-                d = d.to(device=op.device, dtype=op.dtype).rsqrt().unsqueeze(1)
-            self._scales.append(d)
-
-    def matmat(self, vectors: Sequence[Tensor | None]) -> list[Tensor | None]:
-        """``P_b^{-1/2} A_b P_b^{-1/2} vectors[b]`` for every block (see :class:`BlockOperator`)."""
-        scaled = [None if v is None else s * v.reshape(len(s), -1) for v, s in zip(vectors, self._scales)]
-        return [None if r is None else s * r for r, s in zip(self.op.matmat(scaled), self._scales)]
+def _needed_parameters(model: nn.Module, blocks: Sequence[Block]) -> list[str]:
+    """The names of the parameters the blocks touch, checked: trainable, on one device, blocks disjoint."""
+    params = dict(model.named_parameters())
+    needed = list(dict.fromkeys(name for block in blocks for name in block.params))
+    for name in needed:
+        if name not in params:
+            raise ValueError(f"Block parameter {name!r} is not a parameter of the model.")
+        if not params[name].requires_grad:
+            raise ValueError(f"Block parameter {name!r} is frozen (requires_grad=False).")
+    check_blocks(blocks, model)
+    devices = {params[name].device for name in needed}
+    if len(devices) > 1:
+        raise ValueError(f"The analysed parameters live on several devices {devices}; move them to one.")
+    return needed
 
 
 class CurvatureOperator:
@@ -434,111 +158,99 @@ class CurvatureOperator:
         chunk_size: int | None = None,
         products: str = "exact",
     ) -> None:
-        from lightning_hessian.products import check_products, resolve_products
-
         self.products, self.products_reason = resolve_products(products, model)
         check_products(self.products, curvature, split, self.products_reason)
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ValueError(
-                f"chunk_size must be a positive int (samples per chunk) or None, got {chunk_size!r}."
-            )
-        if curvature not in CURVATURES:
-            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
-        if batching not in BATCHING:
-            raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
-        if not blocks:
-            raise ValueError(
-                "No parameter blocks to analyse: the model has no trainable parameters selected."
-            )
+        _check_arguments(blocks, curvature, batching, chunk_size)
         self.blocks = tuple(blocks)
-        self.curvature = curvature
-        self.batching = batching
+        self.curvature, self.batching, self.chunk_size = curvature, batching, chunk_size
         self._vmap_failed = False
         self.sizes = tuple(block.numel for block in self.blocks)
         self.block_matvecs = [0] * len(self.blocks)
         self.block_seconds = [0.0] * len(self.blocks)
 
+        self._needed = _needed_parameters(model, self.blocks)
         params = dict(model.named_parameters())
-        needed = list(dict.fromkeys(name for block in self.blocks for name in block.params))
-        for name in needed:
-            if name not in params:
-                raise ValueError(f"Block parameter {name!r} is not a parameter of the model.")
-            if not params[name].requires_grad:
-                raise ValueError(f"Block parameter {name!r} is frozen (requires_grad=False).")
-        check_blocks(self.blocks, model)
-        devices = {params[name].device for name in needed}
-        if len(devices) > 1:
-            raise ValueError(f"The analysed parameters live on several devices {devices}; move them to one.")
-        self.device = devices.pop()
-        self.dtype = dtype if dtype is not None else params[needed[0]].dtype
+        self.device = params[self._needed[0]].device
+        self.dtype = dtype if dtype is not None else params[self._needed[0]].dtype
         if self.products == "finite_difference":
-            from lightning_hessian.finite_difference import check_dtype
+            finite_difference.check_dtype(self.dtype)
+        self._copy_tensors(model, cast=dtype is not None)
+        self._reduce, self._split = reduce, split
+        self._call = LossCall(model, loss_fn)
+        self._first_pass(data, need_output=split or curvature != "hessian")
 
-            check_dtype(self.dtype)
+    def _copy_tensors(self, model: nn.Module, cast: bool) -> None:
+        """Our own leaves: autograd only ever touches these copies, never the model's tensors.
+
+        Copies, not views, because a forward may write to its weights in place (``nn.Embedding(max_norm=)``).
+        Every trainable copy requires grad (not only the analysed ones), so that a loss without a graph
+        means a broken ``loss_fn`` rather than blocks the loss happens not to use.
+        """
 
         def detached(t: Tensor) -> Tensor:
             t = t.detach()
-            return t.to(self.dtype) if dtype is not None and t.is_floating_point() else t
+            return t.to(self.dtype) if cast and t.is_floating_point() else t
 
-        # Our own leaves: autograd only ever touches these copies, never the model's tensors. They are copies
-        # (not views) because a forward may write to its weights in place (nn.Embedding(max_norm=...)).
-        # Every trainable copy requires grad (not only the analysed ones), so that a loss without a graph
-        # means a broken loss_fn rather than blocks the loss happens not to use.
         self._leaves = {
-            name: detached(p).clone().requires_grad_(p.requires_grad) for name, p in params.items()
+            name: detached(p).clone().requires_grad_(p.requires_grad) for name, p in model.named_parameters()
         }
-        tensors = {f"model.{name}": t for name, t in self._leaves.items()}
-        tensors.update({f"model.{name}": detached(b).clone() for name, b in model.named_buffers()})
-        self._shapes = {name: self._leaves[name].shape for name in needed}
+        self._tensors = {f"model.{name}": t for name, t in self._leaves.items()}
+        self._tensors.update({f"model.{name}": detached(b).clone() for name, b in model.named_buffers()})
+        self._shapes = {name: self._leaves[name].shape for name in self._needed}
+        self._leaf_list = [self._leaves[name] for name in self._needed]
 
-        self._reduce = reduce
-        self._split = split
-        need_output = split or curvature != "hessian"
-        self._call = _LossCall(model, loss_fn)
-        self._tensors = tensors
-        self._needed = needed
-        self._leaf_list = [self._leaves[name] for name in needed]
-        self.chunk_size = chunk_size
-        leaves = self._leaf_list
-        grads = [torch.zeros_like(leaf) for leaf in leaves]
-        graph_outputs: list[Tensor] = []
+    def _first_pass(self, data: Any, need_output: bool) -> None:
+        """Run every batch once: the loss, the gradient and, unless graphs are rebuilt per product, the graph.
+
+        With ``chunk_size`` or finite differences, the (moved) chunks, their sizes and the random state before
+        their first forward are kept instead, so that every rebuild (every perturbed forward) draws the same
+        dropout masks (``mode="train"``). With ``reduce``, an error on one process is raised on all of them
+        after one collective, so no process waits forever.
+        """
+        self._chunks: list[tuple[Any, int, DeviceRngState | None]] = []
+        keep_graph = self.chunk_size is None and self.products == "exact"
+        # Graphs of sum_i n_i loss_i (n_i the batch sizes), divided by the total size N once N is known
+        # across processes.
+        grads = [torch.zeros_like(leaf) for leaf in self._leaf_list]
+        outputs: list[Tensor] = []
         output_grads: list[Tensor] = []
-        # With chunk_size or finite differences: the (moved) chunks, their sizes and the random state before
-        # their first forward, so that every rebuild of a chunk's graph (every perturbed forward) draws the
-        # same dropout masks (mode="train").
-        self._chunks: list[tuple[Any, int, tuple[Tensor, Tensor | None]]] = []
-        keep_graph = chunk_size is None and self.products == "exact"
-        # Graphs of sum_i n_i loss_i (n_i the batch sizes), divided by the total size N below: once N is known
-        # across processes, when a reduce is given.
         local_size, local_loss, error = 0, 0.0, None
         try:
             for index, batch in enumerate(as_batches(data)):
-                for chunk, n in split_batch(batch, chunk_size):
-                    chunk = self._move(chunk)
-                    state = _rng_state(self.device) if not keep_graph else None
+                for chunk, n in split_batch(batch, self.chunk_size):
+                    chunk = move_batch(chunk, self.device, self.dtype)
+                    state = None if keep_graph else device_rng_state(self.device)
                     loss, output = self._forward(chunk, index, need_output, check=True)
                     local_size, local_loss = local_size + n, local_loss + n * loss.item()
                     if not keep_graph:  # the gradient only: no graph is kept
                         self._chunks.append((chunk, n, state))
-                        step = _grad([n * loss], leaves)
-                        grads = [total + g for total, g in zip(grads, step)]
+                        grads = [t + g for t, g in zip(grads, grad([n * loss], self._leaf_list))]
                         continue
-                    step = _grad([n * loss], leaves, create_graph=True)
-                    grads = [total + g for total, g in zip(grads, step)]
+                    step = grad([n * loss], self._leaf_list, create_graph=True)
+                    grads = [t + g for t, g in zip(grads, step)]
                     if need_output:
-                        graph_outputs.append(output)
-                        output_grads.append(_grad([n * loss], [output], create_graph=True)[0])
+                        outputs.append(output)
+                        output_grads.append(grad([n * loss], [output], create_graph=True)[0])
         except Exception as exc:
-            if reduce is None:
+            if self._reduce is None:
                 raise
-            error = exc  # raised after the collective below, so no other process waits forever
+            error = exc  # raised after the collective below
+        self._size, loss_sum = self._agree(error, local_size, local_loss)
+        self.loss = loss_sum / self._size
+        self._grads = {name: g / self._size for name, g in zip(self._needed, grads)}
+        self._graph: Graph | None = None
+        if keep_graph:
+            self._graph = Graph(self._grads)
+            if need_output:
+                self._graph.outputs = outputs
+                self._graph.output_grads = [g / self._size for g in output_grads]
+                self._graph.prepare_jacobian(self._needed, self._leaf_list)
+
+    def _agree(self, error: Exception | None, size: int, loss: float) -> tuple[int, float]:
+        """Sum the batch sizes and losses over processes, with failure flags; raise what failed anywhere."""
         non_finite = isinstance(error, NonFiniteLossError)
-        totals = torch.tensor(
-            [float(error is not None), float(non_finite), local_size, local_loss], dtype=torch.float64
-        )
-        failed, failed_non_finite, size, loss_sum = self._sum(totals.to(self.device)).tolist()
+        totals = torch.tensor([float(error is not None), float(non_finite), size, loss], dtype=torch.float64)
+        failed, failed_non_finite, size_sum, loss_sum = self._sum(totals.to(self.device)).tolist()
         if error is not None:
             raise error
         if failed_non_finite:  # the same kind of failure everywhere: the model diverged, not the pass
@@ -549,16 +261,7 @@ class CurvatureOperator:
             raise PassFailedElsewhere(
                 "The curvature pass failed on another process (see its error); skipped here too."
             )
-        self._size = size
-        self.loss = loss_sum / size
-        self._grads = {name: g / size for name, g in zip(needed, grads)}
-        self._graph: _Graph | None = None
-        if keep_graph:
-            self._graph = _Graph(self._grads)
-            if need_output:
-                self._graph.outputs = graph_outputs
-                self._graph.output_grads = [g / size for g in output_grads]
-                self._graph.prepare_jacobian(needed, leaves)
+        return size_sum, loss_sum
 
     def _forward(
         self,
@@ -569,89 +272,25 @@ class CurvatureOperator:
         tensors: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, Any]:
         """``loss_fn`` on one (moved) batch via the detached tensors (or ``tensors``), with clear errors."""
-        try:
-            value = functional_call(self._call, self._tensors if tensors is None else tensors, (batch,))
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as error:
-            message = str(error)
-            if _REENTRANT_ERROR in message:
-                from lightning_hessian._context import REENTRANT_MESSAGE, ReentrantCheckpointError
+        tensors = self._tensors if tensors is None else tensors
+        value = call_loss(self._call, tensors, batch, index, self.device, self.dtype)
+        return check_loss(value, index, need_output) if check else split_loss(value)
 
-                raise ReentrantCheckpointError(REENTRANT_MESSAGE) from error
-            if _EITHER_ERRORS.search(message):
-                kind = "device or dtype"
-            elif _DEVICE_ERRORS.search(message):
-                kind = "device"
-            elif _DTYPE_ERRORS.search(message):
-                kind = "dtype"
-            else:
-                raise
-            raise RuntimeError(
-                f"loss_fn failed on batch {index} with a {kind} mismatch: {message.strip()} The curvature "
-                f"is computed on {self.device} in {self.dtype}: the batch's tensors are moved there (and "
-                "floating ones cast) when they sit in tuples, lists, dicts, other Mappings or dataclasses, "
-                "but tensors held by other objects are passed as they are. Pass the batch in such a "
-                "container, or move and cast it inside loss_fn (e.g. x.to(next(model.parameters()))); "
-                "tensors created inside the model should follow its inputs (torch.zeros(..., "
-                "device=x.device, dtype=x.dtype))."
-            ) from error
-        if check:
-            return _check_loss(value, index, need_output)
-        if isinstance(value, tuple | list) and len(value) == 2:
-            return value[0].reshape(()), value[1]
-        return value.reshape(()), None
-
-    def _build(self, chunk: Any, size: int, state: tuple[Tensor, Tensor | None]) -> _Graph:
+    def _build(self, chunk: Any, size: int, state: DeviceRngState) -> Graph:
         """One chunk's graph, weighted by its share ``size / N`` of the mean loss (``chunk_size`` mode)."""
-        _set_rng_state(state, self.device)
+        set_device_rng_state(state, self.device)
         need_output = self.curvature != "hessian"
         loss, output = self._forward(chunk, 0, need_output)
         weighted = loss * (size / self._size)
-        graph = _Graph(dict(zip(self._needed, _grad([weighted], self._leaf_list, create_graph=True))))
+        graph = Graph(dict(zip(self._needed, grad([weighted], self._leaf_list, create_graph=True))))
         if need_output:
             graph.outputs = [output]
-            graph.output_grads = [_grad([weighted], [output], create_graph=True)[0]]
+            graph.output_grads = [grad([weighted], [output], create_graph=True)[0]]
             graph.prepare_jacobian(self._needed, self._leaf_list)
         return graph
 
     def _sum(self, tensor: Tensor) -> Tensor:
         return tensor if self._reduce is None else self._reduce(tensor)
-
-    def _move(self, batch: Any) -> Any:
-        """The batch with its tensors on the operator's device and floating ones in its dtype.
-
-        A batch already there is returned as it is (not rebuilt), so any object works then.
-        """
-
-        def target(t: Tensor) -> tuple[torch.device, torch.dtype]:
-            return self.device, self.dtype if t.is_floating_point() else t.dtype
-
-        if all((t.device, t.dtype) == target(t) for t in find_tensors(batch)):
-            return batch
-        return map_tensors(batch, lambda t: t.to(*target(t)))
-
-    # --- block vectors <-> parameter-shaped tensors -----------------------------------------------------
-
-    def _scatter(self, block: Block, columns: Tensor) -> dict[str, Tensor]:
-        """(numel, m) block vectors -> per parameter (m, *shape) tensors, zero outside the block."""
-        m = columns.shape[1]
-        out: dict[str, Tensor] = {}
-        offset = 0
-        for part in block.parts:
-            shape = self._shapes[part.param]
-            target = out.setdefault(part.param, columns.new_zeros((m, *shape)))
-            piece_shape = part.select(target, leading=1).shape
-            n = piece_shape[1:].numel()
-            part.assign(target, columns[offset : offset + n].T.reshape(piece_shape), leading=1)
-            offset += n
-        return out
-
-    @staticmethod
-    def _gather(block: Block, tensors: dict[str, Tensor]) -> Tensor:
-        """Inverse of :meth:`_scatter`: per parameter (m, *shape) tensors -> (numel, m) block vectors."""
-        pieces = [part.select(tensors[part.param], leading=1) for part in block.parts]
-        return torch.cat([p.reshape(p.shape[0], -1) for p in pieces], dim=1).T
 
     # --- products ---------------------------------------------------------------------------------------
 
@@ -662,15 +301,15 @@ class CurvatureOperator:
         on_gpu = self.device.type == "cuda" and self.chunk_size is None
         return columns > 1 and on_gpu and not self._vmap_failed
 
-    def _hessian(self, graph: _Graph, block: Block, columns: Tensor) -> Tensor:
+    def _hessian(self, graph: Graph, block: Block, columns: Tensor) -> Tensor:
         names = block.params
         leaves = [self._leaves[n] for n in names]
         grads = [graph.grads[n] for n in names]
-        vectors = self._scatter(block, columns)
+        vectors = block.scatter(columns, self._shapes)
         if self._vmap(columns.shape[1]):
             try:
-                result = _grad(grads, leaves, [vectors[n] for n in names], batched=True)
-                return self._gather(block, dict(zip(names, result)))
+                result = grad(grads, leaves, [vectors[n] for n in names], batched=True)
+                return block.columns(dict(zip(names, result)))
             except RuntimeError:  # out of memory (m graphs at once) or an op without a batching rule
                 if self.batching != "auto":
                     raise
@@ -678,22 +317,22 @@ class CurvatureOperator:
         products = []
         for j in range(columns.shape[1]):
             # The vector enters as the backward's grad_outputs: no extra products or sums in the graph.
-            result = _grad(grads, leaves, [vectors[n][j] for n in names])
-            products.append(self._gather(block, {n: r.unsqueeze(0) for n, r in zip(names, result)}))
+            result = grad(grads, leaves, [vectors[n][j] for n in names])
+            products.append(block.columns({n: r.unsqueeze(0) for n, r in zip(names, result)}))
         return torch.cat(products, dim=1)
 
-    def _gauss_newton(self, graph: _Graph, block: Block, columns: Tensor) -> Tensor:
+    def _gauss_newton(self, graph: Graph, block: Block, columns: Tensor) -> Tensor:
         names = block.params
         leaves = [self._leaves[n] for n in names]
-        vectors = self._scatter(block, columns)
+        vectors = block.scatter(columns, self._shapes)
         products = []
         for j in range(columns.shape[1]):
             dot = sum((graph.jtu[n] * vectors[n][j]).sum() for n in names)
-            jv = _grad([dot], graph.dummies)
+            jv = grad([dot], graph.dummies)
             curvature = sum((g * u).sum() for g, u in zip(graph.output_grads, jv))
-            hjv = _grad([curvature], graph.outputs)
-            result = _grad(graph.outputs, leaves, hjv)
-            products.append(self._gather(block, {n: r.unsqueeze(0) for n, r in zip(names, result)}))
+            hjv = grad([curvature], graph.outputs)
+            result = grad(graph.outputs, leaves, hjv)
+            products.append(block.columns({n: r.unsqueeze(0) for n, r in zip(names, result)}))
         return torch.cat(products, dim=1)
 
     @property
@@ -713,7 +352,7 @@ class CurvatureOperator:
         other.block_seconds = [0.0] * len(self.blocks)
         return other
 
-    def _product(self, graph: _Graph, block: Block, columns: Tensor) -> Tensor:
+    def _product(self, graph: Graph, block: Block, columns: Tensor) -> Tensor:
         if self.curvature == "hessian":
             return self._hessian(graph, block, columns)
         if self.curvature == "gauss_newton":
@@ -733,48 +372,46 @@ class CurvatureOperator:
                 columns = columns.unsqueeze(1) if columns.ndim == 1 else columns
                 jobs.append((index, block, columns.to(device=self.device, dtype=self.dtype)))
         results: list[Tensor | None] = [None] * len(self.blocks)
+        failure: Exception | None = None
         try:
             self._products(jobs, results)
         except Exception as error:
             if self._reduce is None or not jobs:
                 raise
-            # Every process must make the same collective call: send zeros and a failure flag instead.
-            failure: Exception | None = error
-            for index, _, columns in jobs:
-                results[index] = torch.zeros(
-                    (self.sizes[index], columns.shape[1]), dtype=self.dtype, device=self.device
-                )
-        else:
-            failure = None
+            failure = error
+            for index, _, columns in jobs:  # the same collective call everywhere: zeros and a flag
+                results[index] = columns.new_zeros((self.sizes[index], columns.shape[1]))
         for index, _, columns in jobs:
             self.block_matvecs[index] += columns.shape[1]
         if self._reduce is not None:
-            # One collective for all blocks' products of this call, with a flag: did it fail anywhere?
-            present = [r for r in results if r is not None]
-            if present:
-                flag = torch.full((1,), float(failure is not None), dtype=self.dtype, device=self.device)
-                summed = self._reduce(torch.cat([*(r.reshape(-1) for r in present), flag]))
-                if failure is not None:
-                    raise failure
-                if summed[-1] > 0:
-                    raise PassFailedElsewhere(
-                        "The curvature pass failed on another process in the middle of its products (see "
-                        "its error); abandoned here too."
-                    )
-                pieces = iter(summed[:-1].split([r.numel() for r in present]))
-                results = [None if r is None else next(pieces).view_as(r) for r in results]
+            results = self._reduce_products(results, failure)
         if self.products == "finite_difference":
-            from lightning_hessian.finite_difference import check_finite
-
-            check_finite(results)  # after the sum: every process raises together
+            finite_difference.check_finite(results)  # after the sum: every process raises together
         return results
+
+    def _reduce_products(
+        self, results: list[Tensor | None], failure: Exception | None
+    ) -> list[Tensor | None]:
+        """One collective for all blocks' products of a call, with a flag: did it fail anywhere?"""
+        present = [r for r in results if r is not None]
+        if not present:
+            return results
+        flag = torch.full((1,), float(failure is not None), dtype=self.dtype, device=self.device)
+        summed = self._sum(torch.cat([*(r.reshape(-1) for r in present), flag]))
+        if failure is not None:
+            raise failure
+        if summed[-1] > 0:
+            raise PassFailedElsewhere(
+                "The curvature pass failed on another process in the middle of its products (see its error); "
+                "abandoned here too."
+            )
+        pieces = iter(summed[:-1].split([r.numel() for r in present]))
+        return [None if r is None else next(pieces).view_as(r) for r in results]
 
     def _products(self, jobs: list[tuple[int, Block, Tensor]], results: list[Tensor | None]) -> None:
         """The local products of :meth:`matmat`, written into ``results``."""
         with torch.enable_grad():
             if self.products == "finite_difference":
-                from lightning_hessian import finite_difference
-
                 results[:] = finite_difference.matmat(self, jobs)
             elif self._graph is not None:
                 for index, block, columns in jobs:
@@ -797,6 +434,4 @@ class CurvatureOperator:
 
     def gradient(self, index: int) -> Tensor:
         """The gradient of the loss restricted to block ``index`` (detached), as a block vector."""
-        block = self.blocks[index]
-        local = self._gather(block, {n: self._grads[n].detach().unsqueeze(0) for n in block.params})[:, 0]
-        return self._sum(local)
+        return self._sum(self.blocks[index].vector({n: g.detach() for n, g in self._grads.items()}))

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lightning_hessian._context import _MODES
+from lightning_hessian._context import MODES
 from lightning_hessian.blocks import Block, FusedLayout, _compile_rules
 
 __all__ = ["AnalysisSettings", "check_positive", "check_settings"]
@@ -92,8 +92,8 @@ def check_settings(
             f"dtype must be None (the parameters' dtype), torch.float32 or torch.float64; got {dtype!r} "
             "(pass the torch.dtype object, not a string; half precision has no reliable double backward)."
         )
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _MAX_SEED:
         raise ValueError(f"seed must be an int in [0, 2**63 - 2**16), e.g. 0; got {seed!r}.")
     if chunk_size is not None and (

@@ -30,17 +30,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_hessian._rng import device_rng_state, set_device_rng_state
+from lightning_hessian.batches import as_batches, batch_size
 from lightning_hessian.blocks import Block, check_blocks
+from lightning_hessian.errors import NonFiniteLossError
 from lightning_hessian.finite_difference import accumulation_dtype, check_finite, steps_for_scale
-from lightning_hessian.operators import (
-    LossFn,
-    NonFiniteLossError,
-    _check_loss,
-    _rng_state,
-    _set_rng_state,
-    as_batches,
-    batch_size,
-)
+from lightning_hessian.loss_calls import LossFn, check_loss
 
 __all__ = ["ShardedOperator", "is_sharded"]
 
@@ -119,7 +114,7 @@ class ShardedOperator:
         }
         self._batches = []
         for batch in as_batches(data):
-            self._batches.append((batch, batch_size(batch), _rng_state(self.device)))
+            self._batches.append((batch, batch_size(batch), device_rng_state(self.device)))
         local_size = sum(n for _, n, _ in self._batches)
         size = self._sum(torch.tensor(float(local_size), dtype=torch.float64, device=self.device)).item()
         self._size = size
@@ -156,10 +151,10 @@ class ShardedOperator:
                 p.grad = None
             losses = torch.zeros((), dtype=torch.float64, device=self.device)
             for index, (batch, n, state) in enumerate(self._batches):
-                _set_rng_state(state, self.device)
+                set_device_rng_state(state, self.device)
                 loss = self._loss_fn(self._model, batch)
                 if check:
-                    loss, _ = _check_loss(loss, index, need_output=False)
+                    loss, _ = check_loss(loss, index, need_output=False)
                 elif isinstance(loss, tuple | list):
                     loss = loss[0]
                 losses += n * loss.detach().double()

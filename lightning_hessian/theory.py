@@ -74,10 +74,10 @@ from torch import Tensor, nn
 from . import tags
 from ._context import curvature_context
 from .analysis import cached_blocks
+from .batches import as_batches, map_tensors
 from .blocks import Block, BlockPart, FusedLayout, _display, find_blocks
 from .formulas import attention as attn
 from .formulas.gauss_newton import gauss_newton_norms
-from .operators import as_batches, map_tensors
 from .report import CurvatureReport
 
 __all__ = ["AttentionLayer", "LayerTheory", "TheoryComparison", "compare_attention", "find_attention_layers"]

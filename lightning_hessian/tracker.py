@@ -46,10 +46,11 @@ from torch import Tensor, nn
 
 from lightning_hessian import tags
 from lightning_hessian.analysis import _select_blocks, analyze
+from lightning_hessian.batches import Batches, as_batches
 from lightning_hessian.blocks import Block
 from lightning_hessian.directional import directional_curvature
 from lightning_hessian.formulas.stability import sgd_threshold
-from lightning_hessian.operators import Batches, LossFn, as_batches
+from lightning_hessian.loss_calls import LossFn
 from lightning_hessian.optimizers import adam_preconditioners, learning_rate, stability_scalars
 from lightning_hessian.planner import BudgetPlanner
 from lightning_hessian.report import BlockCurvature, CurvatureReport

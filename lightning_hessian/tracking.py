@@ -58,11 +58,14 @@ from torch import Tensor, nn
 from lightning_hessian import tags
 from lightning_hessian._context import curvature_context
 from lightning_hessian.analysis import _Starts
+from lightning_hessian.batches import Batches, as_batches
 from lightning_hessian.blocks import Block, check_blocks, model_block
 from lightning_hessian.estimators import _random
 from lightning_hessian.estimators._lanczos_core import LanczosChains, run_lanczos
 from lightning_hessian.estimators.lanczos import _start_vector
-from lightning_hessian.operators import Batches, CurvatureOperator, LossFn, PreconditionedOperator, as_batches
+from lightning_hessian.loss_calls import LossFn
+from lightning_hessian.operators import CurvatureOperator
+from lightning_hessian.preconditioning import PreconditionedOperator, block_diagonal
 from lightning_hessian.products import check_products, resolve_products
 from lightning_hessian.settings import check_positive, check_settings
 from lightning_hessian.sharded import ShardedOperator, is_sharded
@@ -362,7 +365,7 @@ def track_model(
 
         p_top = p_residual = p_converged = p_vector = None
         if preconditioner is not None:
-            diagonal = whole.vector({n: preconditioner[n].detach() for n in shapes})
+            diagonal = block_diagonal(whole, preconditioner)
             scaled = PreconditionedOperator(op, [diagonal])
             p_warm = None if fresh or init.preconditioned_vector is None else init.preconditioned_vector
             budget = max_iter if p_warm is not None else cold_max_iter

@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lightning_hessian import tags
 from lightning_hessian.blocks import model_block
 from lightning_hessian.directional import DirectionalCurvature, directional_curvature
-from lightning_hessian.operators import NonFiniteLossError, PassFailedElsewhere
+from lightning_hessian.errors import NonFiniteLossError, PassFailedElsewhere
 
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -16,8 +16,8 @@ from torch import nn
 from lightning_hessian import CurvatureOperator, analyze, find_blocks
 from lightning_hessian._context import curvature_context
 from lightning_hessian.blocks import model_block
+from lightning_hessian.errors import NonFiniteLossError
 from lightning_hessian.finite_difference import NonFiniteProductError, step_sizes
-from lightning_hessian.operators import NonFiniteLossError
 
 SMOOTH = ["mha", "nanogpt", "gpt2", "llama"]  # GELU / SiLU: no kinks for the differences to straddle
 

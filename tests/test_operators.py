@@ -10,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_hessian import Batches, CurvatureOperator, find_blocks
 from lightning_hessian._context import curvature_context
-from lightning_hessian.operators import map_tensors
+from lightning_hessian.batches import map_tensors
 
 FAMILIES = ["encoder", "mha", "vit", "nanogpt", "gpt2", "bert", "llama"]
 
@@ -142,7 +142,7 @@ def test_auto_batching_falls_back_to_the_loop_when_vmap_fails(monkeypatch):
     batch = make_batch("encoder", dtype=torch.float64)
     blocks = find_blocks(model)[:2]
     columns = torch.randn(blocks[0].numel, 3, dtype=torch.float64)
-    real_grad = operators._grad
+    real_grad = operators.grad
 
     def failing_when_batched(*args, batched=False, **kwargs):
         if batched:
@@ -154,7 +154,7 @@ def test_auto_batching_falls_back_to_the_loop_when_vmap_fails(monkeypatch):
         forced = CurvatureOperator(model, loss_fn, batch, blocks, batching="vmap")
         loop = CurvatureOperator(model, loss_fn, batch, blocks, batching="loop")
         expected = loop._hessian(loop._graph, blocks[0], columns)
-        monkeypatch.setattr(operators, "_grad", failing_when_batched)
+        monkeypatch.setattr(operators, "grad", failing_when_batched)
         op.device = torch.device("cuda")  # as if on a GPU: "auto" tries vmap first
         assert op._vmap(3)
         got = op._hessian(op._graph, blocks[0], columns)

@@ -37,8 +37,9 @@ from lightning_hessian import (
     model_block,
     tags,
 )
-from lightning_hessian._context import ReentrantCheckpointError, curvature_context
+from lightning_hessian._context import curvature_context
 from lightning_hessian.callback import training_step_loss
+from lightning_hessian.errors import ReentrantCheckpointError
 
 # Deterministic cuBLAS for the CUDA test (must be set before CUDA starts; harmless elsewhere).
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -66,7 +67,7 @@ def assert_same_training(plain: L.Trainer, plain_module, watched: L.Trainer, wat
 
 def in_curvature_pass() -> bool:
     """Whether loss_fn is being called by the curvature operator (not by another hook of the callback)."""
-    return any(f.function == "forward" and f.filename.endswith("operators.py") for f in inspect.stack(0))
+    return any(f.function == "forward" and f.filename.endswith("loss_calls.py") for f in inspect.stack(0))
 
 
 def seeded(cls, *args):
