@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -13,127 +12,21 @@ import torch
 from torch import Tensor, nn
 
 from lightning_hessian._context import ReentrantCheckpointError, curvature_context
-from lightning_hessian.batches import Batches, as_batches, map_tensors
-from lightning_hessian.blocks import Block, FusedLayout, find_blocks, model_block
+from lightning_hessian.batches import Batches, as_batches
+from lightning_hessian.block_selection import select_blocks
+from lightning_hessian.blocks import Block, FusedLayout, model_block
 from lightning_hessian.errors import NonFiniteLossError
 from lightning_hessian.estimators import hutchpp, lanczos, slq
 from lightning_hessian.loss_calls import LossFn
-from lightning_hessian.operators import CURVATURES, CurvatureOperator
+from lightning_hessian.operators import CurvatureOperator
 from lightning_hessian.preconditioning import PreconditionedOperator, block_diagonal
 from lightning_hessian.products import check_products, resolve_products
 from lightning_hessian.report import BlockCurvature, CurvatureReport
-from lightning_hessian.settings import AnalysisSettings, check_positive
+from lightning_hessian.settings import AnalysisSettings
 from lightning_hessian.sharded import ShardedOperator, is_sharded
+from lightning_hessian.starts import StartVectors
 
 __all__ = ["analyze"]
-
-
-def _select_blocks(
-    model: nn.Module,
-    blocks: str | Sequence[Block | str] | None,
-    rules: Mapping[str, str | FusedLayout] | None,
-    loss_fn: LossFn,
-    example: Any,
-    reduce: Callable[[Tensor], Tensor] | None,
-) -> tuple[list[Block], str | None]:
-    """The blocks to analyse, and why the layouts could not be read off the attention (or ``None``)."""
-    if blocks is None:
-        return [], None
-    if isinstance(blocks, str) and blocks != "auto":
-        raise ValueError(f'blocks must be "auto", None, or a list of Blocks / block names; got {blocks!r}.')
-    problem = None
-    if isinstance(blocks, str) or not all(isinstance(item, Block) for item in blocks):
-        found, problem = cached_blocks(model, rules, loss_fn, example, reduce)
-        if isinstance(blocks, str):
-            return list(found), problem
-    selected = []
-    for item in blocks:
-        if isinstance(item, Block):
-            selected.append(item)
-            continue
-        known = {b.name: b for b in found}
-        if item not in known:
-            raise ValueError(f"No block named {item!r}. Known blocks: {', '.join(known)}.")
-        selected.append(known[item])
-    return selected, problem
-
-
-# find_blocks' answer per model, for repeated analyses (a monitor's passes): reading the layouts off the
-# attention costs a forward and a few backward passes. Keyed by what the answer depends on, and not by the
-# batch, so that every process of a distributed run hits or misses the cache together.
-_FOUND: weakref.WeakKeyDictionary[nn.Module, tuple[Any, list[Block]]] = weakref.WeakKeyDictionary()
-
-
-def cached_blocks(
-    model: nn.Module,
-    rules: Mapping[str, str | FusedLayout] | None,
-    loss_fn: LossFn,
-    example: Any,
-    reduce: Callable[[Tensor], Tensor] | None = None,
-) -> tuple[list[Block], str | None]:
-    """``find_blocks`` with the layouts read off ``loss_fn`` on one batch, cached per model.
-
-    The cache is keyed by the parameter names, shapes and trainability, the rules and the loss function,
-    so a monitor's passes infer the layouts once. If running ``loss_fn`` fails here, the blocks come from
-    the names alone (on every process, when ``reduce`` sums over processes), nothing is cached, and the
-    failure is returned: the curvature pass then runs ``loss_fn`` itself and reports its error with what to
-    do, or, if it succeeds, the caller warns that the layouts were not read.
-
-    Returns:
-        The blocks, and why the layouts could not be read off the attention (``None`` when they were).
-    """
-    key = (
-        tuple((name, p.shape, p.requires_grad) for name, p in model.named_parameters()),
-        None if rules is None else tuple((k, repr(v)) for k, v in rules.items()),
-        loss_fn,
-    )
-    cached = _FOUND.get(model)
-    if cached is not None and cached[0] == key:
-        return list(cached[1]), None
-    device = next((p.device for p in model.parameters()), None)
-    problem = None
-    try:
-        example = map_tensors(example, lambda t: t.to(device)) if device is not None else example
-        found = find_blocks(model, rules, example=example, loss_fn=loss_fn)
-    except Exception as error:
-        problem = f"{type(error).__name__}: {error}"
-    failed = problem is not None
-    if reduce is not None:
-        failed = bool(reduce(torch.tensor([float(failed)], device=device)).item())
-    if failed:
-        return find_blocks(model, rules), problem or "it failed on another process"
-    _FOUND[model] = key, found
-    return list(found), None
-
-
-_STARTS = ("gradient", "random")
-
-
-class _Starts:
-    """Lanczos start vectors per block, made when the block's turn comes (see ``analyze``'s ``start``).
-
-    A warm start is used as given. Otherwise, with ``start="gradient"``, ``g_b/||g_b|| + r_b/||r_b||``: the
-    block's gradient plus a random unit vector from one generator shared by the blocks in index order (the
-    blocks are visited in that order, so the draws do not depend on how they are grouped). Every process
-    calls ``op.gradient`` for the same blocks in the same order (it sums over processes).
-    """
-
-    def __init__(
-        self, op: CurvatureOperator, warm: list[Tensor | None] | None, start: str, seed: int
-    ) -> None:
-        self.op, self.warm, self.gradient = op, warm, start == "gradient"
-        # seed < 2**63 - 2**16 (check_settings): the offset stays in manual_seed's range
-        self.gen = torch.Generator().manual_seed(seed + 7919)  # apart from the estimators' own draws
-
-    def __call__(self, index: int) -> Tensor | None:
-        warm = None if self.warm is None else self.warm[index]
-        if warm is not None or not self.gradient:
-            return warm
-        g = self.op.gradient(index).to(device="cpu", dtype=torch.float64)
-        r = torch.randn(g.shape, generator=self.gen, dtype=torch.float64)
-        r = r / r.norm()
-        norm = g.norm()
-        return r if not torch.isfinite(norm) or norm == 0 else g / norm + r
 
 
 # analyze runs the estimators one block at a time, so that at most one block's Lanczos basis (Hutch++
@@ -204,13 +97,11 @@ def analyze(
     density_width: float = 0.02,
     dtype: torch.dtype | None = None,
     mode: str = "eval",
-    batching: str = "auto",
     seed: int = 0,
     init: CurvatureReport | Mapping[str, Tensor] | None = None,
     preconditioner: Mapping[str, Tensor] | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
     chunk_size: int | None = None,
-    start: str = "gradient",
     products: str = "exact",
     exact_unavailable: str | None = None,
 ) -> CurvatureReport:
@@ -219,7 +110,8 @@ def analyze(
     For every block :math:`b` the diagonal block :math:`H_{bb}` of the loss Hessian is probed with
     matrix-vector products on one retained gradient graph (see :mod:`lightning_hessian.operators`):
 
-    * top-``k`` and smallest eigenvalues by Lanczos with full reorthogonalisation, stopped when every
+    * top-``k`` and smallest eigenvalues by Lanczos with full reorthogonalisation, started from the block's
+      gradient plus an equal-norm random vector (:mod:`lightning_hessian.starts`), stopped when every
       requested Ritz pair has residual :math:`\|H_{bb} y - \theta y\| \le` ``tol`` :math:`\cdot |\theta|`,
       relative to each value itself (:math:`\mathrm{tol}^2 \max|\theta|` for a value within
       ``tol`` :math:`\cdot \max|\theta|` of 0: see :func:`~lightning_hessian.estimators.lanczos`); an
@@ -254,7 +146,6 @@ def analyze(
         density_width: Gaussian smoothing width relative to the block's spectral range.
         dtype: compute dtype, e.g. ``torch.float64``; ``None`` keeps the model's.
         mode: ``"eval"`` (default: dropout off, running statistics), ``"train"`` or ``"keep"``.
-        batching: ``"auto"``, ``"loop"`` or ``"vmap"`` (see :class:`~lightning_hessian.CurvatureOperator`).
         seed: seed of every random draw; equal seeds give identical reports.
         init: a previous report (or block name -> vectors) whose Ritz vectors start Lanczos: a warm start.
         preconditioner: a positive diagonal :math:`P` per parameter name (tensors shaped like the
@@ -271,13 +162,6 @@ def analyze(
             Without ``chunk_size`` the blocks are measured one after the other, so that only one block's
             Lanczos basis (``max_iter`` vectors of the block's size) is alive at a time; with it they run
             together, every call's graph build shared by all blocks (then every block's basis is alive).
-        start: the Lanczos start vector of a block without a warm start. ``"gradient"`` (default):
-            :math:`g_b/\|g_b\| + r_b/\|r_b\|`, the block's gradient (already computed with the graph)
-            plus an equal-norm random vector: training gradients lie mostly in the top Hessian eigenspace
-            (Gur-Ari, Roberts & Dyer, arXiv:1812.04754), and the random half keeps every eigenvector in the
-            Krylov space. Measured over eight benchmark and test models: about 10% fewer products for the
-            whole model and for all blocks (0-20% per model, none needing more), same accuracy.
-            ``"random"``: a random vector.
         products: ``"exact"`` (default): Hessian-vector products by double backward, with the math
             attention kernel and compiled code run eagerly. ``"finite_difference"``: central differences
             of gradients (:mod:`lightning_hessian.finite_difference`: step rule and error model), which
@@ -301,15 +185,7 @@ def analyze(
     Returns:
         A :class:`~lightning_hessian.CurvatureReport`; ``print(report.table())`` shows it.
     """
-    if curvature not in CURVATURES:
-        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
-    if start not in _STARTS:
-        raise ValueError(f"start must be one of {_STARTS}, got {start!r}.")
-    if preconditioner is not None and not full:
-        raise ValueError("preconditioner= gives the whole model's preconditioned sharpness: pass full=True.")
-    if split and curvature != "hessian":
-        raise ValueError('split=True decomposes the Hessian: use it with curvature="hessian".')
-    validated = AnalysisSettings(  # validates, with the messages HessianMonitor gives at construction
+    settings = AnalysisSettings(  # validates, with the messages HessianMonitor gives at construction
         blocks=blocks,
         rules=rules,
         full=full,
@@ -327,72 +203,29 @@ def analyze(
         mode=mode,
         seed=seed,
         chunk_size=chunk_size,
+        curvature=curvature,
+        density_width=density_width,
     )
-    check_positive(
-        "density_width",
-        float(density_width) if isinstance(density_width, int | float) else density_width,
-        float,
-    )
+    if preconditioner is not None and not full:
+        raise ValueError("preconditioner= gives the whole model's preconditioned sharpness: pass full=True.")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(
             "The model has no trainable parameters (every parameter has requires_grad=False), so there is "
             "no curvature to measure: set requires_grad_(True) on the parameters to analyse."
         )
-
     products, reason = resolve_products(products, model, exact_unavailable)
     check_products(products, curvature, split, reason)
     batches = as_batches(data)  # read once (a DataLoader or iterator): the blocks' example and the pass
-    selected, probe_problem = _select_blocks(model, blocks, rules, loss_fn, batches[0], reduce)
+    selected, probe_problem = select_blocks(model, blocks, rules, loss_fn, batches[0], reduce)
     if full:
         selected.append(model_block(model))
     if not selected:
         raise ValueError("Nothing to analyse: pass blocks='auto' (or a list of blocks) and/or full=True.")
-    if isinstance(init, CurvatureReport):
-        init = {b.name: b.ritz_vectors for b in init if b.ritz_vectors is not None}
-    starts = [None if init is None else init.get(b.name) for b in selected]
-    if all(s is None for s in starts):
-        starts = None
 
     results = [BlockCurvature(b.name, b.kind, b.layer, b.numel, products=products) for b in selected]
     began = time.perf_counter()
     with curvature_context(model, mode, exact=products == "exact"):
-        try:
-            if products == "finite_difference" and is_sharded(model):
-                op = ShardedOperator(
-                    model,
-                    loss_fn,
-                    Batches(batches),
-                    selected,
-                    reduce=reduce,
-                    dtype=dtype,
-                    chunk_size=chunk_size,
-                )
-            else:
-                op = CurvatureOperator(
-                    model,
-                    loss_fn,
-                    Batches(batches),
-                    selected,
-                    curvature=curvature,
-                    dtype=dtype,
-                    batching=batching,
-                    split=split,
-                    reduce=reduce,
-                    chunk_size=chunk_size,
-                    products=products,
-                )
-        except (NonFiniteLossError, ReentrantCheckpointError, torch.OutOfMemoryError):
-            raise
-        except Exception as error:
-            if not _looks_like_several_batches(data):
-                raise
-            raise ValueError(
-                f"loss_fn failed on data={type(data).__name__} of {len(data)} items that look like batches"
-                " "
-                f"({type(error).__name__}: {error}). A plain {type(data).__name__} is ONE batch (e.g. "
-                "(inputs, targets)); to measure several batches pass Batches([batch1, batch2, ...]) "
-                "(from lightning_hessian) or a DataLoader."
-            ) from error
+        op = _operator(model, loss_fn, data, batches, selected, settings, reduce, products)
         if probe_problem is not None:  # loss_fn works in the pass, so the probe's failure is ours to report
             warnings.warn(
                 "analyze: reading the query / key / value layouts off the attention failed "
@@ -402,67 +235,23 @@ def analyze(
                 stacklevel=2,
             )
         groups = _block_groups(len(selected), chunk_size is not None)
-        start_of = _Starts(op, starts, start, seed)
+        starts = StartVectors(op, _warm_starts(init, selected), "gradient", seed)
         for group in groups:
-            eigs = lanczos(
-                op,
-                top_k,
-                smallest=smallest,
-                tol=tol,
-                max_iter=max_iter,
-                init={i: start_of(i) for i in group},
-                seed=seed,
-                blocks=group,
-            )
-            for i in group:
-                _store_eigenpairs(results[i], eigs[i])
-            del eigs  # this group's Ritz vectors now live in the results only
-            if trace:
-                for i, tr in _pick(hutchpp(op, matvecs=trace_matvecs, seed=seed, blocks=group), group):
-                    results[i].trace, results[i].trace_stderr = tr.trace, tr.stderr
-            if density:
-                densities = slq(op, probes=density_probes, steps=density_steps, seed=seed, blocks=group)
-                for i, d in _pick(densities, group):
-                    results[i].density = d.smoothed(width=density_width)
-                    results[i].density_nodes, results[i].density_weights = d.nodes.numpy(), d.weights.numpy()
+            _measure_group(op, group, starts, results, settings)
+        for r, n, t in zip(results, op.block_matvecs, op.block_seconds):
+            r.matvecs, r.seconds = n, t
         matvecs = op.matvecs
-        for r, n, s in zip(results, op.block_matvecs, op.block_seconds):
-            r.matvecs, r.seconds = n, s
         if split:
-            gauss_newton, functional = op.using("gauss_newton"), op.using("functional")
-            for group in groups:
-                kwargs = dict(tol=tol, max_iter=max_iter, seed=seed, blocks=group)
-                for i, eig in _pick(lanczos(gauss_newton, 1, smallest=False, **kwargs), group):
-                    results[i].gauss_newton_top = eig.eigenvalues[0].item()
-                for i, eig in _pick(lanczos(functional, 1, **kwargs), group):
-                    results[i].functional_top, results[i].functional_min = (
-                        eig.eigenvalues[0].item(),
-                        eig.min_eigenvalue,
-                    )
-            for r, extra in zip(results, zip(gauss_newton.block_matvecs, functional.block_matvecs)):
-                r.matvecs += sum(extra)
-            matvecs += gauss_newton.matvecs + functional.matvecs
+            matvecs += _measure_split(op, groups, results, settings)
         if preconditioner is not None:
-            whole = len(selected) - 1
-            diagonals = [None] * whole + [block_diagonal(selected[whole], preconditioner)]
-            preconditioned = PreconditionedOperator(op, diagonals)
-            eig = lanczos(
-                preconditioned, 1, smallest=False, tol=tol, max_iter=max_iter, seed=seed, blocks=[whole]
-            )
-            results[whole].preconditioned_top = eig[whole].eigenvalues[0].item()
-            results[whole].matvecs += eig[whole].matvecs
-            matvecs += eig[whole].matvecs
+            matvecs += _measure_preconditioned(op, selected, preconditioner, results, settings)
         loss = op.loss
         del op
     seconds = time.perf_counter() - began
 
-    settings = {k: v for k, v in validated.kwargs().items() if k not in ("blocks", "rules", "full")}
-    settings.update(
-        density_width=density_width,
-        dtype=str(dtype) if dtype is not None else None,
-        batching=batching,
-        products=products,
-        products_reason=reason,
+    report_settings = {k: v for k, v in settings.kwargs().items() if k not in ("blocks", "rules", "full")}
+    report_settings.update(
+        dtype=str(dtype) if dtype is not None else None, products=products, products_reason=reason
     )
     named = {r.name: r for r in results}
     full_result = named.pop(selected[-1].name) if full else None
@@ -473,5 +262,135 @@ def analyze(
         loss=loss,
         seconds=seconds,
         matvecs=matvecs,
-        settings=settings,
+        settings=report_settings,
     )
+
+
+def _warm_starts(
+    init: CurvatureReport | Mapping[str, Tensor] | None, selected: Sequence[Block]
+) -> list[Tensor | None] | None:
+    """Per selected block, the Ritz vectors of a previous report (or the given vectors) to start from."""
+    if isinstance(init, CurvatureReport):
+        init = {b.name: b.ritz_vectors for b in init if b.ritz_vectors is not None}
+    starts = [None if init is None else init.get(b.name) for b in selected]
+    return None if all(s is None for s in starts) else starts
+
+
+def _operator(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    batches: list[Any],
+    selected: list[Block],
+    settings: AnalysisSettings,
+    reduce: Callable[[Tensor], Tensor] | None,
+    products: str,
+) -> CurvatureOperator | ShardedOperator:
+    """The pass's operator over all selected blocks; a failing ``loss_fn`` on a tuple of batches says why."""
+    try:
+        if products == "finite_difference" and is_sharded(model):
+            return ShardedOperator(
+                model,
+                loss_fn,
+                Batches(batches),
+                selected,
+                reduce=reduce,
+                dtype=settings.dtype,
+                chunk_size=settings.chunk_size,
+            )
+        return CurvatureOperator(
+            model,
+            loss_fn,
+            Batches(batches),
+            selected,
+            curvature=settings.curvature,
+            dtype=settings.dtype,
+            split=settings.split,
+            reduce=reduce,
+            chunk_size=settings.chunk_size,
+            products=products,
+        )
+    except (NonFiniteLossError, ReentrantCheckpointError, torch.OutOfMemoryError):
+        raise
+    except Exception as error:
+        if not _looks_like_several_batches(data):
+            raise
+        raise ValueError(
+            f"loss_fn failed on data={type(data).__name__} of {len(data)} items that look like batches "
+            f"({type(error).__name__}: {error}). A plain {type(data).__name__} is ONE batch (e.g. "
+            "(inputs, targets)); to measure several batches pass Batches([batch1, batch2, ...]) "
+            "(from lightning_hessian) or a DataLoader."
+        ) from error
+
+
+def _measure_group(
+    op: Any, group: list[int], starts: StartVectors, results: list[BlockCurvature], settings: AnalysisSettings
+) -> None:
+    """Eigenvalues, trace and density of the blocks of ``group``, written into their report entries."""
+    eigs = lanczos(
+        op,
+        settings.top_k,
+        smallest=settings.smallest,
+        tol=settings.tol,
+        max_iter=settings.max_iter,
+        init={i: starts(i) for i in group},
+        seed=settings.seed,
+        blocks=group,
+    )
+    for i in group:
+        _store_eigenpairs(results[i], eigs[i])
+    del eigs  # this group's Ritz vectors now live in the results only
+    if settings.trace:
+        traces = hutchpp(op, matvecs=settings.trace_matvecs, seed=settings.seed, blocks=group)
+        for i, tr in _pick(traces, group):
+            results[i].trace, results[i].trace_stderr = tr.trace, tr.stderr
+    if settings.density:
+        densities = slq(
+            op, probes=settings.density_probes, steps=settings.density_steps, seed=settings.seed, blocks=group
+        )
+        for i, d in _pick(densities, group):
+            results[i].density = d.smoothed(width=settings.density_width)
+            results[i].density_nodes, results[i].density_weights = d.nodes.numpy(), d.weights.numpy()
+
+
+def _measure_split(
+    op: CurvatureOperator, groups: list[list[int]], results: list[BlockCurvature], settings: AnalysisSettings
+) -> int:
+    """The Gauss-Newton top and functional extreme eigenvalues per block ([O] eq. 3); returns the products."""
+    gauss_newton, functional = op.using("gauss_newton"), op.using("functional")
+    for group in groups:
+        kwargs = dict(tol=settings.tol, max_iter=settings.max_iter, seed=settings.seed, blocks=group)
+        for i, eig in _pick(lanczos(gauss_newton, 1, smallest=False, **kwargs), group):
+            results[i].gauss_newton_top = eig.eigenvalues[0].item()
+        for i, eig in _pick(lanczos(functional, 1, **kwargs), group):
+            results[i].functional_top, results[i].functional_min = (
+                eig.eigenvalues[0].item(),
+                eig.min_eigenvalue,
+            )
+    for r, extra in zip(results, zip(gauss_newton.block_matvecs, functional.block_matvecs)):
+        r.matvecs += sum(extra)
+    return gauss_newton.matvecs + functional.matvecs
+
+
+def _measure_preconditioned(
+    op: Any,
+    selected: list[Block],
+    preconditioner: Mapping[str, Tensor],
+    results: list[BlockCurvature],
+    settings: AnalysisSettings,
+) -> int:
+    """lambda_max(P^-1 H) of the whole model (the last block); returns the number of products."""
+    whole = len(selected) - 1
+    diagonals = [None] * whole + [block_diagonal(selected[whole], preconditioner)]
+    eig = lanczos(
+        PreconditionedOperator(op, diagonals),
+        1,
+        smallest=False,
+        tol=settings.tol,
+        max_iter=settings.max_iter,
+        seed=settings.seed,
+        blocks=[whole],
+    )[whole]
+    results[whole].preconditioned_top = eig.eigenvalues[0].item()
+    results[whole].matvecs += eig.matvecs
+    return eig.matvecs

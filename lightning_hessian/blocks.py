@@ -433,7 +433,7 @@ def find_blocks(
         ValueError: on an invalid rule (bad regex, unknown kind), a rule's layout that does not fit the
             parameter it matched, or rules that give one block two kinds.
     """
-    compiled = _compile_rules(rules)
+    compiled = compile_rules(rules)
     layouts = None if example is None and loss_fn is None else _example_layouts(model, example, loss_fn)
     modules = dict(model.named_modules(remove_duplicate=False))
     drafts: dict[str, _Draft] = {}
@@ -491,7 +491,7 @@ def find_blocks(
     layers = _layers(model, drafts, layouts)
     return [
         Block(
-            _display(name),
+            display_name(name),
             d.kind,
             layers[name],
             sum(p.numel(shapes[p.param]) for p in d.parts),
@@ -529,7 +529,7 @@ def _example_layouts(
 _COMPILED_WRAPPER = "_orig_mod"  # the child through which torch.compile's OptimizedModule holds the module
 
 
-def _display(path: str) -> str:
+def display_name(path: str) -> str:
     """A block name without the components ``torch.compile`` adds."""
     return ".".join(c for c in path.split(".") if c != _COMPILED_WRAPPER)
 
@@ -549,7 +549,7 @@ def model_block(model: nn.Module, name: str = "model") -> Block:
     return Block(name, "model", None, sum(p.numel() for _, p in trainable), parts)
 
 
-def _compile_rules(rules: Mapping[str, _Target] | None) -> list[tuple[re.Pattern, _Target]]:
+def compile_rules(rules: Mapping[str, _Target] | None) -> list[tuple[re.Pattern, _Target]]:
     """Validate the user's rules up front, so mistakes surface before any measurement."""
     if rules is None:
         return []

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from lightning_hessian._context import MODES
-from lightning_hessian.blocks import Block, FusedLayout, _compile_rules
+from lightning_hessian.blocks import Block, FusedLayout, compile_rules
+
+CURVATURES = ("hessian", "gauss_newton", "functional")
 
 __all__ = ["AnalysisSettings", "check_positive", "check_settings"]
 
@@ -68,7 +70,7 @@ def check_settings(
             f'blocks must be "auto", None, or a list of Blocks / block names (see find_blocks(model)); '
             f"got {blocks!r}."
         )
-    _compile_rules(rules)
+    compile_rules(rules)
     for name, value in [
         ("top_k", top_k),
         ("max_iter", max_iter),
@@ -126,15 +128,23 @@ class AnalysisSettings:
     mode: str = "eval"
     seed: int = 0
     chunk_size: int | None = None
+    curvature: str = "hessian"
+    density_width: float = 0.02
 
     def __post_init__(self) -> None:
         check_settings(
             **{
                 k: v
                 for k, v in self.kwargs().items()
-                if k not in ("full", "smallest", "trace", "density", "split")
+                if k not in ("full", "smallest", "trace", "density", "split", "curvature", "density_width")
             }
         )
+        if self.curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}.")
+        if self.split and self.curvature != "hessian":
+            raise ValueError('split=True decomposes the Hessian: use it with curvature="hessian".')
+        width = self.density_width
+        check_positive("density_width", float(width) if isinstance(width, int | float) else width, float)
 
     def kwargs(self) -> dict[str, Any]:
         """The settings by name, as :func:`~lightning_hessian.analyze` takes them."""

@@ -73,9 +73,9 @@ from torch import Tensor, nn
 
 from . import tags
 from ._context import curvature_context
-from .analysis import cached_blocks
 from .batches import as_batches, map_tensors
-from .blocks import Block, BlockPart, FusedLayout, _display, find_blocks
+from .block_selection import cached_blocks
+from .blocks import Block, BlockPart, FusedLayout, display_name, find_blocks
 from .formulas import attention as attn
 from .formulas.gauss_newton import gauss_newton_norms
 from .report import CurvatureReport
@@ -279,13 +279,13 @@ def find_attention_layers(
     for path, found in groups.items():
         module = modules.get(path)
         if module is None or sorted(found) != ["K", "Q", "V"]:
-            skipped[_display(path)] = f"needs one query, key and value block, found {sorted(found)}"
+            skipped[display_name(path)] = f"needs one query, key and value block, found {sorted(found)}"
             continue
         heads = next(
             (getattr(module, a) for a in _HEAD_ATTRS if isinstance(getattr(module, a, None), int)), None
         )
         if heads is None or heads < 1:
-            skipped[_display(path)] = f"no head count on the module (looked for {', '.join(_HEAD_ATTRS)})"
+            skipped[display_name(path)] = f"no head count on the module (looked for {', '.join(_HEAD_ATTRS)})"
             continue
         out = None
         for block in blocks:
@@ -299,7 +299,7 @@ def find_attention_layers(
         # Named like the blocks (without torch.compile's wrapper component), so tags of a layer and of its
         # blocks share a prefix.
         layers.append(
-            AttentionLayer(name=_display(path), module=module, blocks=found, out=out, num_heads=heads)
+            AttentionLayer(name=display_name(path), module=module, blocks=found, out=out, num_heads=heads)
         )
     return layers, skipped
 

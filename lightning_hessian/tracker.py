@@ -45,8 +45,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_hessian import tags
-from lightning_hessian.analysis import _select_blocks, analyze
+from lightning_hessian.analysis import analyze
 from lightning_hessian.batches import Batches, as_batches
+from lightning_hessian.block_selection import select_blocks
 from lightning_hessian.blocks import Block
 from lightning_hessian.directional import directional_curvature
 from lightning_hessian.formulas.stability import sgd_threshold
@@ -327,7 +328,7 @@ class CurvatureTracker:
         return out
 
     def _resolve_blocks(self, model: nn.Module, loss_fn: LossFn, example: Any, reduce: Any) -> None:
-        blocks, _ = _select_blocks(
+        blocks, _ = select_blocks(
             model, self.analysis.get("blocks", "auto"), self.analysis.get("rules"), loss_fn, example, reduce
         )
         self._blocks = blocks

@@ -57,18 +57,18 @@ from torch import Tensor, nn
 
 from lightning_hessian import tags
 from lightning_hessian._context import curvature_context
-from lightning_hessian.analysis import _Starts
 from lightning_hessian.batches import Batches, as_batches
 from lightning_hessian.blocks import Block, check_blocks, model_block
-from lightning_hessian.estimators import _random
+from lightning_hessian.estimators import draws
 from lightning_hessian.estimators._lanczos_core import LanczosChains, run_lanczos
-from lightning_hessian.estimators.lanczos import _start_vector
+from lightning_hessian.estimators.lanczos import start_vector
 from lightning_hessian.loss_calls import LossFn
 from lightning_hessian.operators import CurvatureOperator
 from lightning_hessian.preconditioning import PreconditionedOperator, block_diagonal
 from lightning_hessian.products import check_products, resolve_products
 from lightning_hessian.settings import check_positive, check_settings
 from lightning_hessian.sharded import ShardedOperator, is_sharded
+from lightning_hessian.starts import StartVectors
 
 __all__ = ["ModelCurvature", "track_model"]
 
@@ -167,7 +167,7 @@ def _top(op: Any, warm: Tensor, tol: float, max_iter: int, seed: int) -> tuple[f
     Returns:
         ``(θ_top, r, converged, unit Ritz vector)``; ``r`` is floored at the rounding level.
     """
-    start = _start_vector(op, 0, warm, _random.generator(seed, _random.LANCZOS, 0))
+    start = start_vector(op, 0, warm, draws.generator(seed, draws.LANCZOS, 0))
     chains = {0: LanczosChains(start[None], capacity=min(max_iter + 1, 33))}
     rounding = torch.finfo(op.dtype).eps
 
@@ -357,7 +357,7 @@ def track_model(
         options = dict(dtype=dtype, reduce=reduce, chunk_size=chunk_size)
         op = _operator(model, loss_fn, data, whole, products, **options)
         fresh = init is None or init.top_vector.shape != (whole.numel,)
-        warm = _Starts(op, None, "gradient", seed)(0) if fresh else init.top_vector
+        warm = StartVectors(op, None, "gradient", seed)(0) if fresh else init.top_vector
         top, residual, converged, v = _top(op, warm, tol, cold_max_iter if fresh else max_iter, seed)
         v = v.to(device="cpu", dtype=torch.float64)
         v = v / v.norm()
@@ -373,7 +373,7 @@ def track_model(
                 source = SimpleNamespace(
                     blocks=op.blocks, gradient=lambda _: diagonal.rsqrt().to(gradient) * gradient
                 )
-                p_warm = _Starts(source, None, "gradient", seed)(0)
+                p_warm = StartVectors(source, None, "gradient", seed)(0)
             p_top, p_residual, p_converged, p_vector = _top(scaled, p_warm, tol, budget, seed)
             p_vector = p_vector.detach().cpu()
 
@@ -381,12 +381,12 @@ def track_model(
         if trace_probes:
             probes = torch.stack(
                 [
-                    _random.rademacher((whole.numel,), _random.generator(seed, _random.HUTCHINSON, 0, j))
+                    draws.rademacher((whole.numel,), draws.generator(seed, draws.HUTCHINSON, 0, j))
                     for j in range(trace_probes)
                 ],
                 dim=1,
             )
-            hz = op.matmat([_random.to_operator(probes, op)])[0]
+            hz = op.matmat([draws.to_operator(probes, op)])[0]
             # z_j' (H z_j) entrywise, then summed per block and over the whole model: (blocks + 1, m)
             rows = (probes * hz.to(device="cpu", dtype=torch.float64)).T
             traces = torch.cat([_block_sums(rows, whole, shapes, blocks), rows.sum(1, keepdim=True).T])
@@ -400,7 +400,7 @@ def track_model(
             matvecs += extra
     shares = _block_sums(v.square()[None], whole, shapes, blocks)[:, 0]
     means = [] if traces is None else traces.mean(1).tolist()
-    errors = [] if traces is None else [_random.sample_stderr(row) for row in traces]
+    errors = [] if traces is None else [draws.sample_stderr(row) for row in traces]
     names = [b.name for b in blocks]
     return ModelCurvature(
         top_eigenvalue=top,
@@ -448,7 +448,7 @@ def _block_rayleigh(
         op = ShardedOperator(model, loss_fn, batches, list(blocks), **options)
     else:
         op = CurvatureOperator(model, loss_fn, batches, list(blocks), products=products, **options)
-    vectors = [_random.to_operator(p, op) if p.norm() > 0 else None for p in parts]
+    vectors = [draws.to_operator(p, op) if p.norm() > 0 else None for p in parts]
     out = op.matmat(vectors)
     quotients = {
         block.name: float(p @ hp.to(device="cpu", dtype=torch.float64).reshape(-1)) / float(p @ p)

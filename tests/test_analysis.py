@@ -19,7 +19,10 @@ from torch.utils.data import DataLoader
 
 from lightning_hessian import Batches, analyze, find_blocks, model_block, tags
 from lightning_hessian import analysis as analysis_module
+from lightning_hessian._context import curvature_context
+from lightning_hessian.estimators import lanczos
 from lightning_hessian.operators import CurvatureOperator
+from lightning_hessian.starts import STARTS, StartVectors
 
 
 def loss_and_output(model, batch):
@@ -332,8 +335,7 @@ def test_bad_loss_functions_get_clear_errors():
         ({"blocks": ["no.such.block"]}, "No block named 'no.such.block'"),
         ({"blocks": None}, "Nothing to analyse"),
         ({"mode": "inference"}, "mode must be one of"),
-        ({"batching": "fast"}, "batching must be one of"),
-        ({"start": "warm"}, "start must be one of"),
+        ({"density_width": 0}, "density_width must be"),
     ],
 )
 def test_bad_arguments_get_clear_errors(kwargs, message):
@@ -405,17 +407,19 @@ def test_gradient_and_random_starts_agree():
     block = next(b for b in find_blocks(model) if b.name == "transformer.h.0.attn.q")
     with sdpa_kernel(SDPBackend.MATH):
         dense = torch.linalg.eigvalsh(dense_hessian(model, loss_fn, batch, block))
-    kwargs = dict(blocks=[block], full=True, tol=1e-8, max_iter=300, trace=False)
-    reports = [
-        analyze(model, loss_fn, batch, start=s, seed=seed, **kwargs)
-        for s in ("gradient", "random")
-        for seed in (0, 1)
-    ]
-    for report in reports:
-        got = report.blocks[block.name]
-        assert got.top_eigenvalue == pytest.approx(float(dense[-1]), rel=1e-7)
-        assert got.min_eigenvalue == pytest.approx(float(dense[0]), rel=1e-6, abs=1e-9)
-        assert report.full.top_eigenvalue == pytest.approx(reports[0].full.top_eigenvalue, rel=1e-7)
+    tops = []
+    with curvature_context(model):
+        op = CurvatureOperator(model, loss_fn, batch, [block, model_block(model)])
+        for start in STARTS:
+            for seed in (0, 1):
+                starts = StartVectors(op, None, start, seed)
+                got, whole = lanczos(
+                    op, 1, tol=1e-8, max_iter=300, init={0: starts(0), 1: starts(1)}, seed=seed
+                )
+                assert got.eigenvalues[0].item() == pytest.approx(float(dense[-1]), rel=1e-7)
+                assert got.min_eigenvalue == pytest.approx(float(dense[0]), rel=1e-6, abs=1e-9)
+                tops.append(whole.eigenvalues[0].item())
+    assert tops == pytest.approx([tops[0]] * len(tops), rel=1e-7)
 
 
 def test_gradient_start_at_a_stationary_point_falls_back_to_random():

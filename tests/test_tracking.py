@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_hessian import find_blocks, tags
 from lightning_hessian.blocks import Block, BlockPart, model_block
-from lightning_hessian.estimators import _random
+from lightning_hessian.estimators import draws
 from lightning_hessian.estimators._operator import DenseBlockOperator
 from lightning_hessian.tracking import _top, track_model
 
@@ -194,18 +194,14 @@ def test_block_traces_from_shared_probes_are_the_dense_probe_sums(setup):
     result.block_traces.update(runs.block_traces)
     result.block_trace_stderr.update(runs.block_trace_stderr)
     n = hessian.shape[0]
-    z = torch.stack(
-        [_random.rademacher((n,), _random.generator(7, _random.HUTCHINSON, 0, j)) for j in range(5)], 1
-    )
+    z = torch.stack([draws.rademacher((n,), draws.generator(7, draws.HUTCHINSON, 0, j)) for j in range(5)], 1)
     products = z * (hessian @ z)
     for block in blocks:
         samples = products[whole_indices(model, block)].sum(0)
         assert result.block_traces[block.name] == pytest.approx(samples.mean().item(), rel=1e-10, abs=1e-12)
-        assert result.block_trace_stderr[block.name] == pytest.approx(
-            _random.sample_stderr(samples), rel=1e-8
-        )
+        assert result.block_trace_stderr[block.name] == pytest.approx(draws.sample_stderr(samples), rel=1e-8)
     assert result.trace == pytest.approx(products.sum(0).mean().item(), rel=1e-10)
-    assert result.trace_stderr == pytest.approx(_random.sample_stderr(products.sum(0)), rel=1e-8)
+    assert result.trace_stderr == pytest.approx(draws.sample_stderr(products.sum(0)), rel=1e-8)
     assert result.matvecs == 2 + 5
 
 

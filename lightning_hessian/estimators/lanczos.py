@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_hessian.estimators import _random
+from lightning_hessian.estimators import draws
 from lightning_hessian.estimators._lanczos_core import LanczosChains, ritz_error_estimates, run_lanczos
 from lightning_hessian.estimators._operator import BlockOperator
 
@@ -135,10 +135,10 @@ def lanczos(
     if stop not in STOPPING_RULES:
         raise ValueError(f"stop must be one of {STOPPING_RULES}, got {stop!r}.")
     num_blocks = len(op.sizes)
-    selected = _random.selected_blocks(blocks, num_blocks)
+    selected = draws.selected_blocks(blocks, num_blocks)
 
-    generators = {b: _random.generator(seed, _random.LANCZOS, b) for b in selected}
-    starts = {b: _start_vector(op, b, _warm_start(init, b), generators[b]) for b in selected}
+    generators = {b: draws.generator(seed, draws.LANCZOS, b) for b in selected}
+    starts = {b: start_vector(op, b, _warm_start(init, b), generators[b]) for b in selected}
     chains = {b: LanczosChains(starts[b][None], capacity=min(max_iter + 1, 33)) for b in selected}
     results: list[LanczosResult | None] = [None] * num_blocks
     rounding = torch.finfo(op.dtype).eps
@@ -147,7 +147,7 @@ def lanczos(
         n, steps = op.sizes[b], chain.lengths[0]
         top_k = min(k, n)
         if chain.broken[0] and steps < top_k and steps < max_iter:
-            if chain.restart(0, _random.to_operator(_random.unit(n, generators[b]), op)):
+            if chain.restart(0, draws.to_operator(draws.unit(n, generators[b]), op)):
                 return
         theta, s, residuals = chain.ritz(0)
         scale = float(theta.abs().max())
@@ -226,17 +226,17 @@ def _warm_start(init: Sequence[Tensor | None] | Mapping[int, Tensor | None] | No
     return init.get(b) if isinstance(init, Mapping) else init[b]
 
 
-def _start_vector(op: BlockOperator, b: int, guess: Tensor | None, gen: torch.Generator) -> Tensor:
+def start_vector(op: BlockOperator, b: int, guess: Tensor | None, gen: torch.Generator) -> Tensor:
     """A unit start vector: random, or the normalised column sum of ``guess`` plus a ``1e-3`` random part."""
     n = op.sizes[b]
-    noise = _random.unit(n, gen)
+    noise = draws.unit(n, gen)
     if guess is None:
-        return _random.to_operator(noise, op)
+        return draws.to_operator(noise, op)
     if guess.shape[0] != n or guess.ndim not in (1, 2):
         raise ValueError(f"init[{b}] must have shape ({n},) or ({n}, j); got {tuple(guess.shape)}.")
     direction = guess.detach().to(device="cpu", dtype=torch.float64).reshape(n, -1).sum(1)
     norm = direction.norm()
     if not torch.isfinite(norm) or norm == 0:
-        return _random.to_operator(noise, op)
+        return draws.to_operator(noise, op)
     start = direction / norm + _WARM_START_NOISE * noise
-    return _random.to_operator(start / start.norm(), op)
+    return draws.to_operator(start / start.norm(), op)

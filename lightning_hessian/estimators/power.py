@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lightning_hessian.estimators import _random
+from lightning_hessian.estimators import draws
 from lightning_hessian.estimators._operator import BlockOperator
 
 
@@ -90,8 +90,8 @@ def power_iteration(
     floor = 10 * torch.finfo(op.dtype).eps
     states = []
     for b, n in enumerate(op.sizes):
-        gen = _random.generator(seed, _random.POWER, b)
-        states.append(_Deflation(_random.to_operator(_random.unit(n, gen), op), gen))
+        gen = draws.generator(seed, draws.POWER, b)
+        states.append(_Deflation(draws.to_operator(draws.unit(n, gen), op), gen))
 
     running = set(range(len(op.sizes)))
     while running:
@@ -115,7 +115,7 @@ def power_iteration(
             if len(state.values) == min(k, op.sizes[b]):
                 running.discard(b)
                 continue
-            fresh = state.project_out(_random.to_operator(_random.unit(op.sizes[b], state.generator), op))
+            fresh = state.project_out(draws.to_operator(draws.unit(op.sizes[b], state.generator), op))
             state.vector, state.iterations = fresh / fresh.norm(), 0
 
     return [

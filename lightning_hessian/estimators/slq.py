@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_hessian.estimators import _random
+from lightning_hessian.estimators import draws
 from lightning_hessian.estimators._lanczos_core import LanczosChains, run_lanczos
 from lightning_hessian.estimators._operator import BlockOperator
 
@@ -52,7 +52,7 @@ class SpectralDensity:
     @property
     def trace_stderr(self) -> float:
         """Standard error of :attr:`trace` over the probes (NaN for a single probe)."""
-        return _random.sample_stderr(self._probe_traces)
+        return draws.sample_stderr(self._probe_traces)
 
     def _atoms(self) -> tuple[Tensor, Tensor]:
         """The probe-averaged quadrature measure as flat ``(nodes, masses)`` with total mass 1."""
@@ -138,9 +138,9 @@ def slq(
         raise ValueError(f"Need probes >= 1 and steps >= 1; got probes={probes}, steps={steps}.")
     lengths = [min(steps, n) for n in op.sizes]
     chains = {}
-    for b in _random.selected_blocks(blocks, len(op.sizes)):
-        z = _random.rademacher((probes, op.sizes[b]), _random.generator(seed, _random.SLQ, b))
-        chains[b] = LanczosChains(_random.to_operator(z, op), capacity=lengths[b] + 1)
+    for b in draws.selected_blocks(blocks, len(op.sizes)):
+        z = draws.rademacher((probes, op.sizes[b]), draws.generator(seed, draws.SLQ, b))
+        chains[b] = LanczosChains(draws.to_operator(z, op), capacity=lengths[b] + 1)
 
     def on_step(b: int, chain: LanczosChains) -> None:
         if max(chain.lengths) >= lengths[b]:

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_hessian.estimators import _random
+from lightning_hessian.estimators import draws
 from lightning_hessian.estimators._operator import BlockOperator
 
-_DISTRIBUTIONS = {"rademacher": _random.rademacher, "gaussian": _random.gaussian}
+_DISTRIBUTIONS = {"rademacher": draws.rademacher, "gaussian": draws.gaussian}
 
 
 @dataclass
@@ -65,21 +65,21 @@ def hutchinson(
     for first in range(0, probes, chunk):
         columns = range(first, min(first + chunk, probes))
         vectors = [
-            _random.to_operator(_probe_matrix(draw, n, seed, b, columns), op) for b, n in enumerate(op.sizes)
+            draws.to_operator(_probe_matrix(draw, n, seed, b, columns), op) for b, n in enumerate(op.sizes)
         ]
         products = op.matmat(vectors)
         for b, z in enumerate(vectors):
-            samples[b].append(_random.column_dots(z, products[b]))
+            samples[b].append(draws.column_dots(z, products[b]))
     results = []
     for per_chunk in samples:
         estimates = torch.cat(per_chunk)
-        results.append(TraceResult(float(estimates.mean()), _random.sample_stderr(estimates), probes))
+        results.append(TraceResult(float(estimates.mean()), draws.sample_stderr(estimates), probes))
     return results
 
 
 def _probe_matrix(draw: Callable[..., Tensor], n: int, seed: int, block: int, columns: range) -> Tensor:
     """``(n, len(columns))`` probes; probe j of a block has its own generator, so chunking changes nothing."""
-    probes = [draw((n,), _random.generator(seed, _random.HUTCHINSON, block, j)) for j in columns]
+    probes = [draw((n,), draws.generator(seed, draws.HUTCHINSON, block, j)) for j in columns]
     return torch.stack(probes, dim=1)
 
 
@@ -123,9 +123,9 @@ def hutchpp(
     """
     if matvecs < 3:
         raise ValueError(f"Hutch++ needs matvecs >= 3, got {matvecs}.")
-    selected = _random.selected_blocks(blocks, len(op.sizes))
+    selected = draws.selected_blocks(blocks, len(op.sizes))
     sketch, probes = matvecs // 3, matvecs - 2 * (matvecs // 3)
-    generators = {b: _random.generator(seed, _random.HUTCHPP, b) for b in selected}
+    generators = {b: draws.generator(seed, draws.HUTCHPP, b) for b in selected}
     exact = {b: op.sizes[b] <= sketch for b in selected}
 
     first: list[Tensor | None] = [None] * len(op.sizes)
@@ -134,7 +134,7 @@ def hutchpp(
         first[b] = (
             torch.eye(n, dtype=op.dtype, device=op.device)
             if exact[b]
-            else _random.to_operator(_random.rademacher((n, sketch), generators[b]), op)
+            else draws.to_operator(draws.rademacher((n, sketch), generators[b]), op)
         )
     sketched = op.matmat(first)
 
@@ -144,7 +144,7 @@ def hutchpp(
         if exact[b]:
             continue
         q = torch.linalg.qr(sketched[b]).Q
-        g = _random.to_operator(_random.rademacher((op.sizes[b], probes), generators[b]), op)
+        g = draws.to_operator(draws.rademacher((op.sizes[b], probes), generators[b]), op)
         g = g - q @ (q.T @ g)
         bases[b], second[b] = q, torch.cat([q, g], dim=1)
     products = second if all(exact.values()) else op.matmat(second)
@@ -154,11 +154,11 @@ def hutchpp(
         if exact[b]:
             results[b] = TraceResult(float(torch.diagonal(sketched[b]).double().sum()), 0.0, op.sizes[b])
             continue
-        columns = _random.column_dots(second[b], products[b])
+        columns = draws.column_dots(second[b], products[b])
         head, tail = columns[:sketch].sum(), columns[sketch:]
         q, remainder = bases[b], products[b][:, sketch:]
         deflated = (remainder - q @ (q.T @ remainder)).to(torch.float64)  # M g_j
         frobenius = float(deflated.square().sum(0).mean().cpu())  # unbiased for ||M||_F^2
-        stderr = max((2 * frobenius / probes) ** 0.5, _random.sample_stderr(tail))
+        stderr = max((2 * frobenius / probes) ** 0.5, draws.sample_stderr(tail))
         results[b] = TraceResult(float(head + tail.mean()), stderr, matvecs)
     return results
