@@ -66,6 +66,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning_hessian import tags
+from lightning_hessian.formatting import format_number
 
 __all__ = [
     "SEVERITIES",
@@ -163,10 +164,6 @@ def _block_tags(scalars: Mapping[str, Any], stat: str) -> Iterator[tuple[str, st
         parsed = tags.parse_block_tag(tag)
         if parsed is not None and parsed[1] == stat:
             yield parsed[0], tag
-
-
-def _fmt(value: float | None) -> str:
-    return "?" if value is None else f"{value:.4g}"
 
 
 def _arg(
@@ -301,7 +298,10 @@ class StabilityThreshold(AlertRule):
                 top = ratio * threshold
             if threshold is None and top is not None and ratio > 0:
                 threshold = top / ratio
-            figures = f"{what} = {_fmt(top)}, threshold {formula} = {_fmt(threshold)}, ratio {ratio:.3g}"
+            figures = (
+                f"{what} = {format_number(top)}, threshold {formula} = {format_number(threshold)}, "
+                f"ratio {ratio:.3g}"
+            )
             if ratio >= 1:
                 message = (
                     f"Crossed the stability threshold ({figures}): gradient descent on the local "
@@ -482,8 +482,8 @@ class NegativeCurvature(AlertRule):
                     continue
                 top = _finite(scalars, tags.block_tag(block, "top_eigenvalue"))
                 message = (
-                    f"Negative curvature in block {block}: λ_min = {_fmt(low)} is {value:.3g} of "
-                    f"λ_max = {_fmt(top)} in magnitude (> {self.ratio:g}); the loss is locally "
+                    f"Negative curvature in block {block}: λ_min = {format_number(low)} is {value:.3g} of "
+                    f"λ_max = {format_number(top)} in magnitude (> {self.ratio:g}); the loss is locally "
                     "non-convex there."
                 )
                 alerts.append(self._alert(history, message, tag, value))
@@ -702,7 +702,7 @@ class PreconditionedGradientCurvature(AlertRule):
             return []
         curvature = _finite(history[-1].scalars, tags.PRECONDITIONED_GRADIENT_CURVATURE)
         message = (
-            f"The preconditioned gradient curvature (P⁻¹g)ᵀH(P⁻¹g)/(gᵀP⁻¹g) = {_fmt(curvature)} is "
+            f"The preconditioned gradient curvature (P⁻¹g)ᵀH(P⁻¹g)/(gᵀP⁻¹g) = {format_number(curvature)} is "
             f"{ratio:.3g}x 2/lr: Bai et al. (arXiv:2506.04805) found Adam's loss spikes where it crosses "
             "2/lr. Lower the learning rate, raise Adam's eps (it bounds P from below) or lengthen the warmup."
         )

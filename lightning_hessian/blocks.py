@@ -453,8 +453,8 @@ def find_blocks(
                 raise ValueError(f"rules: the FusedLayout for {name!r} does not fit: {err}.") from None
         else:
             target = _builtin_target(path, modules)
-            if isinstance(target, FusedLayout) and type(leaf).__name__ == "Conv1D":
-                target = replace(target, dim=1)  # HF's Conv1D stores the weight transposed: (in, out)
+            if isinstance(target, FusedLayout) and stores_weight_transposed(leaf):
+                target = replace(target, dim=1)
             layout = None if layouts is None else layouts.params.get(name)
             if layout is not None and not (isinstance(target, str) and target in ("norm", "embedding")):
                 found_by = "inferred"
@@ -527,6 +527,12 @@ def _example_layouts(
 
 
 _COMPILED_WRAPPER = "_orig_mod"  # the child through which torch.compile's OptimizedModule holds the module
+
+
+def stores_weight_transposed(module: nn.Module | None) -> bool:
+    """Whether ``module`` keeps its weight as ``(in, out)``: Hugging Face's GPT-2 ``Conv1D``, a Linear whose
+    weight is the transpose of ``nn.Linear``'s ``(out, in)``."""
+    return type(module).__name__ == "Conv1D"
 
 
 def display_name(path: str) -> str:

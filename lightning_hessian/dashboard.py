@@ -37,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_hessian import dashboard_figures, tags
 from lightning_hessian.alerts import Alert, PassRecord
 from lightning_hessian.blocks import KINDS
+from lightning_hessian.formatting import format_number
 from lightning_hessian.logger_sinks import LoggerSink, TensorBoardSink, sink_for
 from lightning_hessian.report import BlockCurvature, CurvatureReport
 
@@ -397,34 +398,9 @@ def _theory_charts(logged: set[str], chart: Any) -> dict[str, list[str]]:
 # --- text ----------------------------------------------------------------------------------------------
 
 
-def _num(value: float | None, converged: bool | None = None) -> str:
-    """A table cell: 4 significant digits, ``-`` when missing, ``†`` when Lanczos did not converge."""
-    if value is None:
-        return "-"
-    text = f"{value:.4g}" if math.isfinite(value) else str(value)
-    return text + " †" if converged is False else text
-
-
 def _latest_markdown(step: int, report: CurvatureReport) -> str:
-    """The latest values of every block (and the model) as a Markdown table."""
-    split = any(b.gauss_newton_top is not None for b in report)
-    header = ["block", "kind", "layer", "λ_max", "λ_min", "trace"]
-    header += ["GN λ_max", "functional λ_max", "functional λ_min"] if split else []
-    lines = [
-        f"**Step {step}**: {report.curvature}, loss {report.loss:.4g}, {report.matvecs} matvecs, "
-        f"{report.seconds:.2f} s",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join([":---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
-    ]
-    for b in report:
-        row = [f"`{b.name}`", b.kind, "-" if b.layer is None else str(b.layer)]
-        row += [_num(b.top_eigenvalue, b.converged), _num(b.min_eigenvalue, b.min_converged), _num(b.trace)]
-        row += [_num(b.gauss_newton_top), _num(b.functional_top), _num(b.functional_min)] if split else []
-        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
-    if any(b.converged is False or b.min_converged is False for b in report):
-        lines += ["", "† not converged within `max_iter` Lanczos steps"]
-    return "\n".join(lines)
+    """The latest values of every block (and the model): the report's own Markdown table, with the step."""
+    return f"**Step {step}**: " + report.markdown()
 
 
 def _alerts_markdown(step: int, alerts: Sequence[Alert]) -> str:
@@ -433,7 +409,7 @@ def _alerts_markdown(step: int, alerts: Sequence[Alert]) -> str:
     for a in sorted(alerts, key=lambda a: _SEVERITY_ORDER.get(a.severity, len(_SEVERITY_ORDER))):
         line = f"- **{a.severity.upper()}** `{a.rule}`: {a.message}"
         if a.tag is not None:
-            line += f" (`{a.tag}`" + ("" if a.value is None else f" = {_num(a.value)}") + ")"
+            line += f" (`{a.tag}`" + ("" if a.value is None else f" = {format_number(a.value)}") + ")"
         lines.append(line)
     return "\n".join(lines)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_hessian import tags
+from lightning_hessian.formatting import format_number
 from lightning_hessian.run_data import RunData, read_run
 
 __all__ = ["render_html", "report_charts", "write_html_report"]
@@ -199,10 +200,6 @@ def _json_number(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _num(value: float | None) -> str:
-    return "–" if value is None else f"{value:.4g}"
-
-
 def _alerts_section(data: RunData) -> str:
     if not data.alerts:
         return "<section><h2>Alerts</h2><p>No alerts fired.</p></section>"
@@ -231,7 +228,7 @@ def _latest_section(data: RunData) -> str:
         rows.append(
             f"<tr><td><code>{html.escape(name)}</code></td><td>{html.escape(kind)}</td>"
             f"<td>{'–' if layer is None else layer}</td>"
-            + "".join(f"<td class='num'>{_num(None if c is None else c[1])}</td>" for c in cells)
+            + "".join(f"<td class='num'>{format_number(None if c is None else c[1])}</td>" for c in cells)
             + f"<td class='num'>{'–' if step is None else step}</td></tr>"
         )
     return (

@@ -11,6 +11,7 @@ import numpy as np
 from torch import Tensor
 
 from lightning_hessian import tags
+from lightning_hessian.formatting import MISSING, NOT_CONVERGED, format_number
 
 __all__ = ["BlockCurvature", "CurvatureReport"]
 
@@ -83,13 +84,6 @@ class BlockCurvature:
         return out
 
 
-def _fmt(value: float | None, ok: bool | None = True) -> str:
-    if value is None:
-        return "-"
-    text = f"{value:.4g}" if math.isfinite(value) else str(value)
-    return text if ok in (True, None) else text + "*"
-
-
 @dataclass
 class CurvatureReport:
     """Per-block curvature of a model, as returned by :func:`lightning_hessian.analyze`.
@@ -152,8 +146,8 @@ class CurvatureReport:
             "full": None if self.full is None else self.full.to_dict(),
         }
 
-    def table(self) -> str:
-        """A fixed-width text table, one row per block (and one for the model); ``*`` marks non-converged."""
+    def rows(self) -> list[list[str]]:
+        """The report as table cells, header first: what :meth:`table` and :meth:`markdown` render."""
         header = ["block", "kind", "layer", "params", "λ_max", "λ_min", "trace", "matvecs"]
         split = any(b.gauss_newton_top is not None for b in self)
         if split:
@@ -163,26 +157,55 @@ class CurvatureReport:
             row = [
                 b.name,
                 b.kind,
-                "-" if b.layer is None else str(b.layer),
+                MISSING if b.layer is None else str(b.layer),
                 str(b.numel),
-                _fmt(b.top_eigenvalue, b.converged),
-                _fmt(b.min_eigenvalue, b.min_converged),
-                _fmt(b.trace),
+                format_number(b.top_eigenvalue, b.converged),
+                format_number(b.min_eigenvalue, b.min_converged),
+                format_number(b.trace),
                 str(b.matvecs),
             ]
             if split:
-                row[6:6] = [_fmt(b.gauss_newton_top), _fmt(b.functional_top), _fmt(b.functional_min)]
+                row[6:6] = [
+                    format_number(v) for v in (b.gauss_newton_top, b.functional_top, b.functional_min)
+                ]
             rows.append(row)
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        return rows
+
+    def _footer(self) -> tuple[str, str | None]:
+        summary = f"{self.curvature}, loss {self.loss:.4g}, {self.matvecs} matvecs, {self.seconds:.2f} s"
+        unconverged = any(b.converged is False or b.min_converged is False for b in self)
+        return summary, f"{NOT_CONVERGED} not converged within max_iter" if unconverged else None
+
+    def table(self) -> str:
+        """A fixed-width text table, one row per block (and one for the model); ``*`` marks non-converged."""
+        rows = self.rows()
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [
             "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
             for r in rows
         ]
         lines.insert(1, "-" * len(lines[0]))
-        footer = f"{self.curvature}, loss {self.loss:.4g}, {self.matvecs} matvecs, {self.seconds:.2f} s"
-        if any(b.converged is False or b.min_converged is False for b in self):
-            footer += "  (* not converged within max_iter)"
-        return "\n".join([*lines, footer])
+        summary, note = self._footer()
+        return "\n".join([*lines, summary + (f"  ({note})" if note else "")])
+
+    def markdown(self) -> str:
+        """The same table in Markdown: a summary line, the table, and the non-converged note if any."""
+        rows = self.rows()
+        summary, note = self._footer()
+
+        def cells(row: list[str]) -> str:
+            return "| " + " | ".join(c.replace("|", "\\|").replace("*", "\\*") for c in row) + " |"
+
+        lines = [
+            summary,
+            "",
+            cells(rows[0]),
+            "|" + "|".join([":---"] * 2 + ["---:"] * (len(rows[0]) - 2)) + "|",
+        ]
+        lines += [cells([f"`{r[0]}`", *r[1:]]) for r in rows[1:]]
+        if note:
+            lines += ["", note.replace("*", "\\*")]
+        return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.table()

@@ -75,7 +75,7 @@ from . import tags
 from ._context import curvature_context
 from .batches import as_batches, map_tensors
 from .block_selection import cached_blocks
-from .blocks import Block, BlockPart, FusedLayout, display_name, find_blocks
+from .blocks import Block, BlockPart, FusedLayout, display_name, find_blocks, stores_weight_transposed
 from .formulas import attention as attn
 from .formulas.gauss_newton import gauss_newton_norms
 from .report import CurvatureReport
@@ -312,7 +312,7 @@ def _projection(
     for part in block.parts:
         t = part.select(params[part.param].detach())
         if t.dim() == 2 and weight is None:
-            conv1d = type(modules.get(_owner(part.param))).__name__ == "Conv1D"  # HF's transposed Linear
+            conv1d = stores_weight_transposed(modules.get(_owner(part.param)))
             weight = t if part.dim == 1 or (part.dim is None and conv1d) else t.T
         elif t.dim() == 1 and bias is None:
             bias = t

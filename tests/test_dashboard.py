@@ -222,7 +222,7 @@ def test_text(run, report):
     assert sorted(latest) == list(STEPS)
     for b in report:
         assert f"`{b.name}`" in latest[30]
-    assert "| block | kind | layer | λ_max | λ_min | trace |" in latest[30]
+    assert "| block | kind | layer | params | λ_max | λ_min | trace | matvecs |" in latest[30]
     assert f"{run['reports'][-1].full.top_eigenvalue:.4g}" in latest[30]
     alerts = _texts(acc, TEXT_ALERTS)
     assert sorted(alerts) == [20, 30]  # only passes with alerts
