@@ -481,7 +481,7 @@ def _evaluate(
     for start in range(0, x.shape[0], _CHUNK):
         chunk = slice(start, start + _CHUNK)
         t_chunk = None if per_head_target is None else per_head_target[chunk]
-        terms = attn._bound_terms(
+        terms = attn.bound_terms(
             x[chunk, None], w["Q"][None], w["K"][None], w["V"][None], t_chunk, "corrected", None, mask
         )
         for n in "QKV":

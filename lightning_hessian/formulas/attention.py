@@ -318,7 +318,7 @@ def hessian_blocks(
 # ==========================================================================================================
 
 
-class _State:
+class AttentionState:
     """Forward quantities shared by the matrix-free products (all tensors broadcast over leading dims)."""
 
     def __init__(
@@ -441,13 +441,15 @@ def hessian_matvec(
         ``H(W_a, W_b) v`` shaped like ``W_a`` (or flattened, matching ``v``).
     """
     a_name, b_name = _check_name(block[0]), _check_name(block[1])
-    state = _State(X, W_Q, W_K, W_V, target, tau, mask)
+    state = AttentionState(X, W_Q, W_K, W_V, target, tau, mask)
     u, flat = _as_matrix(v, state.shapes[b_name])
     out = state.apply(a_name, b_name, part, u)
     return out.reshape(*out.shape[:-2], -1) if flat else out
 
 
-def _block_operator(state: _State, a: str, b: str, part: str) -> tuple[Callable[[Tensor], Tensor], int, int]:
+def _block_operator(
+    state: AttentionState, a: str, b: str, part: str
+) -> tuple[Callable[[Tensor], Tensor], int, int]:
     sa, sb = state.shapes[a], state.shapes[b]
 
     def mv(v: Tensor) -> Tensor:
@@ -487,7 +489,7 @@ def hessian_block_norm(
         mask: Optional attention mask, as in :func:`forward`.
     """
     a, b = _check_name(block[0]), _check_name(block[1])
-    state = _State(X, W_Q, W_K, W_V, target, tau, mask)
+    state = AttentionState(X, W_Q, W_K, W_V, target, tau, mask)
     mv, n_a, n_b = _block_operator(state, a, b, part)
     if ord == "fro":
         return frobenius_from_matvec(mv, n_b, like=X)
@@ -520,7 +522,7 @@ def jacobian_norms(
     batch shape: the operators of the batch are the blocks of one Lanczos run (one batched product per
     step, at most ``min(iters, d_V d_K)`` steps, each stopped at a relative Ritz residual of 1e-10).
     """
-    state = _State(X, W_Q, W_K, W_V, None, tau, mask)
+    state = AttentionState(X, W_Q, W_K, W_V, None, tau, mask)
     batch = state.a.shape[:-2]
     if batch:
         out_b: dict[str, Tensor] = {"V": spectral_norm(state.a @ X)}
@@ -577,7 +579,7 @@ def _norms(X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor) -> dict[str, Tensor
     return {"x": spectral_norm(X), "q": spectral_norm(W_Q), "k": spectral_norm(W_K), "v": spectral_norm(W_V)}
 
 
-def _bound_terms(
+def bound_terms(
     X: Tensor,
     W_Q: Tensor,
     W_K: Tensor,
@@ -689,7 +691,7 @@ def block_bounds(
     Returns:
         ``{(a, b): {"outer", "functional", "total"}}`` for all nine blocks (``total = outer + functional``).
     """
-    terms = _bound_terms(X, W_Q, W_K, W_V, target, variant, tau, mask)
+    terms = bound_terms(X, W_Q, W_K, W_V, target, variant, tau, mask)
     return {key: {part: _out(val) for part, val in parts.items()} for key, parts in terms.items()}
 
 
@@ -709,7 +711,7 @@ def hessian_bound(
     matrix. The constants printed in [P]'s main-text statement of ``M`` (8, 4, missing ``1/L``) differ from
     its proof; this uses the per-block forms. ``variant="paper"`` inherits the invalid ``||dA/dT|| <= 1/L``.
     """
-    terms = _bound_terms(X, W_Q, W_K, W_V, target, variant, tau, mask)
+    terms = bound_terms(X, W_Q, W_K, W_V, target, variant, tau, mask)
     totals = torch.stack([val["total"] for val in terms.values()])
     return _out(3 * totals.amax(0))
 

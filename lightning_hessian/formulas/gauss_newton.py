@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ._linalg import batched_top_eigenvalue
-from .attention import NAMES, _State
+from .attention import NAMES, AttentionState
 
 __all__ = ["gauss_newton_norms"]
 
@@ -95,11 +95,11 @@ def gauss_newton_norms(
     n_seq, length = X.shape[0], X.shape[1]
     scale = 2.0 / (length * W_V.shape[-1]) if c is None else float(c)
 
-    def states() -> Iterator[_State]:
+    def states() -> Iterator[AttentionState]:
         # Sequences x heads broadcast, a chunk of sequences at a time; recomputed at every product so that
         # memory stays at one chunk's softmax whatever the number of sequences.
         for s in range(0, n_seq, chunk):
-            yield _State(X[s : s + chunk, None], W_Q[None], W_K[None], W_V[None], None, tau, mask)
+            yield AttentionState(X[s : s + chunk, None], W_Q[None], W_K[None], W_V[None], None, tau, mask)
 
     heads = W_Q.shape[0]
     gram_v = sum(torch.einsum("shli,shlj->hij", st.a @ st.X, st.a @ st.X) for st in states()) / n_seq
