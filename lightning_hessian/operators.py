@@ -55,10 +55,10 @@ from lightning_hessian.blocks import Block, check_blocks
 from lightning_hessian.errors import NonFiniteLossError, PassFailedElsewhere
 from lightning_hessian.loss_calls import LossCall, LossFn, call_loss, check_loss, split_loss
 from lightning_hessian.products import check_products, resolve_products
-from lightning_hessian.settings import CURVATURES
 
 __all__ = ["BATCHING", "CURVATURES", "CurvatureOperator"]
 
+CURVATURES = ("hessian", "gauss_newton", "functional")
 BATCHING = ("auto", "loop", "vmap")
 
 

@@ -19,8 +19,7 @@ import torch
 
 from lightning_hessian._context import MODES
 from lightning_hessian.blocks import Block, FusedLayout, compile_rules
-
-CURVATURES = ("hessian", "gauss_newton", "functional")
+from lightning_hessian.operators import CURVATURES
 
 __all__ = ["AnalysisSettings", "check_positive", "check_settings"]
 
