@@ -104,6 +104,7 @@ def analyze(
     chunk_size: int | None = None,
     products: str = "exact",
     exact_unavailable: str | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> CurvatureReport:
     r"""Measure the curvature of ``loss_fn`` per parameter block of ``model``.
 
@@ -173,6 +174,10 @@ def analyze(
             ``products``.
         exact_unavailable: for callers that know why exact products cannot run (e.g. a monitor under a
             sharded training strategy): the reason; ``"auto"`` then takes finite differences.
+        basis_device: where the Lanczos bases (eigenvalues, density) and the reported Ritz vectors are kept,
+            e.g. ``"cpu"`` for a GPU whose memory is full: every Lanczos step then moves one vector to the
+            model's device and its product back (see :func:`~lightning_hessian.estimators.lanczos`).
+            ``None`` (default): on the model's device.
 
     Batches are moved to the parameters' device, and their floating tensors cast to the compute dtype, when
     the tensors sit in tuples, lists, dicts, other ``Mapping``\ s or dataclasses; tensors inside other
@@ -203,6 +208,7 @@ def analyze(
         mode=mode,
         seed=seed,
         chunk_size=chunk_size,
+        basis_device=basis_device,
         curvature=curvature,
         density_width=density_width,
     )
@@ -251,7 +257,10 @@ def analyze(
 
     report_settings = {k: v for k, v in settings.kwargs().items() if k not in ("blocks", "rules", "full")}
     report_settings.update(
-        dtype=str(dtype) if dtype is not None else None, products=products, products_reason=reason
+        dtype=str(dtype) if dtype is not None else None,
+        basis_device=str(basis_device) if basis_device is not None else None,
+        products=products,
+        products_reason=reason,
     )
     named = {r.name: r for r in results}
     full_result = named.pop(selected[-1].name) if full else None
@@ -336,6 +345,7 @@ def _measure_group(
         init={i: starts(i) for i in group},
         seed=settings.seed,
         blocks=group,
+        basis_device=settings.basis_device,
     )
     for i in group:
         _store_eigenpairs(results[i], eigs[i])
@@ -346,7 +356,12 @@ def _measure_group(
             results[i].trace, results[i].trace_stderr = tr.trace, tr.stderr
     if settings.density:
         densities = slq(
-            op, probes=settings.density_probes, steps=settings.density_steps, seed=settings.seed, blocks=group
+            op,
+            probes=settings.density_probes,
+            steps=settings.density_steps,
+            seed=settings.seed,
+            blocks=group,
+            basis_device=settings.basis_device,
         )
         for i, d in _pick(densities, group):
             results[i].density = d.smoothed(width=settings.density_width)
@@ -359,7 +374,13 @@ def _measure_split(
     """The Gauss-Newton top and functional extreme eigenvalues per block ([O] eq. 3); returns the products."""
     gauss_newton, functional = op.using("gauss_newton"), op.using("functional")
     for group in groups:
-        kwargs = dict(tol=settings.tol, max_iter=settings.max_iter, seed=settings.seed, blocks=group)
+        kwargs = dict(
+            tol=settings.tol,
+            max_iter=settings.max_iter,
+            seed=settings.seed,
+            blocks=group,
+            basis_device=settings.basis_device,
+        )
         for i, eig in _pick(lanczos(gauss_newton, 1, smallest=False, **kwargs), group):
             results[i].gauss_newton_top = eig.eigenvalues[0].item()
         for i, eig in _pick(lanczos(functional, 1, **kwargs), group):
@@ -390,6 +411,7 @@ def _measure_preconditioned(
         max_iter=settings.max_iter,
         seed=settings.seed,
         blocks=[whole],
+        basis_device=settings.basis_device,
     )[whole]
     results[whole].preconditioned_top = eig.eigenvalues[0].item()
     results[whole].matvecs += eig.matvecs

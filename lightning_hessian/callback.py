@@ -278,6 +278,9 @@ class HessianMonitor(Callback):
             errors are caught like any other; ``chunk_size`` keeps a pass inside a memory budget.
         chunk_size: split every curvature batch into chunks of at most this many samples and keep only one
             chunk's graph alive at a time (see :func:`~lightning_hessian.analyze`): less memory, more time.
+        basis_device: keep the Lanczos bases (every block's, the whole model's) on this device, e.g.
+            ``"cpu"`` when the GPU's memory is full: one vector moves each way per Lanczos step (see
+            :func:`~lightning_hessian.analyze`). ``None`` (default): on the model's device.
         seed: seed of the estimators' random vectors (and of reading a ``DataLoader`` given as ``data``).
         name: tell two monitors in one Trainer apart (e.g. a frequent cheap one and a rare full one):
             every tag they log and every ``trainer.callback_metrics`` key is prefixed with ``"<name>/"``,
@@ -327,6 +330,7 @@ class HessianMonitor(Callback):
         on_error: str = "warn",
         seed: int = 0,
         chunk_size: int | None = None,
+        basis_device: str | torch.device | None = None,
         theory: bool = True,
         theory_target: Callable[[Any], Tensor] | None = None,
         theory_samples: int = 2,
@@ -456,6 +460,7 @@ class HessianMonitor(Callback):
             mode=mode,
             seed=seed,
             chunk_size=chunk_size,
+            basis_device=basis_device,
         )
         if max_overhead is not None and not (isinstance(max_overhead, int | float) and max_overhead > 0):
             raise ValueError(

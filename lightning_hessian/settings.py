@@ -48,6 +48,7 @@ def check_settings(
     mode: Any = "eval",
     seed: Any = 0,
     chunk_size: Any = None,
+    basis_device: Any = None,
 ) -> None:
     """Validate the settings shared by :func:`analyze` and :class:`~lightning_hessian.HessianMonitor`.
 
@@ -103,6 +104,23 @@ def check_settings(
         raise ValueError(
             f"chunk_size must be a positive int (samples per chunk) or None, got {chunk_size!r}."
         )
+    _check_device("basis_device", basis_device)
+
+
+def _check_device(name: str, device: Any) -> None:
+    """Refuse a ``device`` that is neither ``None`` nor a ``torch.device`` (or a string naming one)."""
+    if device is None or isinstance(device, torch.device):
+        return
+    if isinstance(device, str):
+        try:
+            torch.device(device)
+            return
+        except RuntimeError:
+            pass
+    raise ValueError(
+        f"{name} must be None (the operator's device) or a device such as 'cpu' or 'cuda:0' "
+        f"(a str or torch.device), got {device!r}."
+    )
 
 
 @dataclass(frozen=True)
@@ -127,6 +145,7 @@ class AnalysisSettings:
     mode: str = "eval"
     seed: int = 0
     chunk_size: int | None = None
+    basis_device: str | torch.device | None = None
     curvature: str = "hessian"
     density_width: float = 0.02
 

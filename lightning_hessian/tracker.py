@@ -370,6 +370,7 @@ class CurvatureTracker:
             dtype=settings.get("dtype"),
             reduce=reduce,
             chunk_size=settings.get("chunk_size"),
+            basis_device=settings.get("basis_device"),
         )
         self._model = found
         self._model_count += 1

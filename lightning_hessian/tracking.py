@@ -156,7 +156,14 @@ def _operator(
     return CurvatureOperator(model, loss_fn, batches, [whole], products=products, **options)
 
 
-def _top(op: Any, warm: Tensor, tol: float, max_iter: int, seed: int) -> tuple[float, float, bool, Tensor]:
+def _top(
+    op: Any,
+    warm: Tensor,
+    tol: float,
+    max_iter: int,
+    seed: int,
+    basis_device: torch.device | str | None = None,
+) -> tuple[float, float, bool, Tensor]:
     """λ_max of a one-block operator by Lanczos, stopped when ``r <= tol * |θ_top|``.
 
     The Lanczos recurrence and start vector of :func:`~lightning_hessian.estimators.lanczos` (warm start plus
@@ -168,7 +175,7 @@ def _top(op: Any, warm: Tensor, tol: float, max_iter: int, seed: int) -> tuple[f
         ``(θ_top, r, converged, unit Ritz vector)``; ``r`` is floored at the rounding level.
     """
     start = start_vector(op, 0, warm, draws.generator(seed, draws.LANCZOS, 0))
-    chains = {0: LanczosChains(start[None], capacity=min(max_iter + 1, 33))}
+    chains = {0: LanczosChains(start[None], capacity=min(max_iter + 1, 33), basis_device=basis_device)}
     rounding = torch.finfo(op.dtype).eps
 
     def on_step(_: int, chain: LanczosChains) -> None:
@@ -187,7 +194,8 @@ def _top(op: Any, warm: Tensor, tol: float, max_iter: int, seed: int) -> tuple[f
     theta, s, residuals = chain.ritz(0)
     residual = max(float(residuals[-1]), rounding * float(theta.abs().max()))
     converged = chain.broken[0] or residual <= tol * abs(float(theta[-1]))
-    return float(theta[-1]), residual, converged, chain.ritz_vectors(0, s[:, -1:])[:, 0]
+    vector = chain.ritz_vectors(0, s[:, -1:])[:, 0].to(op.device)  # the caller multiplies by it
+    return float(theta[-1]), residual, converged, vector
 
 
 def _block_sums(
@@ -260,6 +268,7 @@ def track_model(
     chunk_size: int | None = None,
     products: str = "exact",
     block_rayleigh: bool = False,
+    basis_device: torch.device | str | None = None,
 ) -> ModelCurvature:
     r"""The whole model's top curvature, warm-started, with its eigenvector's by-products and block traces.
 
@@ -301,7 +310,7 @@ def track_model(
         tol: relative Ritz-residual tolerance, relative to :math:`\lambda_{\max}` itself.
         trace_probes: Hutchinson probes shared by the whole model and every block (0: no traces).
         seed: seed of the random start part, the warm-start perturbation and the probes.
-        mode, dtype, reduce, chunk_size, products: as for :func:`~lightning_hessian.analyze`.
+        mode, dtype, reduce, chunk_size, products, basis_device: as for :func:`~lightning_hessian.analyze`.
         block_rayleigh: also each block's Rayleigh quotient along its piece of the top eigenvector
             (``ModelCurvature.block_rayleigh``): one product with every block's diagonal Hessian block, on a
             second graph, costing about as much as one product for every block (a block's pruned product
@@ -311,7 +320,15 @@ def track_model(
         A :class:`ModelCurvature`; ``.scalars()`` gives the tags to log.
     """
     check_positive("cold_max_iter", cold_max_iter)
-    check_settings(max_iter=max_iter, tol=tol, dtype=dtype, mode=mode, seed=seed, chunk_size=chunk_size)
+    check_settings(
+        max_iter=max_iter,
+        tol=tol,
+        dtype=dtype,
+        mode=mode,
+        seed=seed,
+        chunk_size=chunk_size,
+        basis_device=basis_device,
+    )
     if isinstance(trace_probes, bool) or not isinstance(trace_probes, int) or trace_probes < 0:
         raise ValueError(f"trace_probes must be an int >= 0 (0: no traces), got {trace_probes!r}.")
     cold_max_iter = max(max_iter, cold_max_iter)
@@ -358,7 +375,9 @@ def track_model(
         op = _operator(model, loss_fn, data, whole, products, **options)
         fresh = init is None or init.top_vector.shape != (whole.numel,)
         warm = StartVectors(op, None, "gradient", seed)(0) if fresh else init.top_vector
-        top, residual, converged, v = _top(op, warm, tol, cold_max_iter if fresh else max_iter, seed)
+        top, residual, converged, v = _top(
+            op, warm, tol, cold_max_iter if fresh else max_iter, seed, basis_device
+        )
         v = v.to(device="cpu", dtype=torch.float64)
         v = v / v.norm()
         gradient = op.gradient(0).to(device="cpu", dtype=torch.float64)
@@ -374,7 +393,7 @@ def track_model(
                     blocks=op.blocks, gradient=lambda _: diagonal.rsqrt().to(gradient) * gradient
                 )
                 p_warm = StartVectors(source, None, "gradient", seed)(0)
-            p_top, p_residual, p_converged, p_vector = _top(scaled, p_warm, tol, budget, seed)
+            p_top, p_residual, p_converged, p_vector = _top(scaled, p_warm, tol, budget, seed, basis_device)
             p_vector = p_vector.detach().cpu()
 
         traces: Tensor | None = None

@@ -36,24 +36,38 @@ class LanczosChains:
     :meth:`restart` continues a stopped chain with a new direction orthogonal to the basis (``T`` then becomes
     block diagonal, and the relation above still holds).
 
+    The basis can live on another device than the operator (``basis_device``, e.g. host memory when the
+    accelerator's is full): each step then moves the current vectors to the operator's device and their
+    products back, one vector each way per chain, and the Gram-Schmidt passes run where the basis is.
+
     Attributes:
         size: The block dimension ``n``.
-        basis: ``(m, capacity, n)`` Lanczos vectors; rows past a chain's current vector are zero.
+        basis: ``(m, capacity, n)`` Lanczos vectors on ``basis_device``; rows past a chain's current vector
+            are zero.
+        device, basis_device: Where the operator works (the start vectors' device) and where the basis is.
+        moves: Vectors moved between the two devices so far (0 when they are the same).
         alphas, betas: Per chain, the diagonal and the off-diagonal of ``T`` plus the last ``beta``.
         lengths: Per chain, the number of steps taken ``L`` (= matvecs = size of ``T``).
         active: Per chain, whether it takes part in the next step.
         broken: Per chain, whether it stopped at breakdown (its Krylov space is invariant).
     """
 
-    def __init__(self, start: Tensor, *, capacity: int = 32) -> None:
+    def __init__(
+        self, start: Tensor, *, capacity: int = 32, basis_device: torch.device | str | None = None
+    ) -> None:
         """Starts ``m = start.shape[0]`` chains from the rows of ``start`` (normalised here).
 
         Args:
             start: ``(m, n)`` nonzero start vectors in the operator's dtype and on its device.
             capacity: Initial number of basis slots; the basis grows by doubling when more are needed.
+            basis_device: Where to keep the basis; ``None``: the operator's device (``start.device``).
         """
         m, n = start.shape
         self.size = n
+        self.device = start.device
+        self.basis_device = start.device if basis_device is None else torch.device(basis_device)
+        self.moves = 0
+        start = self._move(start, self.basis_device)
         self.basis = start.new_zeros(m, max(1, min(capacity, n)), n)
         self.basis[:, 0] = start / start.norm(dim=1, keepdim=True)
         self.alphas: list[list[float]] = [[] for _ in range(m)]
@@ -73,14 +87,14 @@ class LanczosChains:
         """The active chains' current vectors ``q_L`` as an ``(n, m_active)`` matrix to multiply by ``A``."""
         self._pending = [c for c, a in enumerate(self.active) if a]
         rows = self.basis[self._pending, [self.lengths[c] for c in self._pending]]
-        return rows.T.contiguous()
+        return self._move(rows, self.device).T.contiguous()
 
     def advance(self, products: Tensor) -> None:
         """One Lanczos step of the chains handed out by :meth:`current`; ``products = A @ current()``."""
         chains, self._pending = self._pending, None
         if chains is None:
             raise RuntimeError("advance() must follow current().")
-        w = products.T.to(self.basis.dtype)
+        w = self._move(products.T, self.basis_device).to(self.basis.dtype)
         width = max(self.lengths[c] for c in chains) + 1
         basis = self.basis[:, :width] if len(chains) == len(self.active) else self.basis[chains, :width]
         coeffs = torch.zeros_like(w[:, :width])
@@ -113,7 +127,7 @@ class LanczosChains:
         """
         length = self.lengths[chain]
         basis = self.basis[chain, :length]
-        v = vector.to(self.basis.dtype)
+        v = self._move(vector, self.basis_device).to(self.basis.dtype)
         for _ in range(2):
             v = v - basis.T @ (basis @ v)
         norm = float(v.norm())
@@ -149,9 +163,17 @@ class LanczosChains:
         return theta, s, residuals
 
     def ritz_vectors(self, chain: int, coefficients: Tensor) -> Tensor:
-        """``Q @ coefficients``: Ritz vectors from ``(L, r)`` coefficients, ``(n, r)`` in the basis dtype."""
+        """``Q @ coefficients``: Ritz vectors from ``(L, r)`` coefficients, ``(n, r)`` in the basis dtype, on
+        the basis device."""
         basis = self.basis[chain, : self.lengths[chain]]
         return basis.T @ coefficients.to(device=basis.device, dtype=basis.dtype)
+
+    def _move(self, tensor: Tensor, device: torch.device) -> Tensor:
+        """``tensor`` on ``device``, counting the vectors (rows of a matrix) that crossed devices."""
+        if tensor.device == device:
+            return tensor
+        self.moves += 1 if tensor.ndim == 1 else tensor.shape[0]
+        return tensor.to(device)
 
     def _reserve(self, slots: int) -> None:
         capacity = self.basis.shape[1]

@@ -31,7 +31,8 @@ class LanczosResult:
         min_residual: Its residual norm.
         min_error_estimate: Its gap-based error estimate.
         min_converged: Whether it met the stopping rule.
-        eigenvectors: ``(n, k)`` unit Ritz vectors matching ``eigenvalues``, in the operator's dtype/device.
+        eigenvectors: ``(n, k)`` unit Ritz vectors matching ``eigenvalues``, in the operator's dtype, on the
+            device of the Lanczos basis (the operator's unless ``basis_device`` says otherwise).
         min_eigenvector: ``(n,)`` unit Ritz vector of ``min_eigenvalue``.
         steps: Lanczos steps taken (the size of ``T``).
         matvecs: Products with the block (one per step).
@@ -63,6 +64,7 @@ def lanczos(
     seed: int = 0,
     return_eigenvectors: bool = True,
     blocks: Sequence[int] | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> list[LanczosResult | None]:
     """The k largest (and the smallest) eigenvalues of every block, by single-vector Lanczos.
 
@@ -97,6 +99,12 @@ def lanczos(
     All blocks run together: every step makes one ``op.matmat`` call carrying the current vector of every
     block still running (``None`` for the others).
 
+    Memory: each block's basis holds one vector of the block's size per step (up to ``max_iter + 1``), on
+    the operator's device unless ``basis_device`` puts it elsewhere, e.g. ``"cpu"`` for a GPU whose memory
+    is full. Each step then moves one vector to the operator's device and its product back, and the
+    Gram-Schmidt passes run on ``basis_device``: the same arithmetic on another device, so the results agree
+    to rounding (bitwise where both devices compute alike).
+
     The computed Lanczos relation holds only to the rounding level of the vectors' dtype, so reported
     residuals are floored at ``eps * scale`` (``eps`` of ``op.dtype``): in float32 a ``tol`` below about
     ``1e-7`` cannot be met (except where the Krylov space is invariant) and ``converged`` stays ``False``.
@@ -126,6 +134,7 @@ def lanczos(
         seed: Seed of the random start vectors (drawn per block on the CPU in float64).
         return_eigenvectors: Whether to form the Ritz vectors.
         blocks: Indices of the blocks to run; the others get ``None``. Default: all.
+        basis_device: Where to keep the Lanczos basis (and the Ritz vectors); ``None``: the operator's device.
 
     Returns:
         One :class:`LanczosResult` per block (``None`` for blocks not selected).
@@ -139,7 +148,10 @@ def lanczos(
 
     generators = {b: draws.generator(seed, draws.LANCZOS, b) for b in selected}
     starts = {b: start_vector(op, b, _warm_start(init, b), generators[b]) for b in selected}
-    chains = {b: LanczosChains(starts[b][None], capacity=min(max_iter + 1, 33)) for b in selected}
+    chains = {
+        b: LanczosChains(starts[b][None], capacity=min(max_iter + 1, 33), basis_device=basis_device)
+        for b in selected
+    }
     results: list[LanczosResult | None] = [None] * num_blocks
     rounding = torch.finfo(op.dtype).eps
 

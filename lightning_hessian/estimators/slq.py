@@ -110,7 +110,13 @@ class SpectralDensity:
 
 
 def slq(
-    op: BlockOperator, *, probes: int = 4, steps: int = 40, seed: int = 0, blocks: Sequence[int] | None = None
+    op: BlockOperator,
+    *,
+    probes: int = 4,
+    steps: int = 40,
+    seed: int = 0,
+    blocks: Sequence[int] | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> list[SpectralDensity | None]:
     """Spectral density of every block by stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017).
 
@@ -130,6 +136,8 @@ def slq(
         steps: Lanczos steps per probe (quadrature nodes).
         seed: Seed of the probes (drawn per block on the CPU in float64).
         blocks: Indices of the blocks to run; the others get ``None``. Default: all.
+        basis_device: Where to keep the ``probes`` Lanczos bases (``probes * (steps + 1)`` vectors of the
+            block's size); ``None``: the operator's device (see :func:`lanczos`).
 
     Returns:
         One :class:`SpectralDensity` per block (``None`` for blocks not selected).
@@ -140,7 +148,8 @@ def slq(
     chains = {}
     for b in draws.selected_blocks(blocks, len(op.sizes)):
         z = draws.rademacher((probes, op.sizes[b]), draws.generator(seed, draws.SLQ, b))
-        chains[b] = LanczosChains(draws.to_operator(z, op), capacity=lengths[b] + 1)
+        start = draws.to_operator(z, op)
+        chains[b] = LanczosChains(start, capacity=lengths[b] + 1, basis_device=basis_device)
 
     def on_step(b: int, chain: LanczosChains) -> None:
         if max(chain.lengths) >= lengths[b]:
