@@ -1,4 +1,5 @@
-"""Regenerate the TensorBoard screenshots in ``docs/images/`` from a real run of the ViT demo.
+"""Regenerate the TensorBoard screenshots in ``docs/images/`` from a real run of the ViT demo, and one from
+a short budget-mode run of the character GPT.
 
 Run it in the project's environment (``pip install -e ".[examples]"``: tensorboard, matplotlib, Pillow);
 it also needs Chromium and Playwright's Python package (Playwright drives the system Chromium; its own
@@ -8,6 +9,7 @@ browser download is not used):
     pip install playwright
     python docs/make_screenshots.py                            # trains the demo (~2 min), then shoots
     python docs/make_screenshots.py --logdir runs/vit_digits   # shoots existing logs of the demo
+    python docs/make_screenshots.py --shots budget             # only the budget-mode run (~1-2 min)
 
 It starts ``tensorboard --logdir <logdir> --host 127.0.0.1`` on a free port, opens the Custom Scalars,
 Images and Text tabs in headless Chromium (light theme, no smoothing, y outliers kept), and writes
@@ -17,6 +19,12 @@ Images and Text tabs in headless Chromium (light theme, no smoothing, y outliers
     spectral_density.png       Images, curvature/spectral_density
     heatmaps.png               Images, curvature/top_eigenvalue_heatmap and curvature/density_over_time
     text_latest.png            Text, curvature/latest and alerts
+
+and, from ``examples/train_char_gpt.py --max-steps 600 --budget 0.3`` (``HessianMonitor`` without a
+schedule, planning its tiers within 30% of the training time so that a short run has points to show;
+``--budget-logdir`` shoots existing logs of such a run):
+
+    dashboard_budget.png       Custom Scalars, "Curvature: Stability" over "Curvature: Pass cost"
 
 each kept under 400 KB (palette-quantised when needed).
 """
@@ -31,6 +39,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, ImageChops
@@ -47,6 +56,8 @@ CHROMIUM_FLAGS = [  # without the networking flags headless Chromium hangs on a 
     "--disable-sync",
 ]
 MAX_BYTES = 400_000
+#: The budget-mode run: 30% of the training time, so that 600 steps give the tiers enough points to chart.
+BUDGET_RUN = ["--max-steps", "600", "--budget", "0.3"]
 
 
 def free_port() -> int:
@@ -94,7 +105,8 @@ def shrink(path: Path) -> None:
     print(f"wrote {path} ({path.stat().st_size // 1000} KB)")
 
 
-def custom_scalars(page: Page, url: str, out: Path) -> None:
+def open_custom_scalars(page: Page, url: str) -> None:
+    """The Custom Scalars tab with smoothing 0 and outliers kept."""
     page.set_viewport_size({"width": 1120, "height": 1000})  # two charts per row
     page.goto(f"{url}#custom_scalars")
     page.get_by_text("Curvature: Stability").first.wait_for()
@@ -102,23 +114,50 @@ def custom_scalars(page: Page, url: str, out: Path) -> None:
     smoothing = page.locator("tf-smoothing-input input").first
     smoothing.fill("0")
     smoothing.press("Enter")
+
+
+def pane(page: Page, category: str, log_scale: tuple[str, ...], height: int = 1000) -> Locator:
+    """One Custom Scalars category, every chart fitted to its data with its legend shown, ``log_scale``
+    charts (by a word of their title) on a log y axis."""
+    # Charts render only while on screen: a viewport as tall as the longest pane keeps them all drawn.
+    page.set_viewport_size({"width": 1120, "height": height})
+    found = page.locator("tf-category-paginated-view").filter(has_text=category).first
+    cards = found.locator("tf-custom-scalar-multi-line-chart-card")
+    for i in range(cards.count()):
+        card = cards.nth(i)
+        if any(card.get_by_text(word).count() for word in log_scale):
+            card.locator("paper-icon-button[icon='line-weight']").click()  # log y axis
+        card.locator("paper-icon-button[icon='settings-overscan']").click()  # fit the data
+        card.locator("paper-icon-button.toggle-matches-button").click()  # the legend: tags and markers
+    page.wait_for_timeout(1500)
+    return found
+
+
+def custom_scalars(page: Page, url: str, out: Path) -> None:
+    open_custom_scalars(page, url)
     for category, name, log_scale in [
         ("Curvature: Stability", "dashboard_stability.png", ("vs threshold",)),
         ("Curvature: Attention", "dashboard_attention.png", ("λ_max",)),
         ("Curvature: Theory vs measured", "dashboard_theory.png", ("against the bounds", "/ outer bound")),
     ]:
-        # Charts render only while on screen: a viewport as tall as the longest pane keeps them all drawn.
-        page.set_viewport_size({"width": 1120, "height": 2600 if "Theory" in category else 1000})
-        pane = page.locator("tf-category-paginated-view").filter(has_text=category).first
-        cards = pane.locator("tf-custom-scalar-multi-line-chart-card")
-        for i in range(cards.count()):
-            card = cards.nth(i)
-            if any(card.get_by_text(word).count() for word in log_scale):
-                card.locator("paper-icon-button[icon='line-weight']").click()  # log y axis
-            card.locator("paper-icon-button[icon='settings-overscan']").click()  # fit the data
-            card.locator("paper-icon-button.toggle-matches-button").click()  # the legend: tags and markers
-        page.wait_for_timeout(1500)
-        save(pane, out / name)
+        save(pane(page, category, log_scale, 2600 if "Theory" in category else 1000), out / name)
+
+
+def budget_mode(page: Page, url: str, out: Path) -> None:
+    """The budget-mode charts: the Stability pane (update curvature and critical sharpness against 2/lr,
+    alignments) above the Pass cost pane (the monitor's overhead), in one image."""
+    open_custom_scalars(page, url)
+    parts = [out / "_stability.png", out / "_cost.png"]
+    pane(page, "Curvature: Stability", ("vs threshold", "vs 2/lr"), 1400).screenshot(path=str(parts[0]))
+    pane(page, "Curvature: Pass cost", ()).screenshot(path=str(parts[1]))
+    images = [Image.open(p).convert("RGB") for p in parts]
+    both = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images) + 20), "white")
+    both.paste(images[0], (0, 0))
+    both.paste(images[1], (0, images[0].height + 20))
+    for p in parts:
+        p.unlink()
+    both.save(out / "dashboard_budget.png")
+    shrink(out / "dashboard_budget.png")
 
 
 def images(page: Page, url: str, out: Path) -> None:
@@ -175,35 +214,53 @@ def text(page: Page, url: str, out: Path, alerts_step: int) -> None:
     save(page.locator("tf-text-dashboard [slot=center]").first, out / "text_latest.png")
 
 
+def shoot(logdir: Path, chromium: str, take: Callable[[Page, str], None]) -> None:
+    """Serve ``logdir`` with TensorBoard and run ``take(page, url)`` in headless Chromium."""
+    port = free_port()
+    tensorboard = start_tensorboard(logdir, port)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+            take(browser.new_page(), f"http://127.0.0.1:{port}/?darkMode=false")
+            browser.close()
+    finally:
+        tensorboard.terminate()
+        tensorboard.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--logdir", type=Path, help="logs of examples/train_vit_digits.py (default: run it)")
+    parser.add_argument(
+        "--budget-logdir", type=Path, help="logs of a budget-mode train_char_gpt.py (default: run it)"
+    )
+    parser.add_argument("--shots", choices=("all", "demo", "budget"), default="all", help="which to make")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images", help="where the PNGs go")
     parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     parser.add_argument("--alerts-step", type=int, default=75, help="scroll the alerts card to this step")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
+    def demo_shots(page: Page, url: str) -> None:
+        custom_scalars(page, url, args.out)
+        images(page, url, args.out)
+        text(page, url, args.out, args.alerts_step)
+
     with tempfile.TemporaryDirectory() as tmp:
-        logdir = args.logdir
-        if logdir is None:
-            logdir = Path(tmp) / "vit_digits"
-            demo = ROOT / "examples" / "train_vit_digits.py"
-            subprocess.run([sys.executable, str(demo), "--logdir", str(logdir)], check=True)
-        port = free_port()
-        tensorboard = start_tensorboard(logdir, port)
-        try:
-            with sync_playwright() as playwright:
-                browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_FLAGS)
-                page = browser.new_page()
-                url = f"http://127.0.0.1:{port}/?darkMode=false"
-                custom_scalars(page, url, args.out)
-                images(page, url, args.out)
-                text(page, url, args.out, args.alerts_step)
-                browser.close()
-        finally:
-            tensorboard.terminate()
-            tensorboard.wait()
+        if args.shots in ("all", "demo"):
+            logdir = args.logdir
+            if logdir is None:
+                logdir = Path(tmp) / "vit_digits"
+                demo = ROOT / "examples" / "train_vit_digits.py"
+                subprocess.run([sys.executable, str(demo), "--logdir", str(logdir)], check=True)
+            shoot(logdir, args.chromium, demo_shots)
+        if args.shots in ("all", "budget"):
+            logdir = args.budget_logdir
+            if logdir is None:
+                logdir = Path(tmp) / "char_gpt"
+                run = [sys.executable, str(ROOT / "examples" / "train_char_gpt.py"), *BUDGET_RUN]
+                subprocess.run([*run, "--logdir", str(logdir)], check=True)
+            shoot(logdir, args.chromium, lambda page, url: budget_mode(page, url, args.out))
 
 
 if __name__ == "__main__":
