@@ -9,6 +9,7 @@ hessian-eigenthings and curvlinops and the rendering of what they measured, not 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -70,8 +71,18 @@ def _check_top_blocks_and_hvp() -> None:
     assert blocks.ours["whole"].error < 1e-3 and blocks.ours["cold"].products > 0
     assert {p.tool for p in blocks.peers} == {"hessian-eigenthings", "curvlinops"}
     lines, targets = render_blocks(blocks)
-    assert any("hessian-eigenthings" in line for line in lines) and len(targets) == 2
+    assert len(targets) == 2 and len(_rows(lines, "curvlinops: ")) == 1
+    # Eigenthings: task 1's choice, and its accurate run if the step search had to run.
+    assert len(_rows(lines, "hessian-eigenthings: ")) == min(len(blocks.peer_runs("hessian-eigenthings")), 2)
     assert len(_rows(lines, f"`{next(iter(blocks.tensors))}`")) == 1  # the per-tensor profile
+    # Rendering alone: of eigenthings' step search, the table keeps task 1's choice and the last run,
+    # and the target compares with the last.
+    he = blocks.peer_runs("hessian-eigenthings")[0]
+    searched = [replace(he, setting=f"lanczos k=1, max_iter={s}, LA") for s in (98, 99)]
+    lines, targets = render_blocks(replace(blocks, peers=[he, *searched, *blocks.peer_runs("curvlinops")]))
+    shown = [row[0] for row in _rows(lines, "hessian-eigenthings: ")]
+    assert len(shown) == 2 and shown[0].endswith(he.setting) and shown[1].endswith("max_iter=99, LA")
+    assert "max_iter=98" not in "\n".join(lines) and "(lanczos k=1, max_iter=99, LA)" in targets[0][2]
 
     hvp = measure_hvp(MICRO, rounds=1)
     assert hvp.errors["ours"] < 1e-10  # float64: ours equals the reference
@@ -99,6 +110,7 @@ def _check_trace_and_density() -> None:
     assert len(targets) == 1 and len(_rows(lines, "PyHessian: density")) == 1
 
 
+@pytest.mark.slow  # about 35 s on a busy 2-core machine: every peer and ours, per tensor too
 def test_top_eigenvalue_blocks_and_hvp():
     _check_top_blocks_and_hvp()
 
