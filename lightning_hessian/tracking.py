@@ -277,7 +277,7 @@ def track_model(
     backward).
 
     Block traces from shared probes: with Rademacher :math:`z_j` over the whole model (:math:`j = 1..m`,
-    the probes of :func:`~lightning_hessian.estimators.hutchinson` on the whole model with the same seed)
+    the probes of :func:`~lightning_hessian.estimators.trace.hutchinson` on the whole model, same seed)
     and one product :math:`H z_j` each, :math:`\hat t_b = \frac1m \sum_j z_{j,b}^\top (H z_j)_b`. Since
     :math:`(Hz)_b = H_{bb} z_b + H_{b\bar b} z_{\bar b}` and the coordinates of :math:`z` are independent
     with zero mean, :math:`E[\hat t_b] = \operatorname{tr} H_{bb}`, and one probe's variance is

@@ -106,3 +106,25 @@ def dense_gauss_newton(
     jac = jacrev(output)(theta).reshape(f0.numel(), theta.numel())
     h_out = hessian(lambda f: criterion(f.reshape(f0.shape), batch))(f0.reshape(-1))
     return jac.T @ h_out @ jac
+
+
+def density_cdf(density: Any, x: float | Tensor) -> Tensor:
+    """``F(x) = mu((-inf, x])`` of an SLQ density's probe-averaged quadrature measure, elementwise."""
+    nodes, masses = density.atoms()
+    x = torch.as_tensor(x, dtype=torch.float64)
+    return ((nodes <= x.reshape(-1, 1)) * masses).sum(1).reshape(x.shape)
+
+
+def wasserstein_to_spectrum(density: Any, eigenvalues: Tensor) -> float:
+    """Wasserstein-1 distance of an SLQ density's measure to the uniform measure on ``eigenvalues``.
+
+    ``W_1(mu, nu) = integral |F_mu(x) - F_nu(x)| dx``, integrated exactly over the sorted union of both
+    supports, where the difference of the two step functions is constant between consecutive points.
+    """
+    nodes, masses = density.atoms()
+    target = torch.as_tensor(eigenvalues, dtype=torch.float64).flatten().cpu()
+    points = torch.cat([nodes, target])
+    signed = torch.cat([masses, torch.full_like(target, -1.0 / target.numel())])
+    order = torch.argsort(points)
+    gap = torch.cumsum(signed[order], 0)[:-1]
+    return float((gap.abs() * torch.diff(points[order])).sum())

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lightning_hessian import CurvatureOperator, analyze, model_block
 from lightning_hessian._context import curvature_context
-from lightning_hessian.estimators import hutchinson
+from lightning_hessian.estimators.trace import hutchinson
 
 from . import common
 from .adapters import curvlinops, curvlinops_operator, he, pyhessian_compat, pyhessian_hessian
@@ -134,7 +134,7 @@ def _estimators(model: nn.Module, batch: Any) -> dict[str, Callable[[int, int], 
 
     return {
         OURS_DEFAULT: ours_hutchpp,
-        "ours: Hutchinson (estimators.hutchinson)": ours_hutchinson,
+        "ours: Hutchinson (estimators.trace.hutchinson)": ours_hutchinson,
         "PyHessian: Hutchinson (trace)": pyhessian_trace,
         "hessian-eigenthings: Hutchinson": he_trace("hutchinson"),
         "hessian-eigenthings: Hutch++": he_trace("hutch++"),

@@ -5,27 +5,26 @@ iteration), is seeded and deterministic, and draws its random vectors on the CPU
 depend on the device.
 
 * :func:`lanczos`: top-k and smallest eigenvalues (Lanczos with full reorthogonalisation). Use this one.
-* :func:`power_iteration`: largest-magnitude eigenvalues with deflation, as in PyHessian (for comparison).
 * :func:`slq`: spectral density by stochastic Lanczos quadrature.
-* :func:`hutchinson`, :func:`hutchpp`: trace estimates.
+* :func:`hutchpp`: trace estimates (Hutch++).
+
+Baselines the benchmarks compare against are kept in their modules and not exported:
+``power.power_iteration`` (PyHessian's method), ``trace.hutchinson`` (plain Hutchinson) and
+``lanczos.lanczos_with_error_estimates`` (the gap-estimate stopping rule of ``benchmarks/bench_stopping.py``).
 """
 
 from lightning_hessian.estimators._operator import BlockOperator, DenseBlockOperator
 from lightning_hessian.estimators.lanczos import LanczosResult, lanczos
-from lightning_hessian.estimators.power import PowerResult, power_iteration
 from lightning_hessian.estimators.slq import SpectralDensity, slq
-from lightning_hessian.estimators.trace import TraceResult, hutchinson, hutchpp
+from lightning_hessian.estimators.trace import TraceResult, hutchpp
 
 __all__ = [
     "BlockOperator",
     "DenseBlockOperator",
     "LanczosResult",
-    "PowerResult",
     "SpectralDensity",
     "TraceResult",
-    "hutchinson",
     "hutchpp",
     "lanczos",
-    "power_iteration",
     "slq",
 ]

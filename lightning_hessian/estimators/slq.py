@@ -54,7 +54,7 @@ class SpectralDensity:
         """Standard error of :attr:`trace` over the probes (NaN for a single probe)."""
         return draws.sample_stderr(self._probe_traces)
 
-    def _atoms(self) -> tuple[Tensor, Tensor]:
+    def atoms(self) -> tuple[Tensor, Tensor]:
         """The probe-averaged quadrature measure as flat ``(nodes, masses)`` with total mass 1."""
         masses = self.weights.flatten()
         return self.nodes.flatten(), masses / masses.sum()
@@ -77,7 +77,7 @@ class SpectralDensity:
         Returns:
             ``(grid, values)`` float64 CPU tensors.
         """
-        nodes, masses = self._atoms()
+        nodes, masses = self.atoms()
         low, high = float(nodes.min()), float(nodes.max())
         spread = high - low if high > low else max(abs(high), abs(low), 1e-12)
         sigma = width * spread
@@ -87,26 +87,6 @@ class SpectralDensity:
         z = (grid.reshape(-1, 1) - nodes) / sigma
         values = (masses * torch.exp(-0.5 * z**2)).sum(1) / (sigma * math.sqrt(2 * math.pi))
         return grid, values.reshape(grid.shape)
-
-    def cdf(self, x: float | Tensor) -> Tensor:
-        """``F(x) = mu((-inf, x])`` of the probe-averaged quadrature measure, elementwise in ``x``."""
-        nodes, masses = self._atoms()
-        x = torch.as_tensor(x, dtype=torch.float64)
-        return ((nodes <= x.reshape(-1, 1)) * masses).sum(1).reshape(x.shape)
-
-    def wasserstein_to(self, eigenvalues: Tensor) -> float:
-        """Wasserstein-1 distance to the uniform measure on ``eigenvalues`` (e.g. the exact spectrum).
-
-        ``W_1(mu, nu) = integral |F_mu(x) - F_nu(x)| dx``, integrated exactly over the sorted union of both
-        supports, where the difference of the two step functions is constant between consecutive points.
-        """
-        nodes, masses = self._atoms()
-        target = torch.as_tensor(eigenvalues, dtype=torch.float64).flatten().cpu()
-        points = torch.cat([nodes, target])
-        signed = torch.cat([masses, torch.full_like(target, -1.0 / target.numel())])
-        order = torch.argsort(points)
-        cdf_gap = torch.cumsum(signed[order], 0)[:-1]
-        return float((cdf_gap.abs() * torch.diff(points[order])).sum())
 
 
 def slq(
