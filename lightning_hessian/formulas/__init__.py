@@ -12,6 +12,7 @@ Pure functions of tensors (no models). Submodules:
 * :mod:`.gauss_newton` — the exact Gauss-Newton norm ``c λ_max(mean_s J_s^T J_s)`` of a multi-head layer's
   mean-squared error over many sequences (the theory's normaliser).
 * :mod:`.convergence` — [P] Thm 7 and the loss-difference identity.
+* :mod:`.stabilization` — [KG] curvature-aligned stabilisation criterion: closed form, Monte Carlo, i.i.d. rate.
 * :mod:`.stability` — ``2/η``, Adam's ``(2 + 2β_1)/((1 - β_1) η)`` and preconditioner, block heterogeneity.
 
 References:
@@ -20,7 +21,16 @@ References:
     [K] N. Kiselev, A. Grabovoy, arXiv:2409.11995.
 """
 
-from . import attention, convergence, ffn, gauss_newton, layernorm, stability
+from . import attention, convergence, ffn, gauss_newton, layernorm, stability, stabilization
 from ._linalg import HessianBlock
 
-__all__ = ["HessianBlock", "attention", "convergence", "ffn", "gauss_newton", "layernorm", "stability"]
+__all__ = [
+    "HessianBlock",
+    "attention",
+    "convergence",
+    "ffn",
+    "gauss_newton",
+    "layernorm",
+    "stability",
+    "stabilization",
+]
