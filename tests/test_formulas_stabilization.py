@@ -157,3 +157,17 @@ def test_bad_input_says_what_to_do():
         stabilization.monte_carlo_criterion(torch.zeros(3))
     with pytest.raises(ValueError, match="even"):
         stabilization.gaussian_probes(3, 2, 1.0)
+
+
+def test_order_average_of_the_closed_form_is_the_probe_variance_rate():
+    """Averaged over every order of a finite set of n samples (sampling without replacement), the closed form
+    is exactly S_D / (k (k+1)) with S_D = probe_variance (denominator n - 1): the live estimator's target."""
+    loss, theta, x, y = _problem(n=6)
+    values, b, c, _ = _dense(loss, theta, x, y, d=2)
+    orders = [list(p) for p in itertools.permutations(range(6))]
+    average = torch.stack(
+        [stabilization.subspace_criterion(values[p], b[p], c[p], 0.7) for p in orders]
+    ).mean(0)
+    k = torch.arange(1, 6, dtype=DT)
+    expected = stabilization.expected_criterion(k, stabilization.probe_variance(values, b, c, 0.7))
+    assert torch.allclose(average, expected, rtol=1e-12)
