@@ -258,7 +258,8 @@ class HessianMonitor(Callback):
         stabilization: budget mode, opt-in: ``D >= 1`` adds Kiselev & Grabovoy's curvature-aligned
             stabilisation criterion (arXiv:2604.14870) in the top-``D`` Ritz space of the whole-model tier,
             against the training samples seen (every process's batches counted), at every other whole-model
-            measurement (:mod:`lightning_hessian.stabilization`; cost about ``D + 1`` products). 0: off.
+            measurement (:mod:`lightning_hessian.stabilization`; ``n D`` products on the ``n`` curvature
+            samples' own graphs, charged to the whole-model tier's budget). 0: off.
         warm_start: start each pass's Lanczos from the previous pass's Ritz vectors.
         alerts: ``True`` for the default rules, ``False`` for none, a list of rules, or an ``AlertManager``.
         on_alert: called with every :class:`~lightning_hessian.alerts.Alert` (on rank 0).

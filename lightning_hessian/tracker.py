@@ -75,8 +75,9 @@ CRITICAL_EVERY = 4
 #: Each block's Rayleigh quotient along its piece of the top eigenvector costs about one product with every
 #: block (2.7 + 2.33 L whole-model products for L layers): at every this many whole-model measurements.
 RAYLEIGH_EVERY = 4
-#: The stabilisation criterion (opt-in) costs ~D + 1 products on per-sample graphs: at every this many
-#: whole-model measurements (the first included).
+#: The stabilisation criterion (opt-in) takes n D products on per-sample graphs (the time of ~16-45
+#: whole-batch products for D = 2-8 on small models): at every this many whole-model measurements (the first
+#: included). Its time is charged to the "model" tier, which then comes less often within the budget.
 STABILIZATION_EVERY = 2
 #: Cost of a first measurement in training steps, until one is measured (small models on CPU: a cold
 #: whole-model measurement costs ~20-40 steps, one layer's blocks cold ~30-100); the measured cost then
@@ -121,7 +122,8 @@ class CurvatureTracker:
             whole-model Lanczos run to every :data:`STABILIZATION_EVERY`-th ``"model"`` measurement, against
             the training samples seen (counted by :meth:`count_samples` or ``after_step(samples=)``); 0
             (default) leaves it off. Cost: ``n D`` per-sample Hessian-vector products on the ``n`` curvature
-            samples (about ``D + 1`` whole-batch products) and at least ``D`` Lanczos steps.
+            samples (the time of ~16-45 whole-batch products for ``D = 2-8`` on small models, charged to the
+            ``"model"`` tier) and at least ``D`` Lanczos steps.
         stabilization_sigma: the probes' standard deviation per subspace coordinate (parameter units).
         note: called with a sentence for things the user should know once (e.g. a warning function).
     """
