@@ -39,7 +39,7 @@ from lightning_hessian._rng import isolated_rng
 from lightning_hessian._side_effects import TrainingStepGuard
 from lightning_hessian.alerts import Alert, AlertManager, AlertRule, PassRecord, as_record
 from lightning_hessian.analysis import analyze
-from lightning_hessian.batches import Batches
+from lightning_hessian.batches import Batches, batch_size
 from lightning_hessian.blocks import Block, FusedLayout, find_blocks
 from lightning_hessian.dashboard import CurvatureDashboard
 from lightning_hessian.errors import NonFiniteLossError, PassFailedElsewhere
@@ -255,6 +255,11 @@ class HessianMonitor(Callback):
             at most ``blocks x (max_iter + trace_matvecs + density_probes x density_steps)`` Hessian-vector
             products (plus the same for the whole model, and twice ``max_iter`` more with ``split``).
         preconditioned: measure the preconditioned sharpness of Adam-family optimisers.
+        stabilization: budget mode, opt-in: ``D >= 1`` adds Kiselev & Grabovoy's curvature-aligned
+            stabilisation criterion (arXiv:2604.14870) in the top-``D`` Ritz space of the whole-model tier,
+            against the training samples seen (every process's batches counted), at every other whole-model
+            measurement (:mod:`lightning_hessian.stabilization`; ``n D`` products on the ``n`` curvature
+            samples' own graphs, charged to the whole-model tier's budget). 0: off.
         warm_start: start each pass's Lanczos from the previous pass's Ritz vectors.
         alerts: ``True`` for the default rules, ``False`` for none, a list of rules, or an ``AlertManager``.
         on_alert: called with every :class:`~lightning_hessian.alerts.Alert` (on rank 0).
@@ -321,6 +326,7 @@ class HessianMonitor(Callback):
         dtype: torch.dtype | None = None,
         mode: str = "eval",
         preconditioned: bool = True,
+        stabilization: int = 0,
         warm_start: bool = True,
         alerts: bool | Sequence[AlertRule] | AlertManager = True,
         on_alert: Callable[[Alert], None] | None = None,
@@ -432,6 +438,12 @@ class HessianMonitor(Callback):
         self.num_batches = num_batches
         self.loss_fn = loss_fn
         self.preconditioned = preconditioned
+        if stabilization and budget is None:
+            raise ValueError(
+                "stabilization= is a tier of budget mode: pass budget= (e.g. 0.05) with it, or use "
+                "lightning_hessian.stabilization.measure_stabilization in a loop of your own."
+            )
+        self.stabilization = stabilization
         self.warm_start = warm_start
         self.on_alert = on_alert
         self.stop_on = stop_on
@@ -517,6 +529,7 @@ class HessianMonitor(Callback):
                 },
                 analysis=self.settings.kwargs(),
                 preconditioned=self.preconditioned,
+                stabilization=self.stabilization,
                 note=self._note,
             )
         )
@@ -690,6 +703,8 @@ class HessianMonitor(Callback):
         trained = outputs is not None or not pl_module.automatic_optimization
         if trained:
             self._batch_idx = batch_idx
+            if self.tracker is not None:  # k of the stabilisation criterion: samples seen, all processes
+                self.tracker.count_samples(batch_size(batch) * trainer.world_size)
         if self.data == "fixed" and not self._captured and trained:
             self._batches.append(_detached_copy(batch))
             self._captured = len(self._batches) >= self.num_batches

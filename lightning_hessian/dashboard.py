@@ -313,6 +313,10 @@ def _layout(report: CurvatureReport, logged: Iterable[str], prefix: str) -> dict
                 tags.PRECONDITIONED_SHARPNESS, tags.PRECONDITIONED_THRESHOLD
             ),
             "block heterogeneity (Jensen-Shannon distance)": chart(tags.HETEROGENEITY),
+            # [KG]'s stabilisation criterion (opt-in) against its O(k^-2) reference
+            "stabilisation S_D/(k(k+1)) vs O(k^-2) reference": chart(
+                tags.STABILIZATION_CRITERION, tags.STABILIZATION_REFERENCE
+            ),
         },
         "Attention": per_kind(_ATTENTION, ["top_eigenvalue"], "λ_max across layers"),
         "Norms and FFN": per_kind(_NORM_FFN, ["top_eigenvalue"], "λ_max across layers"),

@@ -88,6 +88,11 @@ def report_charts(data: RunData) -> list[tuple[str, list[dict[str, Any]]]]:
             markers=markers,
         ),
         _chart(data, "Block heterogeneity (Jensen-Shannon distance)", [tags.HETEROGENEITY]),
+        _chart(
+            data,
+            "Stabilisation criterion S_D/(k(k+1)) against its O(k⁻²) reference (opt-in)",
+            [tags.STABILIZATION_CRITERION, tags.STABILIZATION_REFERENCE],
+        ),
         _chart(data, "Monitor time / training time", [tags.MONITOR_OVERHEAD]),
     ]
     by_layer: dict[int, list[str]] = {}

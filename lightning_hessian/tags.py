@@ -29,6 +29,11 @@ __all__ = [
     "PRECONDITIONED_THRESHOLD",
     "SHARPNESS",
     "SHARPNESS_RATIO",
+    "STABILIZATION_CRITERION",
+    "STABILIZATION_REFERENCE",
+    "STABILIZATION_SAMPLES",
+    "STABILIZATION_VALUE_VARIANCE",
+    "STABILIZATION_VARIANCE",
     "THEORY_STATS",
     "THRESHOLD",
     "UPDATE_ALIGNMENT",
@@ -107,6 +112,12 @@ PASS_SECONDS = "curvature_pass/seconds"
 PASS_MATVECS = "curvature_pass/matvecs"
 PASS_LOSS = "curvature_pass/loss"  # the loss on the curvature batches
 ALERT_COUNT = "alerts/count"
+# Live landscape stabilisation ([KG] arXiv:2604.14870, lightning_hessian.stabilization), against samples seen.
+STABILIZATION_CRITERION = "stabilization/criterion"  # S_D / (k (k+1)): the expected Δ_2^(D)(k)
+STABILIZATION_REFERENCE = "stabilization/reference"  # first S_D / (k (k+1)): the O(k^-2) line
+STABILIZATION_VARIANCE = "stabilization/variance"  # S_D = E_z Var_i l_i(w + Uz), top-D probes
+STABILIZATION_VALUE_VARIANCE = "stabilization/value_variance"  # S_0 = Var_i l_i(w): the probe-free part
+STABILIZATION_SAMPLES = "stabilization/samples_seen"  # k: training samples seen so far
 
 
 def block_tag(block: str, stat: str) -> str:

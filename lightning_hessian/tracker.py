@@ -10,7 +10,9 @@ time (5% by default):
 * ``"model"``: the whole model's :math:`\\lambda_{\\max}` and Adam's preconditioned :math:`\\lambda_{\\max}`,
   warm-tracked with a few products, each block's share of the top eigenvector, the gradient's and the
   update's alignment with it, per-block traces from shared probes and, at every fourth measurement, each
-  block's Rayleigh quotient along its piece of the top eigenvector (:mod:`lightning_hessian.tracking`);
+  block's Rayleigh quotient along its piece of the top eigenvector (:mod:`lightning_hessian.tracking`)
+  and, opt-in (``stabilization=D``), at every other measurement [KG]'s curvature-aligned stabilisation
+  criterion against the training samples seen (:mod:`lightning_hessian.stabilization`);
 * ``"blocks"`` (exact per block): Lanczos on one block per measurement, warm-started from its previous
   vectors, rotating over the blocks layer by layer so every block is measured once per rotation
   (:func:`~lightning_hessian.analyze`).
@@ -55,6 +57,7 @@ from lightning_hessian.loss_calls import LossFn
 from lightning_hessian.optimizers import adam_preconditioners, learning_rate, stability_scalars
 from lightning_hessian.planner import BudgetPlanner
 from lightning_hessian.report import BlockCurvature, CurvatureReport
+from lightning_hessian.stabilization import measure_stabilization
 from lightning_hessian.tracking import ModelCurvature, track_model
 
 __all__ = ["FIGURES", "TIERS", "CurvatureTracker", "Measurement"]
@@ -72,6 +75,10 @@ CRITICAL_EVERY = 4
 #: Each block's Rayleigh quotient along its piece of the top eigenvector costs about one product with every
 #: block (2.7 + 2.33 L whole-model products for L layers): at every this many whole-model measurements.
 RAYLEIGH_EVERY = 4
+#: The stabilisation criterion (opt-in) takes n D products on per-sample graphs (the time of ~16-45
+#: whole-batch products for D = 2-8 on small models): at every this many whole-model measurements (the first
+#: included). Its time is charged to the "model" tier, which then comes less often within the budget.
+STABILIZATION_EVERY = 2
 #: Cost of a first measurement in training steps, until one is measured (small models on CPU: a cold
 #: whole-model measurement costs ~20-40 steps, one layer's blocks cold ~30-100); the measured cost then
 #: sets the pace. Lower priors give earlier first points but overshoot the budget on short runs.
@@ -111,6 +118,13 @@ class CurvatureTracker:
         preconditioned: measure Adam's preconditioned curvature (Adam-family optimisers only).
         model_max_iter, model_tol: Lanczos steps and relative tolerance of one warm whole-model measurement.
         trace_probes: Hutchinson probes per whole-model measurement (0: no traces).
+        stabilization: ``D >= 1`` adds [KG]'s curvature-aligned criterion in the top-``D`` Ritz space of the
+            whole-model Lanczos run to every :data:`STABILIZATION_EVERY`-th ``"model"`` measurement, against
+            the training samples seen (counted by :meth:`count_samples` or ``after_step(samples=)``); 0
+            (default) leaves it off. Cost: ``n D`` per-sample Hessian-vector products on the ``n`` curvature
+            samples (the time of ~16-45 whole-batch products for ``D = 2-8`` on small models, charged to the
+            ``"model"`` tier) and at least ``D`` Lanczos steps.
+        stabilization_sigma: the probes' standard deviation per subspace coordinate (parameter units).
         note: called with a sentence for things the user should know once (e.g. a warning function).
     """
 
@@ -124,6 +138,8 @@ class CurvatureTracker:
         model_max_iter: int = 8,
         model_tol: float = 1e-2,
         trace_probes: int = 4,
+        stabilization: int = 0,
+        stabilization_sigma: float = 0.01,
         note: Callable[[str], None] | None = None,
     ) -> None:
         shares = dict(DEFAULT_SHARES if shares is None else shares)
@@ -138,6 +154,20 @@ class CurvatureTracker:
         self.model_max_iter = model_max_iter
         self.model_tol = model_tol
         self.trace_probes = trace_probes
+        if isinstance(stabilization, bool) or not isinstance(stabilization, int) or stabilization < 0:
+            raise ValueError(
+                f"stabilization must be an int >= 0 (the probe subspace's dimension D; 0: off), got "
+                f"{stabilization!r}."
+            )
+        if not (isinstance(stabilization_sigma, int | float) and 0 <= stabilization_sigma < math.inf):
+            raise ValueError(
+                f"stabilization_sigma must be a finite number >= 0, got {stabilization_sigma!r}."
+            )
+        self.stabilization = stabilization
+        self.stabilization_sigma = float(stabilization_sigma)
+        self.samples_seen = 0  # training samples so far (count_samples / after_step(samples=))
+        self._stabilization_reference: float | None = None  # the first S_D: the O(k^-2) reference line
+        self._told_samples = False
         self._note = note or (lambda message: None)
         self._blocks: list[Block] | None = None
         self._groups: list[tuple[Any, list[Block]]] = []
@@ -167,6 +197,12 @@ class CurvatureTracker:
             self.snapshot(model)
         return list(self._pending)
 
+    def count_samples(self, samples: int) -> None:
+        """Add ``samples`` training samples (all processes') to the count the stabilisation criterion uses."""
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+            raise ValueError(f"samples must be an int >= 0 (training samples in the step), got {samples!r}.")
+        self.samples_seen += samples
+
     def after_step(
         self,
         model: nn.Module,
@@ -175,11 +211,14 @@ class CurvatureTracker:
         optimizer: torch.optim.Optimizer | None = None,
         *,
         reduce: Callable[[Tensor], Tensor] | None = None,
+        samples: int | None = None,
     ) -> Measurement | None:
-        """Count the optimiser step and run what :meth:`before_step` planned on the curvature ``data``
-        (the same batches every time, for curves of the model, not of the data); ``None`` if nothing was
-        due."""
+        """Count the optimiser step (and the ``samples`` it trained on, for the stabilisation criterion) and
+        run what :meth:`before_step` planned on the curvature ``data`` (the same batches every time, for
+        curves of the model, not of the data); ``None`` if nothing was due."""
         self._steps += 1
+        if samples is not None:
+            self.count_samples(samples)
         kinds, self._pending = self._pending, []
         if not kinds:
             return None
@@ -325,6 +364,14 @@ class CurvatureTracker:
         if self.trace_probes > 0 or self.analysis.get("trace"):
             stats.append("trace")
         out |= {tags.block_tag(b.name, stat) for b in self._blocks or () for stat in stats}
+        if self.stabilization:
+            out |= {
+                tags.STABILIZATION_CRITERION,
+                tags.STABILIZATION_REFERENCE,
+                tags.STABILIZATION_VARIANCE,
+                tags.STABILIZATION_VALUE_VARIANCE,
+                tags.STABILIZATION_SAMPLES,
+            }
         return out
 
     def _resolve_blocks(self, model: nn.Module, loss_fn: LossFn, example: Any, reduce: Any) -> None:
@@ -352,6 +399,15 @@ class CurvatureTracker:
         result: Measurement,
     ) -> None:
         settings = self.analysis
+        stabilize = (
+            self.stabilization > 0 and self.samples_seen > 0 and self._model_count % STABILIZATION_EVERY == 0
+        )
+        if self.stabilization and not self.samples_seen and not self._told_samples:
+            self._told_samples = True
+            self._note(
+                "stabilization= needs the training samples seen (k): pass after_step(samples=batch size) or "
+                "call count_samples(); until then the criterion is not measured"
+            )
         found = track_model(
             model,
             loss_fn,
@@ -371,6 +427,7 @@ class CurvatureTracker:
             reduce=reduce,
             chunk_size=settings.get("chunk_size"),
             basis_device=settings.get("basis_device"),
+            subspace=self.stabilization if stabilize else 0,
         )
         self._model = found
         self._model_count += 1
@@ -392,6 +449,24 @@ class CurvatureTracker:
             seconds=found.seconds,
         )
         self.latest.loss = result.loss = found.loss
+        if stabilize and found.subspace is not None:
+            self._measure_stabilization(model, loss_fn, batches, found.subspace, result)
+
+    def _measure_stabilization(
+        self, model: nn.Module, loss_fn: LossFn, batches: Batches, subspace: Tensor, result: Measurement
+    ) -> None:
+        found = measure_stabilization(
+            model,
+            loss_fn,
+            batches,
+            subspace,
+            self.samples_seen,
+            sigma=self.stabilization_sigma,
+            mode=self.analysis.get("mode", "eval"),
+        )
+        if self._stabilization_reference is None:
+            self._stabilization_reference = found.variance
+        result.scalars.update(found.scalars(self._stabilization_reference))
 
     def _measure_blocks(
         self,
@@ -428,6 +503,8 @@ class CurvatureTracker:
             "rotations": self.rotations,
             "update_count": self._update_count,
             "model_count": self._model_count,
+            "samples_seen": self.samples_seen,
+            "stabilization_reference": self._stabilization_reference,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -436,6 +513,8 @@ class CurvatureTracker:
         self.rotations = int(state.get("rotations", 0))
         self._update_count = int(state.get("update_count", 0))
         self._model_count = int(state.get("model_count", 0))
+        self.samples_seen = int(state.get("samples_seen", 0))
+        self._stabilization_reference = state.get("stabilization_reference")
         # A loop of your own resumes its clock and step count where the checkpoint left them.
         self._steps = int(state.get("steps", 0))
         self._clock, self._own_seconds = None, 0.0

@@ -102,6 +102,8 @@ class ModelCurvature:
         seconds: wall time of the call.
         top_vector: the unit top Ritz vector (CPU), the next call's warm start.
         preconditioned_vector: the same for the preconditioned operator.
+        subspace: with ``subspace=D``, the top ``D`` Ritz vectors, orthonormal ``(P, D)`` float64 on the CPU
+            (the first is ``top_vector``); ``None`` otherwise.
     """
 
     top_eigenvalue: float
@@ -123,6 +125,7 @@ class ModelCurvature:
     top_vector: Tensor = field(repr=False)
     preconditioned_vector: Tensor | None = field(default=None, repr=False)
     block_rayleigh: dict[str, float] = field(default_factory=dict)
+    subspace: Tensor | None = field(default=None, repr=False)
 
     def scalars(self) -> dict[str, float]:
         """Tag -> value for the logger (names from :mod:`lightning_hessian.tags`); NaN values are left out."""
@@ -163,6 +166,7 @@ def _top(
     max_iter: int,
     seed: int,
     basis_device: torch.device | str | None = None,
+    keep: int = 1,
 ) -> tuple[float, float, bool, Tensor]:
     """λ_max of a one-block operator by Lanczos, stopped when ``r <= tol * |θ_top|``.
 
@@ -171,10 +175,15 @@ def _top(
     :math:`|\theta|`, which a large negative Ritz value can set, and then stops with λ_max far off (measured:
     after 2 steps at ``tol=1e-2`` on a spectrum in [-100, 1], with the top Ritz value at -0.08).
 
+    With ``keep > 1`` the run takes at least ``keep`` steps and returns the top ``keep`` Ritz vectors (top
+    first, orthonormal): a Krylov approximation of the top eigenspace at no extra product beyond those steps.
+
     Returns:
-        ``(θ_top, r, converged, unit Ritz vector)``; ``r`` is floored at the rounding level.
+        ``(θ_top, r, converged, unit Ritz vector (n,))``, with ``keep > 1`` the vectors ``(n, <= keep)``;
+        ``r`` is floored at the rounding level.
     """
     start = start_vector(op, 0, warm, draws.generator(seed, draws.LANCZOS, 0))
+    max_iter = max(max_iter, keep)
     chains = {0: LanczosChains(start[None], capacity=min(max_iter + 1, 33), basis_device=basis_device)}
     rounding = torch.finfo(op.dtype).eps
 
@@ -184,7 +193,7 @@ def _top(
         floor = rounding * float(theta.abs().max())
         if (
             chain.broken[0]
-            or max(float(residuals[-1]), floor) <= tol * abs(top)
+            or (max(float(residuals[-1]), floor) <= tol * abs(top) and chain.lengths[0] >= keep)
             or chain.lengths[0] >= max_iter
         ):
             chain.stop()
@@ -194,8 +203,8 @@ def _top(
     theta, s, residuals = chain.ritz(0)
     residual = max(float(residuals[-1]), rounding * float(theta.abs().max()))
     converged = chain.broken[0] or residual <= tol * abs(float(theta[-1]))
-    vector = chain.ritz_vectors(0, s[:, -1:])[:, 0].to(op.device)  # the caller multiplies by it
-    return float(theta[-1]), residual, converged, vector
+    vectors = chain.ritz_vectors(0, s[:, -keep:].flip(1)).to(op.device)  # the caller multiplies by them
+    return float(theta[-1]), residual, converged, vectors if keep > 1 else vectors[:, 0]
 
 
 def _block_sums(
@@ -269,6 +278,7 @@ def track_model(
     products: str = "exact",
     block_rayleigh: bool = False,
     basis_device: torch.device | str | None = None,
+    subspace: int = 0,
 ) -> ModelCurvature:
     r"""The whole model's top curvature, warm-started, with its eigenvector's by-products and block traces.
 
@@ -315,11 +325,19 @@ def track_model(
             (``ModelCurvature.block_rayleigh``): one product with every block's diagonal Hessian block, on a
             second graph, costing about as much as one product for every block (a block's pruned product
             runs through every later layer: 2.7 + 2.33 L whole-model products for L layers, issue #12).
+        subspace: also keep the top ``subspace`` Ritz vectors of the same Lanczos run
+            (``ModelCurvature.subspace``, for :func:`~lightning_hessian.stabilization.measure_stabilization`):
+            the run then takes at least that many products. Beyond the first, they span the Krylov space's
+            best approximation of the top eigenspace, not converged eigenvectors.
 
     Returns:
         A :class:`ModelCurvature`; ``.scalars()`` gives the tags to log.
     """
     check_positive("cold_max_iter", cold_max_iter)
+    if isinstance(subspace, bool) or not isinstance(subspace, int) or subspace < 0:
+        raise ValueError(
+            f"subspace must be an int >= 0 (top Ritz vectors to keep; 0: none), got {subspace!r}."
+        )
     check_settings(
         max_iter=max_iter,
         tol=tol,
@@ -375,11 +393,11 @@ def track_model(
         op = _operator(model, loss_fn, data, whole, products, **options)
         fresh = init is None or init.top_vector.shape != (whole.numel,)
         warm = StartVectors(op, None, "gradient", seed)(0) if fresh else init.top_vector
-        top, residual, converged, v = _top(
-            op, warm, tol, cold_max_iter if fresh else max_iter, seed, basis_device
-        )
-        v = v.to(device="cpu", dtype=torch.float64)
-        v = v / v.norm()
+        budget = cold_max_iter if fresh else max_iter
+        top, residual, converged, ritz = _top(op, warm, tol, budget, seed, basis_device, max(1, subspace))
+        ritz = ritz.to(device="cpu", dtype=torch.float64).reshape(whole.numel, -1)
+        v = ritz[:, 0] / ritz[:, 0].norm()
+        basis = torch.linalg.qr(ritz).Q if subspace else None  # orthonormal in float64
         gradient = op.gradient(0).to(device="cpu", dtype=torch.float64)
 
         p_top = p_residual = p_converged = p_vector = None
@@ -441,6 +459,7 @@ def track_model(
         top_vector=v.to(keep),
         preconditioned_vector=p_vector,
         block_rayleigh=rayleigh,
+        subspace=basis,
     )
 
 

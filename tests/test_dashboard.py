@@ -407,3 +407,15 @@ def test_the_update_tier_chart_appears_only_with_the_update_tier():
     assert any(
         "critical_ratio" in r for r in budget["Curvature: Stability"]["sharpness ratios (> 1: unstable)"][1]
     )
+
+
+def test_the_stabilization_chart_appears_only_when_it_is_logged():
+    from lightning_hessian.dashboard import _layout
+    from lightning_hessian.report import BlockCurvature, CurvatureReport
+
+    report = CurvatureReport(blocks={"a": BlockCurvature("a", "query", 0, 4)})
+    title = "stabilisation S_D/(k(k+1)) vs O(k^-2) reference"
+    assert title not in _layout(report, {tags.SHARPNESS}, "")["Curvature: Stability"]
+    logged = {tags.SHARPNESS, tags.STABILIZATION_CRITERION, tags.STABILIZATION_REFERENCE}
+    charted = _layout(report, logged, "")["Curvature: Stability"][title][1]
+    assert charted == ["^stabilization/criterion$", "^stabilization/reference$"]

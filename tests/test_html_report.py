@@ -217,3 +217,22 @@ def test_report_renders_in_chromium(run, tmp_path):
         assert "step 6" in first.locator(".tip").inner_text()
         browser.close()
     assert not errors
+
+
+def test_stabilization_chart_only_when_logged():
+    title = "Stabilisation criterion S_D/(k(k+1)) against its O(k⁻²) reference (opt-in)"
+    plain = RunData(Path("x"), scalars={tags.SHARPNESS: [(1, 1.0)]})
+    assert title not in {c["title"] for _, specs in report_charts(plain) for c in specs}
+    data = RunData(
+        Path("x"),
+        scalars={
+            tags.STABILIZATION_CRITERION: [(10, 1e-4), (20, 1e-8)],
+            tags.STABILIZATION_REFERENCE: [(10, 1e-4)],
+        },
+    )
+    chart = {c["title"]: c for _, specs in report_charts(data) for c in specs}[title]
+    assert [s["name"] for s in chart["series"]] == [
+        tags.STABILIZATION_CRITERION,
+        tags.STABILIZATION_REFERENCE,
+    ]
+    assert chart["log"] is True

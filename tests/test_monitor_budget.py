@@ -58,11 +58,20 @@ def test_no_html_report_on_request(tmp_path):
 
 def test_budget_mode_leaves_training_bitwise_alone(tmp_path):
     plain = fit(tmp_path / "plain", max_steps=150)
-    monitor = HessianMonitor(budget=0.9, **QUIET)
+    monitor = HessianMonitor(budget=0.9, stabilization=2, **QUIET)  # the opt-in stabilisation criterion too
     watched = fit(tmp_path / "watched", [monitor], max_steps=150)
     for tag in (tags.UPDATE_CURVATURE, tags.SHARPNESS, tags.block_tag("layer.self_attn.q", "top_eigenvalue")):
         assert measured_steps(monitor, tag), tag
     assert_same_training(plain, watched)
+    # k = the training samples seen: 8 per batch, counted before the step's measurement
+    live = [r for r in monitor.history if tags.STABILIZATION_CRITERION in r.scalars]
+    assert live and all(r.scalars[tags.STABILIZATION_SAMPLES] == 8 * r.step for r in live)
+    assert monitor.tracker.samples_seen == 8 * 150
+
+
+def test_stabilization_is_a_budget_mode_tier():
+    with pytest.raises(ValueError, match="budget="):
+        HessianMonitor(every_n_steps=10, stabilization=2)
 
 
 def test_a_run_too_short_for_its_budget_says_so_early(tmp_path):

@@ -18,6 +18,7 @@ sys.path.insert(0, str(EXPERIMENTS))
 import repro_attention  # noqa: E402
 import repro_layernorm  # noqa: E402
 import repro_live_bounds  # noqa: E402
+import repro_stabilization  # noqa: E402
 import repro_theorem7  # noqa: E402
 import reproduce_papers  # noqa: E402
 
@@ -125,7 +126,14 @@ def test_quick_pipeline_writes_report_and_figures(tmp_path):
     out = reproduce_papers.reproduce(quick=True, out=tmp_path / "docs")
     assert out["report"].is_file()
     text = out["report"].read_text()
-    headings = ("## 1. [O]", "## 2.", "## 3. [P] Theorem 7", "## 4. [P] Theorem 1 during training", "## 5.")
+    headings = (
+        "## 1. [O]",
+        "## 2.",
+        "## 3. [P] Theorem 7",
+        "## 4. [P] Theorem 1 during training",
+        "## 5.",
+        "## 6. [KG]",
+    )
     for heading in headings:
         assert heading in text
     assert "holds at every k, order and radius" in text
@@ -142,3 +150,20 @@ def test_quick_pipeline_writes_report_and_figures(tmp_path):
     for ratio_q, ratio_k in reproduce_papers.repro_vit.value_query_ratios(out["vit"].init).values():
         assert ratio_q > 1 and ratio_k > 1
     assert out["vit"].test_accuracy > out["vit"].init_accuracy + 0.3  # it did train
+
+
+@pytest.mark.slow
+def test_stabilization_closed_form_matches_monte_carlo_and_writes_its_section(tmp_path):
+    res = repro_stabilization.run(quick=True)
+    for d in res.dims:  # in the local regime the closed form is the probe average of the true losses
+        mean, err = res.monte_carlo[d, res.sigma]
+        assert abs(res.closed[d, res.sigma] - mean) <= 4 * err + 0.05 * mean, d
+    assert abs(res.slope_closed + 2) < 0.3 and abs(res.slope_mc + 2) < 0.3
+    assert len(res.live_k) >= 5 and res.live_k == sorted(res.live_k)
+    report = tmp_path / "reproduction.md"
+    report.write_text("# Page\n\n## 6. [KG] OLD-SECTION\n" + repro_stabilization.END + "\n\n## 7. Next\n")
+    repro_stabilization.write_section(repro_stabilization.section(res, 1.0, "cmd"), report)
+    text = report.read_text()
+    assert text.count("## 6. [KG]") == 1 and "OLD-SECTION" not in text
+    assert text.endswith(repro_stabilization.END + "\n\n## 7. Next\n")
+    assert "agree in the local regime" in text

@@ -23,14 +23,16 @@ def train(steps: int, tracker: CurvatureTracker | None) -> tuple[torch.nn.Module
             tracker.before_step(model)
         optimizer.step()
         optimizer.zero_grad()
-        if tracker is not None and (m := tracker.after_step(model, loss_fn, curvature_batch, optimizer)):
+        if tracker is not None and (
+            m := tracker.after_step(model, loss_fn, curvature_batch, optimizer, samples=4)
+        ):
             found.append(m)
     return model, found
 
 
 def test_a_plain_loop_gets_every_tier_and_trains_bitwise_as_without():
     plain, _ = train(150, None)
-    tracker = CurvatureTracker(budget=0.9)
+    tracker = CurvatureTracker(budget=0.9, stabilization=2)  # the opt-in criterion included
     watched, found = train(150, tracker)
     for (name, a), (_, b) in zip(plain.state_dict().items(), watched.state_dict().items()):
         assert torch.equal(a, b), name
@@ -43,6 +45,18 @@ def test_a_plain_loop_gets_every_tier_and_trains_bitwise_as_without():
     assert model.scalars[tags.SHARPNESS] > 0 and tags.SHARPNESS_RATIO in model.scalars
     assert tracker.latest.full is not None
     assert tracker.planner.steps == 149 and 0 < tracker.planner.overhead
+    # [KG]'s criterion at every other whole-model measurement, against the samples seen (4 per step)
+    live = [m for m in found if tags.STABILIZATION_CRITERION in m.scalars]
+    assert len(live) == (len([m for m in found if "model" in m.kinds]) + 1) // 2
+    first = live[0].scalars
+    assert first[tags.STABILIZATION_SAMPLES] == 4 * live[0].step
+    assert first[tags.STABILIZATION_REFERENCE] == first[tags.STABILIZATION_CRITERION]
+    k = first[tags.STABILIZATION_SAMPLES]
+    assert first[tags.STABILIZATION_CRITERION] == pytest.approx(
+        first[tags.STABILIZATION_VARIANCE] / (k * (k + 1))
+    )
+    assert tracker.state_dict()["samples_seen"] == 600
+    assert tracker.expected_tags() >= {t for t in first if t.startswith("stabilization/")}
 
 
 def test_before_step_keeps_the_weights_only_when_the_update_is_measured():

@@ -12,15 +12,26 @@ Pure functions of tensors (no models). Submodules:
 * :mod:`.gauss_newton` — the exact Gauss-Newton norm ``c λ_max(mean_s J_s^T J_s)`` of a multi-head layer's
   mean-squared error over many sequences (the theory's normaliser).
 * :mod:`.convergence` — [P] Thm 7 and the loss-difference identity.
+* :mod:`.stabilization` — [KG] curvature-aligned stabilisation criterion: closed form, Monte Carlo.
 * :mod:`.stability` — ``2/η``, Adam's ``(2 + 2β_1)/((1 - β_1) η)`` and preconditioner, block heterogeneity.
 
 References:
     [O] W. Ormaniec, F. Dangel, S. P. Singh, arXiv:2410.10986 (ICLR 2025).
     [P] E. Petrov, N. Kiselev, V. Meshkov, A. Grabovoy, arXiv:2510.16927.
     [K] N. Kiselev, A. Grabovoy, arXiv:2409.11995.
+    [KG] N. Kiselev, A. Grabovoy, arXiv:2604.14870.
 """
 
-from . import attention, convergence, ffn, gauss_newton, layernorm, stability
+from . import attention, convergence, ffn, gauss_newton, layernorm, stability, stabilization
 from ._linalg import HessianBlock
 
-__all__ = ["HessianBlock", "attention", "convergence", "ffn", "gauss_newton", "layernorm", "stability"]
+__all__ = [
+    "HessianBlock",
+    "attention",
+    "convergence",
+    "ffn",
+    "gauss_newton",
+    "layernorm",
+    "stability",
+    "stabilization",
+]
