@@ -1,0 +1,302 @@
+r"""[P] Thm 5/6 for a whole post-norm Transformer block, matrix-free: the bound at ``L = 128, d = 64``.
+
+The block of [P] eq. (4) (:func:`~lightning_hessian.formulas.ffn.block_forward`): ``U = X + F(θ_att)``,
+``Y = LN(U)``, ``S = σ(Y W_1) W_2 + Y``, ``Z = LN(S)``, loss ``l = ||Z - Target||_F^2 / (L d)``,
+``c = 2/(L d)``. [P] Thm 6 (docs/formulas.md §5), per pair of weights ``i, j`` in ``(Q, K, V, W1, W2)``:
+
+.. math::
+
+    \|H_{tr}^{(i,j)}\| \le \|J_Z\|\,\|\xi_{ij}\| + \|B_i\|\,\|H_Z\|\,\|B_j\|,\qquad
+    \|H\|_2 \le M_{tr} = 5 \max_{i,j} \big(c \|\partial Z/\partial W_i\| \|\partial Z/\partial W_j\|
+    + c \|Z - T\|_F\, b_{ij}\big),
+
+with ``B_i = dS/dW_i``, ``ξ_ij = d vec_r(B_i) / d vec_r(W_j)^T`` (flat norm) and ``b_ij`` the right-hand side
+of the first line. :func:`~lightning_hessian.formulas.ffn.block_loss_hessian_bound` evaluates it with dense
+factors (memory ``O(L d (Σ n_i)^2)``: ``L = d = 4`` at most); here no matrix of the size of a Jacobian is
+formed (memory ``O(iters Σ n_i + L d d_ff)``):
+
+* ``||J_Z||``, ``||H_Z||`` and the first LayerNorm's ``||J_Y||``, ``||H_Y||``: closed form, per row
+  (:func:`~lightning_hessian.formulas.layernorm.jacobian_norm`, ``hessian_norm``); exact.
+* ``||B_i||``, ``||dZ/dW_i||``, ``||dY/dθ_k||``, ``||G_k|| = ||dF/dθ_k||``: Lanczos on the Gram operator
+  ``J^T J v`` from ``torch.func.jvp`` / ``vjp``; exact once converged (from below).
+* ``ξ`` of the FFN pairs and the FFN stage's second derivatives ``d J_SY / dW_f``, ``d B_f / dY``: flat norms as
+  ``sqrt(λ_max)`` of their quadratic forms ``||ξ δ||_F^2``, written per row in closed form (``σ' = D``,
+  ``σ''`` for GELU); exact.
+* ``ξ`` of a pair with an attention weight: [P] Thm 5 one stage down, ``ξ = (J_SY ⊗ I) d^2Y + (I ⊗ J_{Y,k}^T)
+  H_C J_{Y,l}``, bounded by the triangle inequality with the exact factors above and, for
+  ``d^2 Y / dθ_k dθ_l``, once more through ``Y = LN(U)`` with the attention second derivatives ``Φ_kl``
+  bounded as in [P]'s appendix, corrected (``s = max_i ||diag(a_i) - a_i a_i^T||``, ``s_2`` of
+  :func:`~lightning_hessian.formulas.attention.softmax_hessian_norm_bound`, ``C_i = X^T (diag(a_i) - a_i
+  a_i^T) X``). These ``ξ`` are upper bounds, not exact: the result is at least the dense value (equal on
+  the FFN pairs) and still bounds ``||H||``.
+
+Reference:
+    E. Petrov, N. Kiselev, V. Meshkov, A. Grabovoy, "Closing the Curvature Gap: Full Transformer Hessians and
+    Their Implications for Scaling Laws", arXiv:2510.16927, Thm 5-6 and the appendix lemmas.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import attention, ffn, layernorm
+from ._linalg import batched_top_eigenvalue
+
+__all__ = ["BlockBound", "block_bound"]
+
+_ATT, _FFN = ("Q", "K", "V"), ("W1", "W2")
+
+
+@dataclass(frozen=True)
+class BlockBound:
+    """[P] Thm 6 for one sequence, with its factors.
+
+    Attributes:
+        bound: ``M_tr >= ||H||_2`` of the loss Hessian in all five weights.
+        pairs: per ``(i, j)``, the bound ``b_ij`` on ``||H_tr^{(i,j)}||``.
+        factors: ``J_Z``, ``H_Z``, ``B_<i>``, ``dZ_<i>``, ``xi_<i>_<j>``, ``resid`` (``||Z - T||_F``).
+        exact_xi: pairs whose ``ξ`` norm is exact (the others are upper bounds).
+    """
+
+    bound: float
+    pairs: dict[tuple[str, str], float]
+    factors: dict[str, float]
+    exact_xi: frozenset[tuple[str, str]] = field(default_factory=frozenset)
+
+
+def _top(matvec: Callable[[Tensor], Tensor], n: int, like: Tensor, iters: int, seed: int) -> float:
+    """``λ_max`` of a symmetric operator by Lanczos (top value only: the smallest of a Gram operator sits near
+    0 and would take many more steps)."""
+    top = batched_top_eigenvalue(lambda v: matvec(v[0])[None], (1,), n, iters=iters, like=like, seed=seed)
+    return float(top[0])
+
+
+def _gram_norm(fn: Callable[[Tensor], Tensor], w: Tensor, iters: int, seed: int) -> float:
+    """``||d fn / d w||_2`` by Lanczos on ``J^T J`` (``torch.func`` products; nothing dense)."""
+    _, vjp_fn = torch.func.vjp(fn, w)
+
+    def gram(v: Tensor) -> Tensor:
+        jv = torch.func.jvp(fn, (w,), (v.reshape(w.shape),))[1]
+        return vjp_fn(jv)[0].reshape(-1)
+
+    return math.sqrt(max(_top(gram, w.numel(), w, iters, seed), 0.0))
+
+
+def _quad_norm(
+    q: Callable[[Tensor], Tensor], shape: tuple[int, ...], like: Tensor, iters: int, seed: int
+) -> float:
+    """``sqrt(λ_max(A))`` for a quadratic form ``q(δ) = δ^T A δ = ||ξ δ||_F^2`` (``A δ = ∇q / 2``)."""
+    n = math.prod(shape)
+    grad = torch.func.grad(lambda v: q(v.reshape(shape)))
+    return math.sqrt(max(_top(lambda v: grad(v) / 2, n, like, iters, seed), 0.0))
+
+
+def _phi_bounds(X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, tau: float) -> dict[tuple[str, str], float]:
+    """Upper bounds on the flat norms ``||Φ_kl|| = ||d vec_r(dF/dW_k) / d vec_r(W_l)^T||`` (corrected).
+
+    ``Φ_QQ <= v k^2 s_2 x^5 / τ^2``; ``Φ_QK <= v k q s_2 x^5 / τ^2 + sqrt(d) v s x^3 / τ`` (the second term from
+    ``W_K`` outside the softmax); ``Φ_VQ <= sqrt(d) k s x^3 / τ``; ``Φ_QV <= (Σ_i ||x_i||^2 ||C_i W_K||^2)^{1/2}
+    / τ`` (row block ``i`` of ``Z_1`` is ``x_i^T ⊗ C_i``); ``Φ_VV = 0``; ``K`` with ``Q`` and ``K`` swapped.
+    """
+    d = W_V.shape[-1]
+    a = attention.forward(X, W_Q, W_K, W_V, tau)["A"]
+    x, q, k, v = (float(torch.linalg.matrix_norm(m, ord=2)) for m in (X, W_Q, W_K, W_V))
+    s = float(attention.softmax_jacobian_norm(a))
+    s2 = float(attention.softmax_hessian_norm_bound(a))
+    # C_i = X^T (diag(a_i) - a_i a_i^T) X, one d x d matrix per query row.
+    ax = a.unsqueeze(-1) * X.unsqueeze(0)  # [i, j, :] = a_ij x_j
+    c_rows = X.T.unsqueeze(0) @ ax - (a @ X).unsqueeze(-1) * (a @ X).unsqueeze(-2)
+    x_rows = X.norm(dim=-1) ** 2
+    c_k = torch.linalg.matrix_norm(c_rows @ W_K, ord=2)
+    c_only = torch.linalg.matrix_norm(c_rows, ord=2)
+    q_rows = (X @ W_Q).norm(dim=-1) ** 2
+    w = {"Q": k, "K": q}
+    out: dict[tuple[str, str], float] = {("V", "V"): 0.0}
+    out[("Q", "V")] = float((x_rows * c_k**2).sum().sqrt()) / tau
+    out[("K", "V")] = float((q_rows * c_only**2).sum().sqrt()) / tau
+    for a_name in ("Q", "K"):
+        out[("V", a_name)] = math.sqrt(d) * w[a_name] * s * x**3 / tau
+        for b_name in ("Q", "K"):
+            val = v * w[a_name] * w[b_name] * s2 * x**5 / tau**2
+            if a_name != b_name:
+                val += math.sqrt(d) * v * s * x**3 / tau
+            out[(a_name, b_name)] = val
+    return out
+
+
+def block_bound(
+    X: Tensor,
+    W_Q: Tensor,
+    W_K: Tensor,
+    W_V: Tensor,
+    W_1: Tensor,
+    W_2: Tensor,
+    target: Tensor,
+    activation: str = "relu",
+    eps: float = 0.0,
+    tau: float | None = None,
+    iters: int = 100,
+    seed: int = 0,
+) -> BlockBound:
+    """[P] Thm 6, ``M_tr >= ||H||_2`` for one sequence, matrix-free (module docstring).
+
+    Args:
+        X: Block input ``L x d``.
+        W_Q, W_K: ``d x d_K``. W_V: ``d x d``. W_1: ``d x d_ff``. W_2: ``d_ff x d``.
+        target: ``L x d``, the target of ``l = ||Z - Target||_F^2 / (L d)``.
+        activation: ``"relu"`` or ``"gelu"``.
+        eps: LayerNorm ``eps`` (both LayerNorms, no affine weights).
+        tau: Attention temperature (default ``sqrt(d_K)``).
+        iters: Lanczos steps per norm (stopped at a relative residual of 1e-10).
+        seed: Seed of the Lanczos start vectors.
+
+    Returns:
+        A :class:`BlockBound`; memory ``O(iters Σ n_i + L d d_ff)``, nothing of size ``(L d)^2``.
+    """
+    if X.dim() != 2 or target.shape != X.shape:
+        raise ValueError(
+            f"X and target must both be L x d matrices, got {tuple(X.shape)}, {tuple(target.shape)}"
+        )
+    t = math.sqrt(W_Q.shape[-1]) if tau is None else float(tau)
+    weights = {"Q": W_Q, "K": W_K, "V": W_V, "W1": W_1, "W2": W_2}
+    fw = ffn.block_forward(X, W_Q, W_K, W_V, W_1, W_2, activation, eps, t)
+
+    def stage(name: str, out: str) -> Callable[[Tensor], Tensor]:
+        def fn(w: Tensor) -> Tensor:
+            args = {**weights, name: w}
+            return ffn.block_forward(X, *(args[k] for k in ffn.BLOCK_NAMES), activation, eps, t)[out]
+
+        return fn
+
+    f: dict[str, float] = {
+        "J_Z": layernorm.jacobian_norm(fw["S"], eps=eps),
+        "H_Z": _ln_hessian_norm(fw["S"], eps),
+        "J_LN1": layernorm.jacobian_norm(fw["U"], eps=eps),
+        "H_LN1": _ln_hessian_norm(fw["U"], eps),
+        "resid": float(torch.linalg.matrix_norm(fw["Z"] - target)),
+    }
+    xi = _ffn_stage_norms(fw["Y"], W_1, W_2, activation, iters, seed, f)
+    for i, name in enumerate(ffn.BLOCK_NAMES):
+        if name != "W2":  # B_W2 = σ(U) ⊗ I: closed form above
+            f[f"B_{name}"] = _gram_norm(stage(name, "S"), weights[name], iters, seed + i)
+        f[f"dZ_{name}"] = _gram_norm(stage(name, "Z"), weights[name], iters, seed + i)
+    g_norms = attention.jacobian_norms(X, W_Q, W_K, W_V, t, iters=iters, seed=seed)
+    for name in _ATT:
+        f[f"dY_{name}"] = _gram_norm(stage(name, "Y"), weights[name], iters, seed)
+        f[f"G_{name}"] = float(g_norms[name])
+    phi = _phi_bounds(X, W_Q, W_K, W_V, t)
+    for k in _ATT:
+        for j in _ATT:
+            d2y = f["J_LN1"] * phi[(k, j)] + f[f"G_{k}"] * f["H_LN1"] * f[f"G_{j}"]
+            xi[(k, j)] = f["J_SY"] * d2y + f[f"dY_{k}"] * f["H_SY"] * f[f"dY_{j}"]
+        for w in _FFN:
+            xi[(k, w)] = f[f"dJSY_{w}"] * f[f"dY_{k}"]  # (I ⊗ J_{Y,k}^T) d vec(J_SY) / dW_f
+            xi[(w, k)] = f[f"dB{w}_Y"] * f[f"dY_{k}"]  # d vec(B_f) / dY  J_{Y,k}
+    pairs: dict[tuple[str, str], float] = {}
+    for (i, j), value in xi.items():
+        f[f"xi_{i}_{j}"] = value
+        pairs[(i, j)] = f["J_Z"] * value + f[f"B_{i}"] * f["H_Z"] * f[f"B_{j}"]
+    c = 2.0 / X.numel()
+    bound = 5 * max(c * f[f"dZ_{i}"] * f[f"dZ_{j}"] + c * f["resid"] * b for (i, j), b in pairs.items())
+    exact = frozenset((i, j) for i in _FFN for j in _FFN)
+    return BlockBound(bound=bound, pairs=pairs, factors=f, exact_xi=exact)
+
+
+def _ln_hessian_norm(X: Tensor, eps: float) -> float:
+    """Exact flat norm of the LayerNorm second derivative (no affine weights), in closed form.
+
+    Per row (docs/formulas.md §4), ``H[a, b] u``-columns: ``d σ^2 H[:, :, u] = -(p y^T + (y^T u) Q + y p^T)``
+    with ``p = Q u``; ``Q`` has eigenvalues ``0`` (on ``1``), ``κ = 1 - ρ^2/d`` (on ``y``, ``ρ = ||y||``) and
+    ``1``, so ``||·||_F^2 = 2 ρ^2 ||Q u||^2 + (||Q||_F^2 + 6 κ^2) (y^T u)^2`` and the row's norm is
+    ``ρ sqrt(max(2, d - 2 + 9 κ^2)) / (d σ^2)``; rows do not interact (maximum over rows).
+    """
+    d = X.shape[-1]
+    m = X - X.mean(-1, keepdim=True)
+    var = (m * m).mean(-1) + eps
+    rho2 = (m * m).sum(-1) / var
+    kappa = 1 - rho2 / d
+    top = torch.clamp(d - 2 + 9 * kappa**2, min=2.0)
+    return float((torch.sqrt(rho2 * top) / (d * var)).max())
+
+
+def _top_eig(mats: Tensor) -> float:
+    """Largest eigenvalue over a batch of symmetric matrices."""
+    return float(torch.linalg.eigvalsh(mats)[..., -1].max())
+
+
+def _ffn_stage_norms(
+    Y: Tensor, W_1: Tensor, W_2: Tensor, activation: str, iters: int, seed: int, f: dict[str, float]
+) -> dict[tuple[str, str], float]:
+    """Exact flat norms of the FFN stage ``S = σ(Y W_1) W_2 + Y``, in closed form (``U = Y W_1``).
+
+    Fills ``f`` with ``J_SY``, ``H_SY`` (``d J_SY / dY``), ``dJSY_W1``, ``dJSY_W2`` (``d J_SY / dW_f``),
+    ``dBW1_Y``, ``dBW2_Y`` (``d B_f / dY``) and ``B_W2``; returns the four FFN ``ξ``. Each is the square root of
+    the top eigenvalue of its quadratic form ``||ξ δ||_F^2``; with ``s_1 = σ'(U)``, ``s_2 = σ''(U)``,
+    ``w_f = ||W_2[f]||^2``, ``S_1 = s_1`` as an ``L x d_ff`` matrix:
+
+    * ``J_SY,l = W_2^T diag(s_1l) W_1^T + I`` per row; ``||B_2|| = ||σ(U)||``;
+    * ``d J_SY / dW_2``: ``λ_max((S_1^T S_1) ⊙ (W_1^T W_1))``; ``d J_SY / dW_1`` (ReLU):
+      ``λ_max((S_1^T S_1) ⊙ (W_2 W_2^T))`` (GELU adds ``W_2^T diag(s_2l ⊙ Y_l δ) W_1^T``: Lanczos);
+    * ``d B_1 / dY``: ``max_l λ_max(W_1 diag(w ⊙ s_2l^2) W_1^T ||Y_l||^2 + a_l Y_l^T + Y_l a_l^T +
+      Σ_f w_f s_1lf^2 I)``, ``a_l = W_1 (w ⊙ s_1l ⊙ s_2l)``; ``d B_2 / dY``: ``d max_l λ_max(W_1 diag(s_1l^2)
+      W_1^T)``;
+    * ``ξ_21``: ``d max_f λ_max(Y^T diag(s_1f^2) Y)``; ``ξ_12``: ``max_f Σ_l s_1lf^2 ||Y_l||^2``;
+      ``ξ_11``: ``max_f w_f λ_max(Y^T diag(s_2f^2 ||Y_l||^2) Y)``; ``ξ_22 = 0``.
+    """
+    d = Y.shape[-1]
+    act, s1, s2 = ffn.activation_derivatives(Y @ W_1, activation)
+    w2 = (W_2 * W_2).sum(-1)  # ||W_2[f]||^2
+    y2 = (Y * Y).sum(-1)  # ||Y_l||^2
+    eye = torch.eye(d, dtype=Y.dtype, device=Y.device)
+    relu = activation == "relu"  # σ'' = 0: every term with s_2 vanishes
+    f["J_SY"] = float(
+        torch.linalg.matrix_norm(torch.einsum("fm,lf,af->lma", W_2, s1, W_1) + eye, ord=2).max()
+    )
+    f["H_SY"] = 0.0 if relu else _hsy_norm(W_1, W_2, s2)
+    f["B_W2"] = float(torch.linalg.matrix_norm(act, ord=2))
+    s1s1 = s1.T @ s1
+    f["dJSY_W2"] = math.sqrt(max(_top_eig(s1s1 * (W_1.T @ W_1)), 0.0))
+    if relu:
+        f["dJSY_W1"] = math.sqrt(max(_top_eig(s1s1 * (W_2 @ W_2.T)), 0.0))
+    else:
+
+        def q_jsy_w1(delta: Tensor) -> Tensor:
+            m = torch.einsum("fm,lf,af->lma", W_2, s1, delta)
+            m = m + torch.einsum("fm,lf,af->lma", W_2, s2 * (Y @ delta), W_1)
+            return (m * m).sum()
+
+        f["dJSY_W1"] = _quad_norm(q_jsy_w1, tuple(W_1.shape), Y, iters, seed)
+    a_rows = (w2 * s1 * s2) @ W_1.T  # L x d
+    b1 = torch.einsum("af,lf,bf->lab", W_1, w2 * s2 * s2 * y2[:, None], W_1)
+    b1 = b1 + a_rows[:, :, None] * Y[:, None, :] + Y[:, :, None] * a_rows[:, None, :]
+    b1 = b1 + (w2 * s1 * s1).sum(-1)[:, None, None] * eye
+    f["dBW1_Y"] = math.sqrt(max(_top_eig(b1), 0.0))
+    f["dBW2_Y"] = math.sqrt(max(d * _top_eig(torch.einsum("af,lf,bf->lab", W_1, s1 * s1, W_1)), 0.0))
+    xi_21 = d * _top_eig(torch.einsum("la,lf,lb->fab", Y, s1 * s1, Y))
+    xi_11 = (
+        0.0
+        if relu
+        else _top_eig(torch.einsum("la,lf,lb->fab", Y, s2 * s2 * y2[:, None], Y) * w2[:, None, None])
+    )
+    return {
+        ("W2", "W1"): math.sqrt(max(xi_21, 0.0)),
+        ("W1", "W2"): math.sqrt(float((s1 * s1 * y2[:, None]).sum(0).max())),
+        ("W1", "W1"): math.sqrt(max(xi_11, 0.0)),
+        ("W2", "W2"): 0.0,
+    }
+
+
+def _hsy_norm(W_1: Tensor, W_2: Tensor, s2: Tensor, chunk: int = 16) -> float:
+    """Flat norm of ``d J_SY / dY`` (GELU): rows do not interact, row ``l`` is ``Σ_f W_2[f,m] s_2lf W_1[a,f]
+    W_1[b,f]`` as a ``d^2 x d`` matrix (the maximum over rows, ``chunk`` rows at a time)."""
+    d = W_1.shape[0]
+    best = 0.0
+    for start in range(0, s2.shape[0], chunk):
+        h = torch.einsum("fm,lf,af,bf->lmab", W_2, s2[start : start + chunk], W_1, W_1)
+        best = max(best, float(torch.linalg.matrix_norm(h.reshape(h.shape[0], d * d, d), ord=2).max()))
+    return best
