@@ -144,11 +144,10 @@ def _candidates(model: nn.Module, blocks: Sequence[Block]) -> tuple[list[_Candid
         if att.num_heads != 1 or att.out is not None:
             skipped[path] = "[P]'s block has one head and no output projection"
             continue
-        mine = {b.kind: b for b in blocks if all(p.startswith(path + ".") for p in b.params)}
-        kinds = sorted(mine)
-        if sorted(kinds) != sorted(_KINDS) or len(mine) != sum(
-            1 for b in blocks if b.params[0].startswith(path)
-        ):
+        inside = [b for b in blocks if all(p.startswith(path + ".") for p in b.params)]
+        mine = {b.kind: b for b in inside}
+        kinds = sorted(b.kind for b in inside)
+        if kinds != sorted(_KINDS):
             skipped[path] = f"needs exactly query, key, value, ffn_in, ffn_out blocks, found {kinds}"
             continue
         norms = [m for m in modules[path].modules() if isinstance(m, nn.LayerNorm)]
