@@ -40,6 +40,7 @@ from lightning_hessian._side_effects import TrainingStepGuard
 from lightning_hessian.alerts import Alert, AlertManager, AlertRule, PassRecord, as_record
 from lightning_hessian.analysis import analyze
 from lightning_hessian.batches import Batches, batch_size
+from lightning_hessian.block_theory import BlockBoundComparison, compare_block_bound
 from lightning_hessian.blocks import Block, FusedLayout, find_blocks
 from lightning_hessian.dashboard import CurvatureDashboard
 from lightning_hessian.errors import NonFiniteLossError, PassFailedElsewhere
@@ -274,7 +275,9 @@ class HessianMonitor(Callback):
         theory_target: ``theory_target(batch) -> Tensor`` for the papers' setting (one attention layer
             trained with the mean-squared error against this target): the bounds are then proven,
             ``theory/<block>/bound_ratio`` is logged and a ratio above 1 raises the ``bound_violation``
-            alert. Checked numerically at every pass (see :mod:`lightning_hessian.theory`).
+            alert. Checked numerically at every pass (see :mod:`lightning_hessian.theory`). With it, a
+            post-norm layer of [P]'s exact form also gets the full-block bound of [P] Thm 6,
+            ``theory/<layer>/block_bound`` (:mod:`lightning_hessian.block_theory`; seconds per sequence).
         theory_samples: sequences the Jacobian norms are averaged over.
         max_overhead: with a schedule, skip a scheduled pass while the passes so far have taken more than
             this fraction of the training time (e.g. ``0.05``); ``None`` never skips. The end-of-training pass
@@ -890,6 +893,11 @@ class HessianMonitor(Callback):
                     if self.theory and theorised is not None
                     else None
                 )
+                block_bound = (
+                    self._block_theory(trainer, pl_module, data, theorised, step)
+                    if self.theory and theorised is not None and self.theory_target is not None
+                    else None
+                )
         except NonFiniteLossError:
             if self.on_error == "raise":
                 raise
@@ -936,6 +944,8 @@ class HessianMonitor(Callback):
                 )
         if theory is not None:
             scalars.update(theory.scalars())
+        if block_bound is not None:
+            scalars.update(block_bound.scalars())
         if report.settings.get("density"):
             densities = [b.density for b in report.blocks.values() if b.density is not None]
             if len(densities) >= 2:
@@ -948,6 +958,8 @@ class HessianMonitor(Callback):
         scalars[tags.PASS_LOSS] = report.loss if measurement is None else measurement.loss
         self.passes += 1
         table = theory.table() if theory is not None and theory.layers else None
+        if block_bound is not None and block_bound.layers:
+            table = "\n\n".join(t for t in (table, block_bound.table()) if t)
         layout = None if self.tracker is None else self.tracker.expected_tags()
         # In budget mode figures are drawn when their own share of the budget allows (after a whole-model or
         # block measurement: the cheap tier's scalars are charted anyway).
@@ -1023,6 +1035,33 @@ class HessianMonitor(Callback):
                 f"theory_target was given but the bounds are not proven for this model: "
                 f"{comparison.proven_reason}; bound_ratio is not logged"
             )
+        return comparison
+
+    def _block_theory(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        data: Any,
+        report: CurvatureReport,
+        step: int,
+    ) -> BlockBoundComparison | None:
+        """[P] Thm 6 on the model's post-norm layers (needs ``theory_target``); problems noted, not raised."""
+        if trainer.world_size > 1:
+            return None  # noted by _theory: the proven setting is checked in a single process only
+        try:
+            comparison = compare_block_bound(
+                pl_module, self._loss_fn(), data, report, target=self.theory_target, mode=self.settings.mode
+            )
+        except Exception as error:
+            if self.on_error == "raise":
+                raise
+            self._note(
+                f"the full-block bound failed at step {step} and was left out "
+                f"({type(error).__name__}: {error})"
+            )
+            return None
+        for layer, reason in comparison.skipped.items():
+            self._note(f"layer {layer}: no full-block bound ([P] Thm 6): {reason}")
         return comparison
 
     def _loss_fn(self) -> Callable[[nn.Module, Any], Any]:

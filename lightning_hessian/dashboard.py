@@ -396,6 +396,15 @@ def _theory_charts(logged: set[str], chart: Any) -> dict[str, list[str]]:
         charts[f"{layer}: input scale ‖X‖ and ‖G_QK‖ / ‖G_V‖"] = chart(
             tags.theory_tag(layer, "input_norm"), tags.theory_tag(layer, "qk_over_v")
         )
+    for layer in names(
+        "block_bound"
+    ):  # [P] Thm 6, the whole post-norm layer (lightning_hessian.block_theory)
+        charts[f"{layer}: measured ‖H‖ of the layer against the full-block bound [P] Thm 6"] = chart(
+            tags.theory_tag(layer, "block_measured"), tags.theory_tag(layer, "block_bound")
+        )
+        charts[f"{layer}: measured / full-block bound (≤ 1 where proven)"] = chart(
+            tags.theory_tag(f"{layer}/block", "bound_ratio"), tags.theory_tag(layer, "block_ratio")
+        )
     return charts
 
 

@@ -82,6 +82,11 @@ THEORY_STATS = (
     "gauss_newton_q",  # per head: c λ_max(mean_s J_s^T J_s) of the head's query (key, value) weights
     "gauss_newton_k",
     "gauss_newton_v",
+    # [P] Thm 6 on a whole post-norm layer (lightning_hessian.block_theory): theory/<layer>/<stat>, and the
+    # proven ratio as theory/<layer>/block/bound_ratio
+    "block_bound",  # M_tr, mean over sequences
+    "block_measured",  # the layer's measured ||H|| (whole model = layer) or its largest block's
+    "block_ratio",  # block_measured / block_bound where not proven (a normaliser)
 )
 
 SHARPNESS = "stability/sharpness"  # the whole model's λ_max

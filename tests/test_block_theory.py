@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as L
 import pytest
 import torch
 import torch.nn.functional as F
+from _dense import dense_hessian
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_hessian import analyze, model_block
+from lightning_hessian import HessianMonitor, analyze, model_block, tags
 from lightning_hessian.block_theory import compare_block_bound
-from tests._dense import dense_hessian
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
 
@@ -142,3 +146,55 @@ def test_the_comparison_leaves_the_model_untouched():
     assert all(m.training for m in model.modules())
     assert torch.equal(model.layer.linear1.weight.grad, torch.ones_like(model.layer.linear1.weight))
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+# --- live, in the callback -------------------------------------------------------------------------------
+
+
+class _LitLayer(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = _Net(d=4, d_ff=6)
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.mse_loss(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(8, 3, 4, generator=g)
+        return DataLoader(TensorDataset(x, torch.tanh(x.flip(1))), batch_size=4)
+
+
+def test_live_full_block_bound_in_the_proven_setting(tmp_path):
+    fired = []
+    monitor = HessianMonitor(
+        every_n_steps=2, full=True, theory_target=lambda b: b[1], figures=False, on_alert=fired.append
+    )
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        max_steps=4,
+        logger=TensorBoardLogger(tmp_path, name="tb"),
+        callbacks=[monitor],
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+    )
+    trainer.fit(_LitLayer())
+    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    ratios = acc.Scalars(tags.theory_tag("model.layer/block", "bound_ratio"))
+    assert [e.step for e in ratios] == [2, 4] and all(0 < e.value <= 1 for e in ratios)
+    bounds = acc.Scalars(tags.theory_tag("model.layer", "block_bound"))
+    measured = acc.Scalars(tags.theory_tag("model.layer", "block_measured"))
+    assert all(abs(m.value / b.value - r.value) < 1e-6 for m, b, r in zip(measured, bounds, ratios))
+    assert not [a for a in fired if a.rule == "bound_violation"]
