@@ -142,27 +142,34 @@ def _candidates(model: nn.Module, blocks: Sequence[Block]) -> tuple[list[_Candid
     for att in layers:
         path = att.name.rpartition(".")[0]
         if att.num_heads != 1 or att.out is not None:
-            skipped[path] = "[P]'s block has one head and no output projection"
+            skipped[path or "model"] = "[P]'s block has one head and no output projection"
             continue
-        inside = [b for b in blocks if all(p.startswith(path + ".") for p in b.params)]
+        prefix = path + "." if path else ""  # the model itself may be the layer
+        inside = [b for b in blocks if all(p.startswith(prefix) for p in b.params)]
         mine = {b.kind: b for b in inside}
         kinds = sorted(b.kind for b in inside)
         if kinds != sorted(_KINDS):
-            skipped[path] = f"needs exactly query, key, value, ffn_in, ffn_out blocks, found {kinds}"
+            skipped[path or "model"] = (
+                f"needs exactly query, key, value, ffn_in, ffn_out blocks, found {kinds}"
+            )
             continue
         norms = [m for m in modules[path].modules() if isinstance(m, nn.LayerNorm)]
-        if len(norms) != 2 or any(n.weight is not None or n.bias is not None for n in norms):
-            skipped[path] = (
+        if (
+            len(norms) != 2
+            or norms[0].eps != norms[1].eps
+            or any(n.weight is not None or n.bias is not None for n in norms)
+        ):
+            skipped[path or "model"] = (
                 "needs two LayerNorms without affine weights (elementwise_affine=False, bias=False)"
             )
             continue
         try:
             weights = {_KINDS[k]: _weight(params, b).double() for k, b in mine.items()}
         except ValueError as why:
-            skipped[path] = str(why)
+            skipped[path or "model"] = str(why)
             continue
         blocks_by = {_KINDS[k]: b for k, b in mine.items()}
-        out.append(_Candidate(path, modules[path], blocks_by, weights, float(norms[0].eps)))
+        out.append(_Candidate(path or "model", modules[path], blocks_by, weights, float(norms[0].eps)))
     return out, skipped
 
 

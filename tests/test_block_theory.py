@@ -126,6 +126,12 @@ def test_layers_outside_the_theorem_are_skipped_with_the_reason(kwargs, reason):
     assert reason in result.skipped["layer"]
 
 
+def test_a_model_that_is_the_layer_itself_is_named_model():
+    model, batch = _setup()
+    result = compare_block_bound(model.layer, _mse, batch, target=lambda b: b[1])
+    assert list(result.layers) == ["model"] and result.layers["model"].proven
+
+
 def test_without_a_target_the_layer_is_skipped():
     model, batch = _setup()
     result = compare_block_bound(model, _mse, batch)
