@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lightning_hessian.formulas import attention, ffn, layernorm
 from lightning_hessian.formulas import block_bound as bb
-from lightning_hessian.formulas import ffn, layernorm
 
 DT = torch.float64
 
@@ -121,3 +121,15 @@ def test_feasible_at_realistic_size():
     W = [torch.randn(*s, generator=g, dtype=DT) / s[0] ** 0.5 for s in [(d, d)] * 3 + [(d, d_ff), (d_ff, d)]]
     res = bb.block_bound(X, *W, torch.randn(L, d, generator=g, dtype=DT))
     assert res.bound > 0 and all(v >= 0 for v in res.factors.values())
+
+
+@pytest.mark.parametrize("tau", [None, 1.3])
+def test_attention_second_derivative_norms_match_the_dense_phi(tau):
+    for seed in range(2):
+        X, W, _ = _draw(3, 4, 2, 3, 20 + seed)
+        dense = attention.second_derivatives(X, *W[:3], tau)
+        t = 2**0.5 if tau is None else tau
+        exact = bb._phi_norms(X, *W[:3], t, 100, 0)
+        assert set(exact) == set(dense)
+        for key, phi in dense.items():
+            assert _close(exact[key], _norm(phi)), key

@@ -19,16 +19,15 @@ formed (memory ``O(iters Σ n_i + L d d_ff)``):
   (:func:`~lightning_hessian.formulas.layernorm.jacobian_norm`, ``hessian_norm``); exact.
 * ``||B_i||``, ``||dZ/dW_i||``, ``||dY/dθ_k||``, ``||G_k|| = ||dF/dθ_k||``: Lanczos on the Gram operator
   ``J^T J v`` from ``torch.func.jvp`` / ``vjp``; exact once converged (from below).
-* ``ξ`` of the FFN pairs and the FFN stage's second derivatives ``d J_SY / dW_f``, ``d B_f / dY``: flat norms as
-  ``sqrt(λ_max)`` of their quadratic forms ``||ξ δ||_F^2``, written per row in closed form (``σ' = D``,
+* ``ξ`` of the FFN pairs and the FFN stage's second derivatives ``d J_SY / dW_f``, ``d B_f / dY``: flat norms
+  as ``sqrt(λ_max)`` of their quadratic forms ``||ξ δ||_F^2``, written per row in closed form (``σ' = D``,
   ``σ''`` for GELU); exact.
 * ``ξ`` of a pair with an attention weight: [P] Thm 5 one stage down, ``ξ = (J_SY ⊗ I) d^2Y + (I ⊗ J_{Y,k}^T)
-  H_C J_{Y,l}``, bounded by the triangle inequality with the exact factors above and, for
-  ``d^2 Y / dθ_k dθ_l``, once more through ``Y = LN(U)`` with the attention second derivatives ``Φ_kl``
-  bounded as in [P]'s appendix, corrected (``s = max_i ||diag(a_i) - a_i a_i^T||``, ``s_2`` of
-  :func:`~lightning_hessian.formulas.attention.softmax_hessian_norm_bound`, ``C_i = X^T (diag(a_i) - a_i
-  a_i^T) X``). These ``ξ`` are upper bounds, not exact: the result is at least the dense value (equal on
-  the FFN pairs) and still bounds ``||H||``.
+  H_C J_{Y,l}`` through ``p = (Y, W_1, W_2) -> S``, bounded by the triangle inequality, and ``d^2 Y / dθ_k
+  dθ_l`` once more through ``Y = LN(U)``: ``||J_LN|| ||Φ_kl|| + ||G_k|| ||H_LN|| ||G_l||``, with the
+  attention second derivatives' flat norms ``||Φ_kl||`` exact (per row, Lanczos on their quadratic forms).
+  Every factor is exact; these ``ξ`` are upper bounds (the chain's triangle inequalities), so the result is at
+  least the dense value (equal on the FFN pairs) and still bounds ``||H||``.
 
 Reference:
     E. Petrov, N. Kiselev, V. Meshkov, A. Grabovoy, "Closing the Curvature Gap: Full Transformer Hessians and
@@ -96,36 +95,65 @@ def _quad_norm(
     return math.sqrt(max(_top(lambda v: grad(v) / 2, n, like, iters, seed), 0.0))
 
 
-def _phi_bounds(X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, tau: float) -> dict[tuple[str, str], float]:
-    """Upper bounds on the flat norms ``||Φ_kl|| = ||d vec_r(dF/dW_k) / d vec_r(W_l)^T||`` (corrected).
+def _phi_norms(
+    X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, tau: float, iters: int, seed: int
+) -> dict[tuple[str, str], float]:
+    """Exact flat norms ``||Φ_kl|| = ||d vec_r(G_k) / d vec_r(W_l)^T||`` of attention, per row, matrix-free.
 
-    ``Φ_QQ <= v k^2 s_2 x^5 / τ^2``; ``Φ_QK <= v k q s_2 x^5 / τ^2 + sqrt(d) v s x^3 / τ`` (the second term from
-    ``W_K`` outside the softmax); ``Φ_VQ <= sqrt(d) k s x^3 / τ``; ``Φ_QV <= (Σ_i ||x_i||^2 ||C_i W_K||^2)^{1/2}
-    / τ`` (row block ``i`` of ``Z_1`` is ``x_i^T ⊗ C_i``); ``Φ_VV = 0``; ``K`` with ``Q`` and ``K`` swapped.
+    Row ``i`` of ``F`` depends on ``W_Q`` through ``q_i = x_i W_Q`` and on ``W_K`` through the logits
+    ``t_i = q_i K^T / τ`` (``K = X W_K``, ``V = X W_V``, ``J_i = diag(a_i) - a_i a_i^T``), so
+    ``G_Q`` row ``i`` is ``V^T J_i (x_i ⊗ K) / τ`` (Frobenius ``||x_i|| ||V^T J_i K|| / τ``), ``G_K`` row
+    ``i`` is ``V^T J_i (X ⊗ q_i) / τ`` (Frobenius ``||q_i|| ||V^T J_i X|| / τ``) and ``G_V = (A X) ⊗ I``. Their
+    derivatives along ``δ`` change ``J_i`` by ``diag(g_i) - g_i a_i^T - a_i g_i^T`` (``g_i = J_i r_i``,
+    ``r_i`` the logits' change) and the explicit ``K``, ``q_i`` or ``V``; ``||Φ δ||_F^2`` is the sum over rows and
+    ``||Φ|| = sqrt(λ_max)`` of that quadratic form (Lanczos on its gradient).
     """
-    d = W_V.shape[-1]
     a = attention.forward(X, W_Q, W_K, W_V, tau)["A"]
-    x, q, k, v = (float(torch.linalg.matrix_norm(m, ord=2)) for m in (X, W_Q, W_K, W_V))
-    s = float(attention.softmax_jacobian_norm(a))
-    s2 = float(attention.softmax_hessian_norm_bound(a))
-    # C_i = X^T (diag(a_i) - a_i a_i^T) X, one d x d matrix per query row.
-    ax = a.unsqueeze(-1) * X.unsqueeze(0)  # [i, j, :] = a_ij x_j
-    c_rows = X.T.unsqueeze(0) @ ax - (a @ X).unsqueeze(-1) * (a @ X).unsqueeze(-2)
-    x_rows = X.norm(dim=-1) ** 2
-    c_k = torch.linalg.matrix_norm(c_rows @ W_K, ord=2)
-    c_only = torch.linalg.matrix_norm(c_rows, ord=2)
-    q_rows = (X @ W_Q).norm(dim=-1) ** 2
-    w = {"Q": k, "K": q}
-    out: dict[tuple[str, str], float] = {("V", "V"): 0.0}
-    out[("Q", "V")] = float((x_rows * c_k**2).sum().sqrt()) / tau
-    out[("K", "V")] = float((q_rows * c_only**2).sum().sqrt()) / tau
-    for a_name in ("Q", "K"):
-        out[("V", a_name)] = math.sqrt(d) * w[a_name] * s * x**3 / tau
-        for b_name in ("Q", "K"):
-            val = v * w[a_name] * w[b_name] * s2 * x**5 / tau**2
-            if a_name != b_name:
-                val += math.sqrt(d) * v * s * x**3 / tau
-            out[(a_name, b_name)] = val
+    kx, qx, v = X @ W_K, X @ W_Q, X @ W_V
+    x2, q2 = (X * X).sum(-1), (qx * qx).sum(-1)
+    d = W_V.shape[-1]
+
+    def jprod(left: Tensor, b: Tensor) -> Tensor:  # rows i: left^T J_i b
+        return torch.einsum("jd,ij,jm->idm", left, a, b) - (a @ left)[:, :, None] * (a @ b)[:, None, :]
+
+    def djprod(r: Tensor, b: Tensor) -> Tensor:  # rows i: V^T (diag(g_i) - g_i a_i^T - a_i g_i^T) b
+        g = a * (r - (a * r).sum(-1, keepdim=True))
+        out = torch.einsum("jd,ij,jm->idm", v, g, b) - (g @ v)[:, :, None] * (a @ b)[:, None, :]
+        return out - (a @ v)[:, :, None] * (g @ b)[:, None, :]
+
+    def frob(m: Tensor, w: Tensor) -> Tensor:
+        return (w * (m * m).sum((-1, -2))).sum() / tau**2
+
+    def logits_q(delta: Tensor) -> Tensor:  # change of the logits along δ in W_Q
+        return (X @ delta) @ kx.T / tau
+
+    def logits_k(delta: Tensor) -> Tensor:
+        return qx @ (X @ delta).T / tau
+
+    def kq(delta: Tensor) -> Tensor:
+        n1, n2, p = djprod(logits_q(delta), X), jprod(v, X), X @ delta
+        cross = (n1 * n2).sum((-1, -2)) * (qx * p).sum(-1)
+        return (
+            q2 * (n1 * n1).sum((-1, -2)) + (p * p).sum(-1) * (n2 * n2).sum((-1, -2)) + 2 * cross
+        ).sum() / tau**2
+
+    forms = {
+        ("Q", "Q"): lambda dl: frob(djprod(logits_q(dl), kx), x2),
+        ("K", "K"): lambda dl: frob(djprod(logits_k(dl), X), q2),
+        ("Q", "K"): lambda dl: frob(djprod(logits_k(dl), kx) + jprod(v, X @ dl), x2),
+        ("K", "Q"): kq,
+        ("V", "Q"): lambda dl: (
+            d * ((a * (logits_q(dl) - (a * logits_q(dl)).sum(-1, keepdim=True))) @ X).square().sum()
+        ),
+        ("V", "K"): lambda dl: (
+            d * ((a * (logits_k(dl) - (a * logits_k(dl)).sum(-1, keepdim=True))) @ X).square().sum()
+        ),
+        ("Q", "V"): lambda dl: frob(jprod(X @ dl, kx), x2),
+        ("K", "V"): lambda dl: frob(jprod(X @ dl, X), q2),
+    }
+    shapes = {"Q": tuple(W_Q.shape), "K": tuple(W_K.shape), "V": tuple(W_V.shape)}
+    out = {key: _quad_norm(form, shapes[key[1]], X, iters, seed) for key, form in forms.items()}
+    out[("V", "V")] = 0.0  # G_V = (A X) ⊗ I does not depend on W_V
     return out
 
 
@@ -189,7 +217,7 @@ def block_bound(
     for name in _ATT:
         f[f"dY_{name}"] = _gram_norm(stage(name, "Y"), weights[name], iters, seed)
         f[f"G_{name}"] = float(g_norms[name])
-    phi = _phi_bounds(X, W_Q, W_K, W_V, t)
+    phi = _phi_norms(X, W_Q, W_K, W_V, t, iters, seed)
     for k in _ATT:
         for j in _ATT:
             d2y = f["J_LN1"] * phi[(k, j)] + f[f"G_{k}"] * f["H_LN1"] * f[f"G_{j}"]
@@ -235,8 +263,8 @@ def _ffn_stage_norms(
     """Exact flat norms of the FFN stage ``S = σ(Y W_1) W_2 + Y``, in closed form (``U = Y W_1``).
 
     Fills ``f`` with ``J_SY``, ``H_SY`` (``d J_SY / dY``), ``dJSY_W1``, ``dJSY_W2`` (``d J_SY / dW_f``),
-    ``dBW1_Y``, ``dBW2_Y`` (``d B_f / dY``) and ``B_W2``; returns the four FFN ``ξ``. Each is the square root of
-    the top eigenvalue of its quadratic form ``||ξ δ||_F^2``; with ``s_1 = σ'(U)``, ``s_2 = σ''(U)``,
+    ``dBW1_Y``, ``dBW2_Y`` (``d B_f / dY``) and ``B_W2``; returns the four FFN ``ξ``. Each is the square root
+    of the top eigenvalue of its quadratic form ``||ξ δ||_F^2``; with ``s_1 = σ'(U)``, ``s_2 = σ''(U)``,
     ``w_f = ||W_2[f]||^2``, ``S_1 = s_1`` as an ``L x d_ff`` matrix:
 
     * ``J_SY,l = W_2^T diag(s_1l) W_1^T + I`` per row; ``||B_2|| = ||σ(U)||``;
