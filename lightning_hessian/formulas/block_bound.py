@@ -102,10 +102,11 @@ def _phi_norms(
 
     Row ``i`` of ``F`` depends on ``W_Q`` through ``q_i = x_i W_Q`` and on ``W_K`` through the logits
     ``t_i = q_i K^T / τ`` (``K = X W_K``, ``V = X W_V``, ``J_i = diag(a_i) - a_i a_i^T``), so
-    ``G_Q`` row ``i`` is ``V^T J_i (x_i ⊗ K) / τ`` (Frobenius ``||x_i|| ||V^T J_i K|| / τ``), ``G_K`` row
-    ``i`` is ``V^T J_i (X ⊗ q_i) / τ`` (Frobenius ``||q_i|| ||V^T J_i X|| / τ``) and ``G_V = (A X) ⊗ I``. Their
-    derivatives along ``δ`` change ``J_i`` by ``diag(g_i) - g_i a_i^T - a_i g_i^T`` (``g_i = J_i r_i``,
-    ``r_i`` the logits' change) and the explicit ``K``, ``q_i`` or ``V``; ``||Φ δ||_F^2`` is the sum over rows and
+    ``G_Q`` row ``i`` is ``V^T J_i (x_i ⊗ K) / τ`` (Frobenius ``||x_i|| ||V^T J_i K|| / τ``), ``G_K``
+    row ``i`` is ``V^T J_i (X ⊗ q_i) / τ`` (Frobenius ``||q_i|| ||V^T J_i X|| / τ``) and ``G_V = (A X) ⊗ I``.
+    Their derivatives along ``δ`` change ``J_i`` by ``diag(g_i) - g_i a_i^T - a_i g_i^T`` (``g_i = J_i r_i``,
+    ``r_i`` the logits' change) and the explicit ``K``, ``q_i`` or ``V``; ``||Φ δ||_F^2`` is the sum over
+    rows and
     ``||Φ|| = sqrt(λ_max)`` of that quadratic form (Lanczos on its gradient).
     """
     a = attention.forward(X, W_Q, W_K, W_V, tau)["A"]
