@@ -181,6 +181,55 @@ def table(res: BlockBoundRun) -> str:
     return "\n".join(rows)
 
 
+def section(res: BlockBoundRun, summ: dict, seconds: float, figure: str = "repro_block_bound.png") -> str:
+    """The Markdown section of docs/reproduction.md, every number from ``res``."""
+    i, j = summ["dominant_pair"]
+    worst = max(range(len(res.steps)), key=lambda k: res.measured[k] / res.bound[k])
+    return "\n".join(
+        [
+            "## 6. [P] Theorems 5-6 during training: the full-block bound of a post-norm layer",
+            "",
+            f"[P]'s post-norm block exactly (one head, no output projection, no biases, LayerNorms without "
+            f"affine weights, ReLU), L = {res.seq_len} tokens of width d = {res.width}, d_ff = {res.d_ff}, "
+            "trained with the mean-squared error by Adam (lr 3e-3, batches of 16) to reverse sequences of "
+            "scikit-learn digits (a token is one 8x8 image; the target of token i is the standardised "
+            "image of "
+            f"token {res.seq_len - 1} − i). At every pass, on {res.sequences} fixed sequences, `analyze` "
+            "measures ‖H‖ of the five weight matrices as one block (the whole model) and its diagonal "
+            "blocks, "
+            "and `compare_block_bound(..., target=)` evaluates [P] Thm 6 matrix-free "
+            "(`formulas.block_bound`; proven setting, checked numerically at every pass: "
+            f"{'yes' if summ['proven_every_pass'] else 'no'}). The dense route would need "
+            f"{summ['dense_numbers']:.1e} numbers here. ({seconds:.0f} s)",
+            "",
+            table(res),
+            "",
+            "| claim | source | ours | verdict |",
+            "|---|---|---|---|",
+            f"| ‖H‖ ≤ M_tr (full-block bound) | [P] Thm 6, factors exact, attention ξ chained | "
+            f"measured / bound {summ['min_ratio']:.2g} to {summ['max_ratio']:.2g} "
+            f"over {len(res.steps)} passes | "
+            f"{'holds at every pass' if summ['max_ratio'] <= 1 else 'VIOLATED'} |",
+            f"| feasible at L = {res.seq_len}, d = {res.width} | this library | "
+            f"{summ['seconds_per_sequence']:.1f} CPU s per sequence, "
+            f"peak memory {summ['peak_rss_mb']:.0f} MB "
+            "(whole process) | yes |",
+            "",
+            f"![Thm 6 during training](images/{figure})",
+            "",
+            f"**Commentary.** The bound holds and is loose: the measured norm is a fraction "
+            f"{res.measured[worst] / res.bound[worst]:.2g} of it at best (step {res.steps[worst]}). "
+            "At the last "
+            f"pass the largest term of the maximum is the ({i}, {j}) pair; the FFN pairs alone would give "
+            f"{summ['ffn_only_bound']:.3g}. Every factor is the exact norm (LayerNorm and FFN factors in "
+            "closed form, Jacobian norms and the attention second derivatives by Lanczos); the slack is the "
+            "theorem's own: the 5 x 5 block-norm inequality, the product ‖B_i‖ ‖H_Z‖ ‖B_j‖ of worst-case "
+            "directions, and, for pairs with an attention weight, the chain rule one stage down.",
+            "",
+        ]
+    )
+
+
 def plot(res: BlockBoundRun, path: str) -> None:
     import matplotlib
 
@@ -213,9 +262,10 @@ def main(argv: list[str] | None = None) -> None:
     start, cpu = time.perf_counter(), time.process_time()
     res = run(quick=args.quick)
     plot(res, args.figure)
-    print(table(res))
-    print(summary(res))
-    print(f"total {time.perf_counter() - start:.1f} s wall, {time.process_time() - cpu:.1f} s CPU")
+    summ = summary(res)
+    print(summ)
+    print(f"total {time.perf_counter() - start:.1f} s wall, {time.process_time() - cpu:.1f} s CPU\n")
+    print(section(res, summ, time.process_time() - cpu))
 
 
 if __name__ == "__main__":
