@@ -187,7 +187,7 @@ def section(res: BlockBoundRun, summ: dict, seconds: float, figure: str = "repro
     worst = max(range(len(res.steps)), key=lambda k: res.measured[k] / res.bound[k])
     return "\n".join(
         [
-            "## 6. [P] Theorems 5-6 during training: the full-block bound of a post-norm layer",
+            "## 7. [P] Theorems 5-6 during training: the full-block bound of a post-norm layer",
             "",
             f"[P]'s post-norm block exactly (one head, no output projection, no biases, LayerNorms without "
             f"affine weights, ReLU), L = {res.seq_len} tokens of width d = {res.width}, d_ff = {res.d_ff}, "

@@ -8,7 +8,7 @@ The full run rewrites the committed ``docs/reproduction.md`` and ``docs/images/r
 writes into a new temporary folder (printed at the end) unless ``--out`` is given, so that a smoke run
 never replaces the committed report with a smaller, noisier one.
 
-Six experiments, each in its own module next to this file:
+Seven experiments, each in its own module next to this file:
 
 1. ``repro_attention``: [O] Hessian-block norms of one self-attention layer against the input scale: log-log
    slopes, the value/query ratio at small scale, the scale where the query block overtakes the value block.
@@ -24,6 +24,8 @@ Six experiments, each in its own module next to this file:
 6. ``repro_stabilization``: [KG] curvature-aligned stabilisation on a small Transformer: the closed form
    against direct Monte Carlo, the ``k^-2`` slope, small-``D`` against full-space probes, and the library's
    live criterion against samples seen (also runnable alone: it then rewrites only its own section).
+7. ``repro_block_bound``: [P] Thm 5-6 during training: one post-norm layer at ``L = 128, d = 64``, the
+   full-block bound evaluated matrix-free next to the measured Hessian of the layer.
 
 Every number of ours in the report is measured in the run that writes it (the papers' numbers are quoted and
 marked), and the commentary is generated from those numbers (its verdicts change if the numbers do). No
@@ -54,6 +56,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling experiment modules
 
 import repro_attention
+import repro_block_bound
 import repro_layernorm
 import repro_live_bounds
 import repro_stabilization
@@ -68,6 +71,7 @@ FIGURES = {
     "live_bounds": "repro_live_bounds.png",
     "layernorm": "repro_layernorm.png",
     "stabilization": repro_stabilization.FIGURE,
+    "block_bound": "repro_block_bound.png",
 }
 
 
@@ -722,7 +726,7 @@ def layernorm_section(res: repro_layernorm.LayerNormScaling, seconds: float) -> 
 
 
 def reproduce(quick: bool = False, out: str | Path = "docs") -> dict:
-    """Run the six experiments, write ``out/images/repro_*.png`` and ``out/reproduction.md``.
+    """Run the seven experiments, write ``out/images/repro_*.png`` and ``out/reproduction.md``.
 
     Returns the raw results, the written paths and the timings (for the tests).
     """
@@ -736,38 +740,45 @@ def reproduce(quick: bool = False, out: str | Path = "docs") -> dict:
     att_summary = repro_attention.summary(att)
     repro_attention.plot(att, att_summary, str(out / "images" / FIGURES["attention"]))
     timings["attention"] = time.perf_counter() - t
-    print(f"[1/6] attention scaling: {timings['attention']:.1f} s", flush=True)
+    print(f"[1/7] attention scaling: {timings['attention']:.1f} s", flush=True)
 
     t = time.perf_counter()
     vit = repro_vit.run(quick=quick)
     repro_vit.plot(vit, str(out / "images" / FIGURES["vit"]))
     timings["vit"] = time.perf_counter() - t
-    print(f"[2/6] ViT blocks: {timings['vit']:.1f} s", flush=True)
+    print(f"[2/7] ViT blocks: {timings['vit']:.1f} s", flush=True)
 
     t = time.perf_counter()
     thm7 = repro_theorem7.run(quick=quick)
     repro_theorem7.plot(thm7, str(out / "images" / FIGURES["theorem7"]))
     timings["theorem7"] = time.perf_counter() - t
-    print(f"[3/6] Theorem 7: {timings['theorem7']:.1f} s", flush=True)
+    print(f"[3/7] Theorem 7: {timings['theorem7']:.1f} s", flush=True)
 
     t = time.perf_counter()
     live = repro_live_bounds.run(quick=quick)
     live_summary = repro_live_bounds.summary(live)
     repro_live_bounds.plot(live, str(out / "images" / FIGURES["live_bounds"]))
     timings["live_bounds"] = time.perf_counter() - t
-    print(f"[4/6] Thm 1 during training: {timings['live_bounds']:.1f} s", flush=True)
+    print(f"[4/7] Thm 1 during training: {timings['live_bounds']:.1f} s", flush=True)
 
     t = time.perf_counter()
     ln = repro_layernorm.run(quick=quick)
     repro_layernorm.plot(ln, str(out / "images" / FIGURES["layernorm"]))
     timings["layernorm"] = time.perf_counter() - t
-    print(f"[5/6] LayerNorm placement and temperature: {timings['layernorm']:.1f} s", flush=True)
+    print(f"[5/7] LayerNorm placement and temperature: {timings['layernorm']:.1f} s", flush=True)
 
     t = time.perf_counter()
     stab = repro_stabilization.run(quick=quick)
     repro_stabilization.plot(stab, str(out / "images" / FIGURES["stabilization"]))
     timings["stabilization"] = time.perf_counter() - t
-    print(f"[6/6] [KG] stabilisation: {timings['stabilization']:.1f} s", flush=True)
+    print(f"[6/7] [KG] stabilisation: {timings['stabilization']:.1f} s", flush=True)
+
+    t = time.perf_counter()
+    block = repro_block_bound.run(quick=quick)
+    block_summary = repro_block_bound.summary(block)
+    repro_block_bound.plot(block, str(out / "images" / FIGURES["block_bound"]))
+    timings["block_bound"] = time.perf_counter() - t
+    print(f"[7/7] full-block bound during training: {timings['block_bound']:.1f} s", flush=True)
 
     timings["total"] = time.perf_counter() - start
     command = "python experiments/reproduce_papers.py" + (" --quick" if quick else "")
@@ -810,6 +821,7 @@ def reproduce(quick: bool = False, out: str | Path = "docs") -> dict:
             live_bounds_section(live, live_summary, timings["live_bounds"]),
             layernorm_section(ln, timings["layernorm"]),
             repro_stabilization.section(stab, timings["stabilization"], command),
+            repro_block_bound.section(block, block_summary, timings["block_bound"], FIGURES["block_bound"]),
         ]
     )
     report = out / "reproduction.md"
@@ -824,6 +836,7 @@ def reproduce(quick: bool = False, out: str | Path = "docs") -> dict:
         "live_bounds_summary": live_summary,
         "layernorm": ln,
         "stabilization": stab,
+        "block_bound": block,
         "timings": timings,
         "report": report,
         "figures": [out / "images" / name for name in FIGURES.values()],

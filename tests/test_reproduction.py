@@ -16,6 +16,7 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))
 
 import repro_attention  # noqa: E402
+import repro_block_bound  # noqa: E402
 import repro_layernorm  # noqa: E402
 import repro_live_bounds  # noqa: E402
 import repro_stabilization  # noqa: E402
@@ -108,6 +109,16 @@ def test_corrected_bound_holds_during_training_in_the_papers_setting():
     assert max(res.peak) > 1.5 / res.seq_len  # attention left the uniform regime the paper's bound assumes
 
 
+@pytest.mark.slow
+def test_full_block_bound_holds_during_training_at_realistic_size():
+    res = repro_block_bound.run(quick=True)
+    summ = repro_block_bound.summary(res)
+    assert summ["proven_every_pass"] and len(res.steps) >= 3
+    assert 0 < summ["min_ratio"] <= summ["max_ratio"] <= 1
+    assert res.loss[-1] < res.loss[0]  # it trained
+    assert "holds at every pass" in repro_block_bound.section(res, summ, 0.0)
+
+
 def test_quick_run_writes_outside_the_tracked_files(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(reproduce_papers, "reproduce", lambda quick, out: calls.append((quick, Path(out))))
@@ -133,6 +144,7 @@ def test_quick_pipeline_writes_report_and_figures(tmp_path):
         "## 4. [P] Theorem 1 during training",
         "## 5.",
         "## 6. [KG]",
+        "## 7. [P] Theorems 5-6",
     )
     for heading in headings:
         assert heading in text
