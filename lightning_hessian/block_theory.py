@@ -173,15 +173,19 @@ def _candidates(model: nn.Module, blocks: Sequence[Block]) -> tuple[list[_Candid
     return out, skipped
 
 
-def _rebuild(c: _Candidate) -> str:
-    """The activation that reproduces the captured outputs, or raise ``ValueError``."""
+def _rebuild(c: _Candidate, n_batches: int) -> str:
+    """The activation that reproduces the captured outputs of every sequence, or raise ``ValueError``."""
     w = c.weights
-    if not c.inputs or len(c.inputs) != len(c.outputs):
+    if len(c.inputs) != n_batches or len(c.outputs) != n_batches:
         raise ValueError("the layer did not run exactly once per curvature batch")
-    x, z = c.inputs[0][0].double(), c.outputs[0][0].double()
+    if any(not isinstance(t, Tensor) or t.dim() != 3 for t in (*c.inputs, *c.outputs)):
+        raise ValueError("the layer's input or output is not one (batch, tokens, features) tensor")
+    x, z = torch.cat(c.inputs).double(), torch.cat(c.outputs).double()
     for act in ("relu", "gelu"):
         rebuilt = ffn.block_forward(x, w["Q"], w["K"], w["V"], w["W1"], w["W2"], act, c.eps)["Z"]
-        if rebuilt.shape == z.shape and (rebuilt - z).norm() <= _REBUILD_TOL * z.norm():
+        if rebuilt.shape == z.shape and bool(
+            ((rebuilt - z).norm(dim=(-1, -2)) <= _REBUILD_TOL * z.norm(dim=(-1, -2))).all()
+        ):
             return act
     raise ValueError(
         "[P]'s post-norm block Z = LN(σ(Y W_1) W_2 + Y), Y = LN(X + A X W_V) does not reproduce it"
@@ -224,8 +228,8 @@ def compare_block_bound(
         return result
     handles = []
     for c in cands:
-        handles.append(c.module.register_forward_pre_hook(lambda m, a, c=c: c.inputs.append(a[0].detach())))
-        handles.append(c.module.register_forward_hook(lambda m, a, o, c=c: c.outputs.append(o.detach())))
+        handles.append(c.module.register_forward_pre_hook(lambda m, a, c=c: c.inputs.append(_detached(a))))
+        handles.append(c.module.register_forward_hook(lambda m, a, o, c=c: c.outputs.append(_detached(o))))
     device = next(model.parameters()).device
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     losses, targets = [], []
@@ -247,7 +251,7 @@ def compare_block_bound(
     result.proven_reason = proven if isinstance(proven, str) else None
     for c in cands:
         try:
-            act = _rebuild(c)
+            act = _rebuild(c, len(losses))
             x, t = _sequences(c, targets)
         except ValueError as why:
             result.skipped[c.path] = str(why)
@@ -265,6 +269,12 @@ def compare_block_bound(
             lb.measured, lb.measured_kind = _measured(model, report, c)
         result.layers[c.path] = lb
     return result
+
+
+def _detached(value: Any) -> Any:
+    """The first positional argument or the output, detached when it is a tensor (checked in ``_rebuild``)."""
+    value = value[0] if isinstance(value, tuple) and value else value
+    return value.detach() if isinstance(value, Tensor) else value
 
 
 def _sequences(c: _Candidate, targets: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -306,8 +316,10 @@ def _proven(
     if len(c.outputs) != len(losses) or len(targets) != len(losses):
         return "the layer did not run once per curvature batch"
     for loss, z, t in zip(losses, c.outputs, targets):
-        if z.shape != t.shape:
-            return f"target shape {tuple(t.shape)} differs from the layer output's {tuple(z.shape)}"
+        if not isinstance(z, Tensor) or z.shape != t.shape:
+            return (
+                f"target shape {tuple(t.shape)} differs from the layer output's {getattr(z, 'shape', None)}"
+            )
         mse = float(((z.double() - t.double()) ** 2).mean())
         if not abs(loss - mse) <= _LOSS_TOL * max(abs(mse), 1e-30):
             return f"the loss ({loss:.6g}) is not the mean-squared error of the layer's output ({mse:.6g})"

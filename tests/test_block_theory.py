@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_hessian import HessianMonitor, analyze, model_block, tags
+from lightning_hessian import Batches, HessianMonitor, analyze, model_block, tags
 from lightning_hessian.block_theory import compare_block_bound
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
@@ -124,6 +124,23 @@ def test_layers_outside_the_theorem_are_skipped_with_the_reason(kwargs, reason):
     result = compare_block_bound(model, _mse, batch, target=lambda b: b[1])
     assert not result.layers
     assert reason in result.skipped["layer"]
+
+
+def test_several_curvature_batches_average_the_per_sequence_bounds():
+    model, batch = _setup()
+    both = compare_block_bound(
+        model,
+        _mse,
+        Batches([(batch[0][:1], batch[1][:1]), (batch[0][1:], batch[1][1:])]),
+        target=lambda b: b[1],
+    )
+    one = [
+        compare_block_bound(model, _mse, (batch[0][i : i + 1], batch[1][i : i + 1]), target=lambda b: b[1])
+        for i in (0, 1)
+    ]
+    assert both.layers["layer"].proven
+    mean = (one[0].layers["layer"].bound + one[1].layers["layer"].bound) / 2
+    assert abs(both.layers["layer"].bound - mean) <= 1e-9 * mean
 
 
 def test_a_model_that_is_the_layer_itself_is_named_model():
