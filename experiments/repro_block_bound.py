@@ -217,7 +217,11 @@ def section(res: BlockBoundRun, summ: dict, seconds: float, figure: str = "repro
             "",
             f"![Thm 6 during training](images/{figure})",
             "",
-            f"**Commentary.** The bound holds and is loose: the measured norm is a fraction "
+            f"**Commentary.** The loss falls from {res.loss[0]:.4g} to {res.loss[1]:.4g} "
+            f"by step {res.steps[1]} "
+            f"and stays there ({res.loss[-1]:.4g} at step {res.steps[-1]}: the reversal is not learned); the "
+            "curvature falls with it. "
+            "The bound holds and is loose: the measured norm is a fraction "
             f"{res.measured[worst] / res.bound[worst]:.2g} of it at best (step {res.steps[worst]}). "
             "At the last "
             f"pass the largest term of the maximum is the ({i}, {j}) pair; the FFN pairs alone would give "
