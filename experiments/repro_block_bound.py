@@ -249,7 +249,7 @@ def plot(res: BlockBoundRun, path: str) -> None:
         ax.semilogy(res.steps, res.blocks[n], ":", color=colour, label=f"‖H({n},{n})‖")
     ax.set_xlabel("step")
     ax.set_title(f"post-norm layer, L = {res.seq_len}, d = {res.width}, d_ff = {res.d_ff}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center right")  # clear of the bound (top) and the Q/K blocks (bottom)
     ax = axes[1]
     ax.semilogy(res.steps, np.array(res.measured) / np.array(res.bound), "o-", color="tab:blue")
     ax.set_xlabel("step")

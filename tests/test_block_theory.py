@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from _dense import dense_hessian
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -221,3 +222,13 @@ def test_live_full_block_bound_in_the_proven_setting(tmp_path):
     measured = acc.Scalars(tags.theory_tag("model.layer", "block_measured"))
     assert all(abs(m.value / b.value - r.value) < 1e-6 for m, b, r in zip(measured, bounds, ratios))
     assert not [a for a in fired if a.rule == "bound_violation"]
+    (event,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(event.tensor_proto.string_val[0])
+    charts = {ch.title: list(ch.multiline.tag) for c in layout.category for ch in c.chart}
+    bound_chart = charts["model.layer: measured ‖H‖ of the layer against the full-block bound [P] Thm 6"]
+    assert len(bound_chart) == 2 and any("block_bound" in r for r in bound_chart)
+    assert any(
+        "block/bound_ratio" in r
+        for r in charts["model.layer: measured / full-block bound (≤ 1 where proven)"]
+    )
