@@ -84,6 +84,8 @@ def test_bad_shapes_are_refused():
     X, W, T = _draw(3, 4, 2, 3, 0)
     with pytest.raises(ValueError, match="L x d"):
         bb.block_bound(X, *W, T[:2])
+    with pytest.raises(ValueError, match="transpose"):
+        bb.block_bound(X, *W[:3], W[3].T, W[4], T)
     with pytest.raises(ValueError, match="relu"):
         bb.block_bound(X, *W, T, activation="tanh")
 

@@ -13,10 +13,11 @@ The block of [P] eq. (4) (:func:`~lightning_hessian.formulas.ffn.block_forward`)
 with ``B_i = dS/dW_i``, ``ξ_ij = d vec_r(B_i) / d vec_r(W_j)^T`` (flat norm) and ``b_ij`` the right-hand side
 of the first line. :func:`~lightning_hessian.formulas.ffn.block_loss_hessian_bound` evaluates it with dense
 factors (memory ``O(L d (Σ n_i)^2)``: ``L = d = 4`` at most); here no matrix of the size of a Jacobian is
-formed (memory ``O(iters Σ n_i + L d d_ff)``):
+formed (memory ``O(iters Σ n_i + L d d_ff + L^2 d)``):
 
-* ``||J_Z||``, ``||H_Z||`` and the first LayerNorm's ``||J_Y||``, ``||H_Y||``: closed form, per row
-  (:func:`~lightning_hessian.formulas.layernorm.jacobian_norm`, ``hessian_norm``); exact.
+* ``||J_Z||``, ``||H_Z||`` and the first LayerNorm's: closed form, per row
+  (:func:`~lightning_hessian.formulas.layernorm.jacobian_norm`; the flat ``||H||`` of ``_ln_hessian_norm``
+  from the eigenvalues of ``Q_i``); exact.
 * ``||B_i||``, ``||dZ/dW_i||``, ``||dY/dθ_k||``, ``||G_k|| = ||dF/dθ_k||``: Lanczos on the Gram operator
   ``J^T J v`` from ``torch.func.jvp`` / ``vjp``; exact once converged (from below).
 * ``ξ`` of the FFN pairs and the FFN stage's second derivatives ``d J_SY / dW_f``, ``d B_f / dY``: flat norms
@@ -185,11 +186,19 @@ def block_bound(
         seed: Seed of the Lanczos start vectors.
 
     Returns:
-        A :class:`BlockBound`; memory ``O(iters Σ n_i + L d d_ff)``, nothing of size ``(L d)^2``.
+        A :class:`BlockBound`; memory ``O(iters Σ n_i + L d d_ff + L^2 d)``, nothing of size ``(L d)^2``.
     """
     if X.dim() != 2 or target.shape != X.shape:
         raise ValueError(
             f"X and target must both be L x d matrices, got {tuple(X.shape)}, {tuple(target.shape)}"
+        )
+    d, d_k, d_ff = X.shape[1], W_Q.shape[-1], W_1.shape[-1]
+    expected = [(d, d_k), (d, d_k), (d, d), (d, d_ff), (d_ff, d)]
+    got = [tuple(w.shape) for w in (W_Q, W_K, W_V, W_1, W_2)]
+    if got != expected:
+        raise ValueError(
+            f"weights of shapes {got} do not fit X of width {d}: W_Q, W_K d x d_K, W_V d x d, W_1 d x d_ff, "
+            "W_2 d_ff x d (the papers' orientation; an nn.Linear weight is its transpose)"
         )
     t = math.sqrt(W_Q.shape[-1]) if tau is None else float(tau)
     weights = {"Q": W_Q, "K": W_K, "V": W_V, "W1": W_1, "W2": W_2}
