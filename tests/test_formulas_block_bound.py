@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_hessian.formulas import attention, ffn, layernorm
+from lightning_hessian.formulas import attention, ffn, flat_norms, layernorm
 from lightning_hessian.formulas import block_bound as bb
 
 DT = torch.float64
@@ -77,7 +77,7 @@ def test_bound_holds_for_the_dense_block_hessian(act):
 @pytest.mark.parametrize("eps", [0.0, 1e-2])
 def test_layernorm_hessian_norm_closed_form(d, eps):
     X = 2 * torch.randn(6, d, dtype=DT, generator=torch.Generator().manual_seed(d)) + 1
-    assert _close(bb._ln_hessian_norm(X, eps), layernorm.hessian_norm(X, eps=eps))
+    assert _close(flat_norms.layernorm_hessian_norm(X, eps), layernorm.hessian_norm(X, eps=eps))
 
 
 def test_bad_shapes_are_refused():
@@ -131,7 +131,7 @@ def test_attention_second_derivative_norms_match_the_dense_phi(tau):
         X, W, _ = _draw(3, 4, 2, 3, 20 + seed)
         dense = attention.second_derivatives(X, *W[:3], tau)
         t = 2**0.5 if tau is None else tau
-        exact = bb._phi_norms(X, *W[:3], t, 100, 0)
+        exact = flat_norms.attention_second_derivative_norms(X, *W[:3], t, 100, 0)
         assert set(exact) == set(dense)
         for key, phi in dense.items():
             assert _close(exact[key], _norm(phi)), key

@@ -10,6 +10,7 @@ Pure functions of tensors (no models). Submodules:
   ``γ``/``β`` Hessian.
 * :mod:`.ffn` — FFN and whole post-norm block Jacobians and Hessians ([P] Thm 4-5), the Thm 6 bound.
 * :mod:`.block_bound` — [P] Thm 6 for a whole post-norm block, matrix-free (``L = 128, d = 64``).
+* :mod:`.flat_norms` — exact flat norms of the block's second derivatives (LayerNorm, FFN stage, attention).
 * :mod:`.gauss_newton` — the exact Gauss-Newton norm ``c λ_max(mean_s J_s^T J_s)`` of a multi-head layer's
   mean-squared error over many sequences (the theory's normaliser).
 * :mod:`.convergence` — [P] Thm 7 and the loss-difference identity.
@@ -23,7 +24,17 @@ References:
     [KG] N. Kiselev, A. Grabovoy, arXiv:2604.14870.
 """
 
-from . import attention, block_bound, convergence, ffn, gauss_newton, layernorm, stability, stabilization
+from . import (
+    attention,
+    block_bound,
+    convergence,
+    ffn,
+    flat_norms,
+    gauss_newton,
+    layernorm,
+    stability,
+    stabilization,
+)
 from ._linalg import HessianBlock
 
 __all__ = [
@@ -32,6 +43,7 @@ __all__ = [
     "block_bound",
     "convergence",
     "ffn",
+    "flat_norms",
     "gauss_newton",
     "layernorm",
     "stability",
