@@ -23,7 +23,7 @@ from lightning_hessian.preconditioning import PreconditionedOperator, block_diag
 from lightning_hessian.products import check_products, resolve_products
 from lightning_hessian.report import BlockCurvature, CurvatureReport
 from lightning_hessian.settings import AnalysisSettings
-from lightning_hessian.sharded import ShardedOperator, is_sharded
+from lightning_hessian.sharded import ShardedOperator, full_tensors, is_sharded
 from lightning_hessian.starts import StartVectors
 
 __all__ = ["analyze"]
@@ -211,6 +211,7 @@ def analyze(
         basis_device=basis_device,
         curvature=curvature,
         density_width=density_width,
+        products=products,
     )
     if preconditioner is not None and not full:
         raise ValueError("preconditioner= gives the whole model's preconditioned sharpness: pass full=True.")
@@ -250,6 +251,8 @@ def analyze(
         if split:
             matvecs += _measure_split(op, groups, results, settings)
         if preconditioner is not None:
+            if is_sharded(model):  # FSDP2 optimiser state: the whole-model diagonal on every process
+                preconditioner = full_tensors(preconditioner)
             matvecs += _measure_preconditioned(op, selected, preconditioner, results, settings)
         loss = op.loss
         del op

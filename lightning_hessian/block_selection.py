@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from lightning_hessian.batches import map_tensors
 from lightning_hessian.blocks import Block, FusedLayout, find_blocks
 from lightning_hessian.loss_calls import LossFn
+from lightning_hessian.sharded import is_sharded
 
 __all__ = ["cached_blocks", "select_blocks"]
 
@@ -63,7 +64,8 @@ def cached_blocks(
     """``find_blocks`` with the layouts read off ``loss_fn`` on one batch, cached per model.
 
     The cache is keyed by the parameter names, shapes and trainability, the rules and the loss function,
-    so a monitor's passes infer the layouts once. If running ``loss_fn`` fails here, the blocks come from
+    so a monitor's passes infer the layouts once. A sharded (FSDP2) model's blocks come from the names
+    alone. If running ``loss_fn`` fails here, the blocks come from
     the names alone (on every process, when ``reduce`` sums over processes), nothing is cached, and the
     failure is returned: the curvature pass then runs ``loss_fn`` itself and reports its error with what to
     do, or, if it succeeds, the caller warns that the layouts were not read.
@@ -79,6 +81,11 @@ def cached_blocks(
     cached = _FOUND.get(model)
     if cached is not None and cached[0] == key:
         return list(cached[1]), None
+    if is_sharded(model):
+        # The layout probe runs the model on detached copies of its parameters, which FSDP2's sharded
+        # DTensors do not survive (the model's next forward fails): the blocks come from the names.
+        _FOUND[model] = key, find_blocks(model, rules)
+        return list(_FOUND[model][1]), None
     device = next((p.device for p in model.parameters()), None)
     problem = None
     try:

@@ -47,8 +47,10 @@ from lightning_hessian.errors import NonFiniteLossError, PassFailedElsewhere
 from lightning_hessian.formulas.stability import block_heterogeneity
 from lightning_hessian.html_report import write_html_report
 from lightning_hessian.optimizers import adam_preconditioners, stability_scalars
+from lightning_hessian.products import FSDP1_MESSAGE, check_products, resolve_products
 from lightning_hessian.report import CurvatureReport
 from lightning_hessian.settings import AnalysisSettings
+from lightning_hessian.sharded import is_sharded, reshard
 from lightning_hessian.theory import TheoryComparison, compare_attention
 from lightning_hessian.tracker import DEFAULT_SHARES, FIGURES, FIGURES_SHARE, TIERS, CurvatureTracker
 
@@ -164,6 +166,39 @@ def _optimizer_steps(trainer: pl.Trainer, *, ending_batch: bool = True) -> int:
     loop = trainer.fit_loop.epoch_loop
     steps = loop._batches_that_stepped
     return steps + 1 if ending_batch and not loop._should_accumulate() else steps
+
+
+def _strategy_reason(strategy: Any) -> str | None:
+    """Why the training strategy rules out exact products (``None``: it does not); refuse the strategies
+    that no product backend can measure, saying what to use instead."""
+    name = type(strategy).__name__
+    if "FSDP" in name:  # FSDP1: flat sharded parameters, neither backend can address a block
+        raise RuntimeError(f"HessianMonitor does not support the {name} strategy. {FSDP1_MESSAGE}")
+    if "DeepSpeed" in name or "XLA" in name:
+        raise RuntimeError(
+            f"HessianMonitor does not support the {name} strategy: "
+            + (
+                "DeepSpeed ZeRO partitions the parameters into flat buffers that no product backend can "
+                "address per block"
+                if "DeepSpeed" in name
+                else "XLA runs the model as lazily traced graphs on TPU cores, which the monitor's per-block "
+                "perturbations and products are not tested on"
+            )
+            + ". Monitor the run with DDP (strategy='ddp'), or with FSDP2 (ModelParallelStrategy) and "
+            'products="auto"; or call lightning_hessian.analyze on a gathered copy of the model.'
+        )
+    if "ModelParallel" not in name:
+        return None
+    mesh = getattr(strategy, "_device_mesh", None)
+    names = getattr(mesh, "mesh_dim_names", None) or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+        raise RuntimeError(
+            f"HessianMonitor measures {name} runs that shard by data only (FSDP2): this one has "
+            f"tensor_parallel_size={mesh['tensor_parallel'].size()}, and the sharded finite-difference "
+            "products assume that every process's gradient is its shard of the data-parallel mean. Pass "
+            "ModelParallelStrategy(data_parallel_size=<processes>, tensor_parallel_size=1)."
+        )
+    return f"the training strategy {name} shards the parameters across processes (FSDP2 fully_shard)"
 
 
 def _total_steps(trainer: pl.Trainer) -> int | None:
@@ -290,6 +325,15 @@ class HessianMonitor(Callback):
             ``"cpu"`` when the GPU's memory is full: one vector moves each way per Lanczos step (see
             :func:`~lightning_hessian.analyze`). ``None`` (default): on the model's device.
         seed: seed of the estimators' random vectors (and of reading a ``DataLoader`` given as ``data``).
+        products: the Hessian-vector product backend of every measurement that takes products (full
+            passes; in budget mode the whole-model and block tiers, the update tier runs forwards only):
+            ``"exact"`` (double backward, the default), ``"finite_difference"`` (central differences of
+            gradients, :mod:`lightning_hessian.finite_difference`: the model runs with its own attention
+            kernels and compiled graphs; Hessian only, no ``split`` or ``stabilization``) or ``"auto"``
+            (finite differences where exact products are unavailable: a compiled model, or a
+            ``ModelParallelStrategy`` (FSDP2) run, which ``"exact"`` is refused under; said once on rank 0).
+            Every report records the backend (``report.settings["products"]``, each block's ``products``,
+            the dashboards' latest-values text).
         name: tell two monitors in one Trainer apart (e.g. a frequent cheap one and a rare full one):
             every tag they log and every ``trainer.callback_metrics`` key is prefixed with ``"<name>/"``,
             and their checkpoint states are kept apart. ``None`` (default): unprefixed tags; two unnamed
@@ -340,6 +384,7 @@ class HessianMonitor(Callback):
         seed: int = 0,
         chunk_size: int | None = None,
         basis_device: str | torch.device | None = None,
+        products: str = "exact",
         theory: bool = True,
         theory_target: Callable[[Any], Tensor] | None = None,
         theory_samples: int = 2,
@@ -476,6 +521,7 @@ class HessianMonitor(Callback):
             seed=seed,
             chunk_size=chunk_size,
             basis_device=basis_device,
+            products=products,
         )
         if max_overhead is not None and not (isinstance(max_overhead, int | float) and max_overhead > 0):
             raise ValueError(
@@ -492,7 +538,28 @@ class HessianMonitor(Callback):
             self.alerts = AlertManager(rules=list(alerts))
         self._figures = figures
         self._fresh_alerts = self.alerts.state_dict()  # what a new fit starts from
+        self._exact_unavailable: str | None = None  # why the strategy rules out exact products (setup)
         self._reset()
+
+    def _check_sharded_settings(self, pl_module: pl.LightningModule) -> None:
+        """Under a sharding strategy: refuse ``products="exact"`` and what the sharded path cannot do."""
+        reason = self._exact_unavailable
+        try:
+            products, _ = resolve_products(self.settings.products, pl_module, reason, warn=_warn)
+            check_products(products, "hessian", self.settings.split, reason)
+        except ValueError as error:
+            raise RuntimeError(f"HessianMonitor: {error}") from None
+        if self.settings.dtype is not None or self.settings.chunk_size is not None:
+            raise RuntimeError(
+                f"HessianMonitor: {reason}, so curvature is measured in the parameters' own dtype and on "
+                "whole curvature batches: pass dtype=None and chunk_size=None (fewer or smaller curvature "
+                "batches, num_batches= / data=, keep a pass inside a memory budget)."
+            )
+
+    def _products(self, pl_module: pl.LightningModule) -> None:
+        """Resolve the product backend on the model as it trains (compiled or sharded by now), so that
+        ``"auto"`` says why it takes finite differences once, on rank 0 (the passes then stay quiet)."""
+        resolve_products(self.settings.products, pl_module, self._exact_unavailable, warn=_warn)
 
     def _reset(self) -> None:
         """Forget everything a fit left: a monitor reused in a second fit starts new curves."""
@@ -530,7 +597,7 @@ class HessianMonitor(Callback):
                     },
                     **({FIGURES: FIGURES_SHARE} if self._figures else {}),
                 },
-                analysis=self.settings.kwargs(),
+                analysis={**self.settings.kwargs(), "exact_unavailable": self._exact_unavailable},
                 preconditioned=self.preconditioned,
                 stabilization=self.stabilization,
                 note=self._note,
@@ -556,15 +623,11 @@ class HessianMonitor(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Sharded strategies hold only a shard of each parameter per process: the per-block products would
-        # be wrong or hang. Refuse before training starts, with what to use instead.
-        strategy = type(trainer.strategy).__name__
-        if any(name in strategy for name in ("FSDP", "DeepSpeed", "ModelParallel", "XLA")):
-            raise RuntimeError(
-                f"HessianMonitor does not support the {strategy} strategy (its parameters are sharded across "
-                "processes). Use a single device or DDP (strategy='ddp') for the runs you monitor, or call "
-                "lightning_hessian.analyze on a gathered copy of the model."
-            )
+        # Before training starts: a strategy no product backend can measure is refused with what to use
+        # instead, and FSDP2 (ModelParallelStrategy) takes finite differences (exact products are refused).
+        self._exact_unavailable = _strategy_reason(trainer.strategy)
+        if self._exact_unavailable is not None:
+            self._check_sharded_settings(pl_module)
         if stage != "fit":
             return
         # What needs the model or the Trainer is checked here, before the first step, not at the first pass.
@@ -868,6 +931,7 @@ class HessianMonitor(Callback):
         measurement = None
         try:
             with guard if guard is not None else contextlib.nullcontext(), self._progress(trainer) as say:
+                self._products(pl_module)
                 if kinds is None:
                     say("full pass over every block")
                     report, preconditioned = self._analyze(trainer, pl_module, data)
@@ -922,6 +986,7 @@ class HessianMonitor(Callback):
             )
             return
         finally:
+            reshard(pl_module)  # FSDP2: training's next forward gathers the shards it updated
             if guard is not None and guard.changed:
                 self._note(
                     "the default curvature loss re-runs training_step, which changed "
@@ -998,6 +1063,12 @@ class HessianMonitor(Callback):
         step: int,
     ) -> TheoryComparison | None:
         """The theory-versus-measured comparison of this pass; problems are reported once, never raised."""
+        if is_sharded(pl_module):
+            self._note(
+                "the theory comparison is not made on sharded (FSDP2) parameters: it reads every attention "
+                "layer's whole weights; the measured curvature is logged as usual"
+            )
+            return None
         loss_fn = self._loss_fn()
         target = self.theory_target
         if target is not None and trainer.world_size > 1:
@@ -1156,6 +1227,7 @@ class HessianMonitor(Callback):
             init=self._last_report,
             preconditioner=preconditioner,
             reduce=self._reduce(trainer),
+            exact_unavailable=self._exact_unavailable,
             **kwargs,
         )
         return report, preconditioner is not None

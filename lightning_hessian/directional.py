@@ -89,6 +89,7 @@ from lightning_hessian.batches import as_batches, batch_size
 from lightning_hessian.errors import NonFiniteLossError, PassFailedElsewhere
 from lightning_hessian.finite_difference import STEP_FLOOR, accumulation_dtype
 from lightning_hessian.loss_calls import LossFn
+from lightning_hessian.sharded import reshard
 
 __all__ = ["DirectionalCurvature", "directional_curvature"]
 # c of the step rule: the best of 0.01-1 on the test models along Adam-like updates (module docstring)
@@ -173,6 +174,7 @@ class _Line:
     @contextmanager
     def _at(self, direction: Mapping[str, Tensor] | None, scale: float) -> Iterator[None]:
         try:
+            reshard(self.model)  # FSDP2: the forward must gather the shards written here
             if direction is not None:
                 with torch.no_grad():
                     for name, v in direction.items():
@@ -184,6 +186,7 @@ class _Line:
             set_device_rng_state(self.state, self.device)  # the same dropout masks at every point
             yield
         finally:
+            reshard(self.model)  # FSDP2: no unsharded copy of perturbed weights is left behind
             with torch.no_grad():
                 for name in direction or ():
                     self.params[name].copy_(self.saved[name])
@@ -266,16 +269,22 @@ def _loss_value(value: Any, index: int) -> Tensor:
     return value.reshape(())
 
 
+def _item(value: Tensor) -> Any:
+    """The value of a one-element tensor; of a sharded (FSDP2) ``DTensor`` reduction, over every shard
+    (its ``.item()`` and ``bool()`` give this process's part only, so processes would disagree)."""
+    return (value.full_tensor() if hasattr(value, "full_tensor") else value).item()
+
+
 def _norm(tensors: Iterable[Tensor]) -> float:
     """The Euclidean norm of several tensors together, accumulated in float64."""
-    return math.sqrt(sum(torch.linalg.vector_norm(t, dtype=torch.float64).item() ** 2 for t in tensors))
+    return math.sqrt(sum(_item(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in tensors))
 
 
 def _second_difference(line: _Line, direction: dict[str, Tensor], loss: float) -> float:
     r""":math:`v^\top H v / \|v\|^2` by the central second difference along ``v / ||v||`` (the step rule)."""
     norm = _norm(direction.values())
     unit = {name: v / norm for name, v in direction.items()}
-    largest = max(v.abs().max().item() for v in unit.values())
+    largest = max(_item(v.abs().max()) for v in unit.values())
     theta = [line.saved[name] for name in unit]
     rms = _norm(theta) / math.sqrt(sum(t.numel() for t in theta))
     eps = (
@@ -400,11 +409,11 @@ def directional_curvature(
         raise ValueError("The model has no trainable parameters: nothing to measure.")
     steps = None if update is None else _vectors(update, params, "update", complete=False)
     diagonal = None if preconditioner is None else _vectors(preconditioner, params, "preconditioner", True)
-    if diagonal is not None and any(bool((d.isnan() | (d <= 0)).any()) for d in diagonal.values()):
+    if diagonal is not None and any(_item((d.isnan() | (d <= 0)).any()) for d in diagonal.values()):
         raise ValueError(
             "preconditioner entries must be positive (inf for parameters the optimiser does not move)."
         )
-    if steps is not None and not all(bool(v.isfinite().all()) for v in steps.values()):
+    if steps is not None and not all(_item(v.isfinite().all()) for v in steps.values()):
         raise ValueError("update has non-finite entries: the step just taken diverged; nothing to measure.")
     with curvature_context(model, mode, exact=False):
         line = _Line(model, loss_fn, as_batches(data), params, reduce)
@@ -414,7 +423,7 @@ def directional_curvature(
                 f"The loss on the curvature data is {loss}: its curvature is undefined. Check the model "
                 "and the data."
             )
-        steps = None if steps is None else {n: v for n, v in steps.items() if bool(v.ne(0).any())}
+        steps = None if steps is None else {n: v for n, v in steps.items() if _item(v.ne(0).any())}
         update_curvature = critical_lr = None
         status = "skipped"
         if steps:
@@ -429,7 +438,7 @@ def directional_curvature(
                 torch.dot(gradient[n].reshape(-1).double(), d.reshape(-1).double()).item()
                 for n, d in direction.items()
             )
-            direction = {n: d for n, d in direction.items() if bool(d.ne(0).any())}
+            direction = {n: d for n, d in direction.items() if _item(d.ne(0).any())}
             if g_p_g > 0 and direction:
                 norm2 = _norm(direction.values()) ** 2
                 preconditioned = _second_difference(line, direction, loss) * norm2 / g_p_g

@@ -21,6 +21,7 @@ FSDP1 (``FullyShardedDataParallel``, Lightning's ``FSDPStrategy``) is refused wi
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 from torch import nn
 
@@ -78,7 +79,10 @@ def exact_blocker(model: nn.Module) -> str | None:
 
 
 def resolve_products(
-    products: str, model: nn.Module, exact_unavailable: str | None = None
+    products: str,
+    model: nn.Module,
+    exact_unavailable: str | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> tuple[str, str | None]:
     """The backend to use: ``("exact" | "finite_difference", reason)``.
 
@@ -88,6 +92,8 @@ def resolve_products(
         exact_unavailable: a caller's reason why exact products cannot be used (e.g. the training strategy
             shards the model); with ``"auto"`` it selects finite differences, with ``"exact"`` it is an
             error.
+        warn: says the sentence of ``"auto"`` (default: a :class:`UserWarning`), e.g. on rank 0 only; it is
+            said once per reason and process either way.
 
     Returns:
         The backend and why it was chosen (``None`` for exact products taken by default).
@@ -114,12 +120,14 @@ def resolve_products(
         return "exact", None
     if reason not in _SAID:
         _SAID.add(reason)
-        warnings.warn(
+        message = (
             f'products="auto": curvature is measured with finite-difference Hessian-vector products because '
-            f"{reason}. See lightning_hessian.finite_difference for their error.",
-            UserWarning,
-            stacklevel=3,
+            f"{reason}. See lightning_hessian.finite_difference for their error."
         )
+        if warn is None:
+            warnings.warn(message, UserWarning, stacklevel=3)
+        else:
+            warn(message)
     return "finite_difference", reason
 
 

@@ -172,7 +172,11 @@ class CurvatureReport:
         return rows
 
     def _footer(self) -> tuple[str, str | None]:
-        summary = f"{self.curvature}, loss {self.loss:.4g}, {self.matvecs} matvecs, {self.seconds:.2f} s"
+        backends = " / ".join(sorted({b.products for b in self})) or "exact"
+        summary = (
+            f"{self.curvature} ({backends} products), loss {self.loss:.4g}, {self.matvecs} matvecs, "
+            f"{self.seconds:.2f} s"
+        )
         unconverged = any(b.converged is False or b.min_converged is False for b in self)
         return summary, f"{NOT_CONVERGED} not converged within max_iter" if unconverged else None
 

@@ -1,7 +1,8 @@
 """The analysis settings ``analyze`` and ``HessianMonitor`` share: one object, validated once.
 
 :class:`AnalysisSettings` holds what a curvature pass is asked to compute (blocks, eigenvalues, trace,
-density, the Gauss-Newton split) and how (tolerance, step limits, dtype, mode, seed, chunks).
+density, the Gauss-Newton split) and how (tolerance, step limits, dtype, mode, seed, chunks, the product
+backend).
 :func:`~lightning_hessian.analyze` builds one from its arguments, :class:`~lightning_hessian.HessianMonitor`
 at construction, so both refuse the same bad input with the same message, the monitor before training
 starts. Block *names* are checked against the model later (``analyze``, or the monitor's ``setup``).
@@ -20,6 +21,7 @@ import torch
 from lightning_hessian._context import MODES
 from lightning_hessian.blocks import Block, FusedLayout, compile_rules
 from lightning_hessian.operators import CURVATURES
+from lightning_hessian.products import PRODUCTS, check_products
 
 __all__ = ["AnalysisSettings", "check_positive", "check_settings"]
 
@@ -49,6 +51,7 @@ def check_settings(
     seed: Any = 0,
     chunk_size: Any = None,
     basis_device: Any = None,
+    products: Any = "exact",
 ) -> None:
     """Validate the settings shared by :func:`analyze` and :class:`~lightning_hessian.HessianMonitor`.
 
@@ -105,6 +108,12 @@ def check_settings(
             f"chunk_size must be a positive int (samples per chunk) or None, got {chunk_size!r}."
         )
     _check_device("basis_device", basis_device)
+    if not isinstance(products, str) or products not in PRODUCTS:
+        raise ValueError(
+            f"products must be one of {PRODUCTS} (the Hessian-vector product backend: double backward, "
+            f"finite differences of gradients, or finite differences where exact is unavailable); got "
+            f"{products!r}."
+        )
 
 
 def _check_device(name: str, device: Any) -> None:
@@ -148,6 +157,7 @@ class AnalysisSettings:
     basis_device: str | torch.device | None = None
     curvature: str = "hessian"
     density_width: float = 0.02
+    products: str = "exact"
 
     def __post_init__(self) -> None:
         check_settings(
@@ -163,6 +173,8 @@ class AnalysisSettings:
             raise ValueError('split=True decomposes the Hessian: use it with curvature="hessian".')
         width = self.density_width
         check_positive("density_width", float(width) if isinstance(width, int | float) else width, float)
+        # Finite differences asked for by name cannot give the split; "auto" is checked once it resolves.
+        check_products(self.products, self.curvature, self.split, None)
 
     def kwargs(self) -> dict[str, Any]:
         """The settings by name, as :func:`~lightning_hessian.analyze` takes them."""

@@ -24,7 +24,7 @@ put back after every product, so a pass between accumulation steps changes nothi
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,7 +37,7 @@ from lightning_hessian.errors import NonFiniteLossError
 from lightning_hessian.finite_difference import accumulation_dtype, check_finite, steps_for_scale
 from lightning_hessian.loss_calls import LossFn, check_loss
 
-__all__ = ["ShardedOperator", "is_sharded"]
+__all__ = ["ShardedOperator", "full_tensors", "is_sharded", "reshard"]
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -47,6 +47,33 @@ def is_sharded(model: nn.Module) -> bool:
     except ImportError:
         return False
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def reshard(model: nn.Module) -> None:
+    """Register every FSDP2 module's sharded parameters again (a no-op without FSDP2; no collective call).
+
+    FSDP2 keeps the root module's parameters unsharded after a forward that no backward follows (its
+    ``reshard_after_forward`` is off for the root), and a forward on unsharded parameters does not gather
+    them again: weights written into the shards in place (a perturbation, or its bitwise restoration) would
+    not be seen by the next forward, nor by training's. Call this before writing shards and after the
+    forwards of a measurement.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2 shards nothing
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def full_tensors(tensors: Mapping[str, Tensor] | None) -> dict[str, Tensor] | None:
+    """``tensors`` with every ``DTensor`` gathered into a plain full tensor (e.g. Adam's state or the update
+    of an FSDP2 model, for the whole-model tier's vectors). A collective call for each DTensor: every
+    process must call this with the same names in the same order."""
+    if tensors is None:
+        return None
+    return {n: t.full_tensor() if hasattr(t, "full_tensor") else t for n, t in tensors.items()}
 
 
 def _local_slices(param: Any) -> tuple[slice, ...]:
@@ -97,6 +124,7 @@ class ShardedOperator:
                 "No parameter blocks to analyse: the model has no trainable parameters selected."
             )
         check_blocks(blocks, model)
+        reshard(model)  # after a forward without backward FSDP2's root holds unsharded parameters
         self.blocks = tuple(blocks)
         self.sizes = tuple(b.numel for b in self.blocks)
         self.products, self.curvature = "finite_difference", "hessian"
@@ -140,6 +168,7 @@ class ShardedOperator:
         """This process's shard of the union's mean-loss gradient at θ + ``shifts`` (full-shape shifts)."""
         stash = {n: p.grad for n, p in self._params.items()}
         saved = {}
+        reshard(self._model)  # a forward must gather the shards written below
         try:
             with torch.no_grad():
                 for name, shift in shifts.items():

@@ -57,6 +57,8 @@ from lightning_hessian.loss_calls import LossFn
 from lightning_hessian.optimizers import adam_preconditioners, learning_rate, stability_scalars
 from lightning_hessian.planner import BudgetPlanner
 from lightning_hessian.report import BlockCurvature, CurvatureReport
+from lightning_hessian.settings import check_settings
+from lightning_hessian.sharded import is_sharded, reshard
 from lightning_hessian.stabilization import measure_stabilization
 from lightning_hessian.tracking import ModelCurvature, track_model
 
@@ -114,7 +116,10 @@ class CurvatureTracker:
         shares: tier -> share of the budget (default :data:`DEFAULT_SHARES`); a tier left out never runs.
         analysis: keyword arguments of :func:`~lightning_hessian.analyze` for the ``"blocks"`` tier
             (``blocks``, ``rules``, ``top_k``, ``smallest``, ``tol``, ...); ``full`` is ignored (the
-            whole model is the ``"model"`` tier).
+            whole model is the ``"model"`` tier). ``products`` (``"exact"``, ``"finite_difference"``,
+            ``"auto"``) and ``exact_unavailable`` choose the product backend of both tiers that take
+            Hessian-vector products (``"model"`` and ``"blocks"``; ``"update"`` runs forwards only; the
+            stabilisation criterion needs exact products and is left out with finite differences).
         preconditioned: measure Adam's preconditioned curvature (Adam-family optimisers only).
         model_max_iter, model_tol: Lanczos steps and relative tolerance of one warm whole-model measurement.
         trace_probes: Hutchinson probes per whole-model measurement (0: no traces).
@@ -147,6 +152,7 @@ class CurvatureTracker:
         if unknown:
             raise ValueError(f"shares: unknown tier(s) {sorted(unknown)}; the tiers are {TIERS}.")
         self.analysis = {k: v for k, v in (analysis or {}).items() if k != "full"}
+        check_settings(products=self.analysis.get("products", "exact"))
         if self.analysis.get("blocks", "auto") is None:
             shares.pop("blocks", None)
         self.planner = BudgetPlanner(budget, shares, _PRIOR_STEPS)
@@ -294,14 +300,22 @@ class CurvatureTracker:
                 )
         result = Measurement(step=step, kinds=list(kinds))
         mode = self.analysis.get("mode", "eval")
+        sharded = is_sharded(model)
+        if sharded and preconditioner is not None and "update" in kinds:
+            self._note(
+                "the preconditioned curvature along the gradient (update tier) is not measured on sharded "
+                "(FSDP2) parameters: it needs the whole gradient on every process, which autograd cannot "
+                "take with respect to sharded parameters; the preconditioned sharpness (whole-model tier) is"
+            )
         for kind in kinds:
             started = time.perf_counter()
             group: Any = None
             if kind == "update" and lr is not None:
                 _say(progress, "curvature along the update")
                 found = directional_curvature(
-                    model, loss_fn, batches, update, lr=lr, preconditioner=preconditioner, mode=mode,
-                    reduce=reduce, critical=self._update_count % CRITICAL_EVERY == 0,
+                    model, loss_fn, batches, update, lr=lr, mode=mode, reduce=reduce,
+                    preconditioner=None if sharded else preconditioner,
+                    critical=self._update_count % CRITICAL_EVERY == 0,
                 )  # fmt: skip
                 self._update_count += 1
                 result.scalars.update(found.scalars(lr))
@@ -321,6 +335,7 @@ class CurvatureTracker:
             else:
                 continue
             self.planner.spend(kind, time.perf_counter() - started, group)
+        reshard(model)  # FSDP2: leave the parameters sharded, as training left them
         result.seconds = time.perf_counter() - began
         result.scalars.update(self.cost_scalars())
         return result
@@ -428,7 +443,15 @@ class CurvatureTracker:
             chunk_size=settings.get("chunk_size"),
             basis_device=settings.get("basis_device"),
             subspace=self.stabilization if stabilize else 0,
+            products=settings.get("products", "exact"),
+            exact_unavailable=settings.get("exact_unavailable"),
         )
+        if stabilize and found.products != "exact":
+            stabilize = False
+            self._note(
+                "the stabilisation criterion takes exact per-sample Hessian-vector products (double "
+                "backward): it is not measured with finite-difference products"
+            )
         self._model = found
         self._model_count += 1
         result.scalars.update(found.scalars())
@@ -447,7 +470,9 @@ class CurvatureTracker:
             preconditioned_top=found.preconditioned_top,
             matvecs=found.matvecs,
             seconds=found.seconds,
+            products=found.products,
         )
+        self.latest.settings["products"] = found.products
         self.latest.loss = result.loss = found.loss
         if stabilize and found.subspace is not None:
             self._measure_stabilization(model, loss_fn, batches, found.subspace, result)
@@ -487,6 +512,7 @@ class CurvatureTracker:
                 self._ritz[block.name] = block.ritz_vectors.detach().to("cpu")
                 block.ritz_vectors = None
             self.latest.blocks[block.name] = block
+        self.latest.settings["products"] = report.settings["products"]
         self.latest.loss = result.loss = report.loss
         result.report = report
         result.scalars.update(report.scalars())

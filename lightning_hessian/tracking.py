@@ -67,7 +67,7 @@ from lightning_hessian.operators import CurvatureOperator
 from lightning_hessian.preconditioning import PreconditionedOperator, block_diagonal
 from lightning_hessian.products import check_products, resolve_products
 from lightning_hessian.settings import check_positive, check_settings
-from lightning_hessian.sharded import ShardedOperator, is_sharded
+from lightning_hessian.sharded import ShardedOperator, full_tensors, is_sharded
 from lightning_hessian.starts import StartVectors
 
 __all__ = ["ModelCurvature", "track_model"]
@@ -104,6 +104,7 @@ class ModelCurvature:
         preconditioned_vector: the same for the preconditioned operator.
         subspace: with ``subspace=D``, the top ``D`` Ritz vectors, orthonormal ``(P, D)`` float64 on the CPU
             (the first is ``top_vector``); ``None`` otherwise.
+        products: the product backend every number came from, ``"exact"`` or ``"finite_difference"``.
     """
 
     top_eigenvalue: float
@@ -126,6 +127,7 @@ class ModelCurvature:
     preconditioned_vector: Tensor | None = field(default=None, repr=False)
     block_rayleigh: dict[str, float] = field(default_factory=dict)
     subspace: Tensor | None = field(default=None, repr=False)
+    products: str = "exact"
 
     def scalars(self) -> dict[str, float]:
         """Tag -> value for the logger (names from :mod:`lightning_hessian.tags`); NaN values are left out."""
@@ -279,6 +281,7 @@ def track_model(
     block_rayleigh: bool = False,
     basis_device: torch.device | str | None = None,
     subspace: int = 0,
+    exact_unavailable: str | None = None,
 ) -> ModelCurvature:
     r"""The whole model's top curvature, warm-started, with its eigenvector's by-products and block traces.
 
@@ -320,7 +323,8 @@ def track_model(
         tol: relative Ritz-residual tolerance, relative to :math:`\lambda_{\max}` itself.
         trace_probes: Hutchinson probes shared by the whole model and every block (0: no traces).
         seed: seed of the random start part, the warm-start perturbation and the probes.
-        mode, dtype, reduce, chunk_size, products, basis_device: as for :func:`~lightning_hessian.analyze`.
+        mode, dtype, reduce, chunk_size, products, basis_device, exact_unavailable: as for
+            :func:`~lightning_hessian.analyze`.
         block_rayleigh: also each block's Rayleigh quotient along its piece of the top eigenvector
             (``ModelCurvature.block_rayleigh``): one product with every block's diagonal Hessian block, on a
             second graph, costing about as much as one product for every block (a block's pruned product
@@ -360,6 +364,8 @@ def track_model(
             "The model has no trainable parameters (requires_grad=False everywhere): nothing to measure."
         )
     shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    if is_sharded(model):  # whole-model vectors are whole on every process: gather sharded ones (FSDP2)
+        preconditioner, update = full_tensors(preconditioner), full_tensors(update)
     blocks = list(blocks)
     check_blocks(blocks, model)
     frozen = [(b.name, n) for b in blocks for n in b.params if n not in shapes]
@@ -384,7 +390,7 @@ def track_model(
     if update is not None:
         _check_tensors(update, model, "update")
     u = None if update is None else _whole(update, whole, shapes)
-    products, reason = resolve_products(products, model)
+    products, reason = resolve_products(products, model, exact_unavailable)
     check_products(products, "hessian", False, reason)
 
     began = time.perf_counter()
@@ -460,6 +466,7 @@ def track_model(
         preconditioned_vector=p_vector,
         block_rayleigh=rayleigh,
         subspace=basis,
+        products=products,
     )
 
 

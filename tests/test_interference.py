@@ -477,3 +477,39 @@ def test_a_failing_product_with_a_reduce_still_makes_the_collective_call(monkeyp
     with pytest.raises(torch.OutOfMemoryError, match="simulated"):
         analyze(model, loss_fn, batch, reduce=reduce, blocks=None, full=True, trace=False)
     assert len(calls) >= 4  # the failing call still reduced
+
+
+# --- finite-difference products (issue #13) ---------------------------------------------------------------
+
+
+def _every_tier_at(steps: set[int]):
+    """A budget plan that runs every tier at ``steps`` (the optimizer step the measurement follows)."""
+    from lightning_hessian.tracker import TIERS
+
+    def plan(self, training_seconds, step):
+        self.planner.observe(training_seconds, step)
+        return list(TIERS) if step + 1 in steps else []
+
+    return plan
+
+
+def test_finite_difference_passes_leave_training_bitwise_alone(tmp_path, monkeypatch):
+    """Dropout, BatchNorm, gradient accumulation, AdamW: full passes and every budget tier with
+    finite-difference products leave weights, buffers, logged metrics (so the random streams) and the
+    optimizer state bitwise as without the monitor."""
+    from test_callback import assert_same_training
+
+    from lightning_hessian import CurvatureTracker
+
+    plain = fit(tmp_path / "plain", accumulate=2)
+    scheduled = HessianMonitor(every_n_steps=3, early_steps=[1], products="finite_difference", **FAST)
+    watched = fit(tmp_path / "scheduled", [scheduled], accumulate=2)
+    assert pass_steps(scheduled) == [1, 3, 6]
+    assert scheduled._last_report.settings["products"] == "finite_difference"
+    assert_same_training(plain, watched)
+
+    monkeypatch.setattr(CurvatureTracker, "plan", _every_tier_at({2, 5}))
+    budget = HessianMonitor(budget=0.5, products="finite_difference", **FAST)
+    watched = fit(tmp_path / "budget", [budget], accumulate=2)
+    assert pass_steps(budget) == [2, 5] and budget.tracker.latest.full.products == "finite_difference"
+    assert_same_training(plain, watched)
