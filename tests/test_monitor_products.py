@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from _models import loss_fn, make_batch, make_model
 from test_callback import TinyTransformer, fit
 
-from lightning_hessian import CurvatureTracker, HessianMonitor, find_blocks
+from lightning_hessian import CurvatureTracker, HessianMonitor, find_blocks, tags
 from lightning_hessian import products as backends
 from lightning_hessian.settings import AnalysisSettings
 from lightning_hessian.tracker import TIERS
@@ -151,3 +151,17 @@ def test_tracker_with_finite_differences_leaves_weights_grads_buffers_flags_and_
         torch.equal(v, optimizer.state[model.transformer.wte.weight][k]) for k, v in optimizer_state.items()
     )
     assert torch.equal(rng, torch.get_rng_state()) and all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("products", ["finite_difference", "exact"])
+def test_the_stabilization_criterion_is_left_out_with_finite_differences_and_said(products):
+    model = make_model("nanogpt")
+    notes: list[str] = []
+    tracker = CurvatureTracker(
+        analysis={"products": products, "blocks": None}, stabilization=2, note=notes.append
+    )
+    tracker.count_samples(8)
+    found = tracker.measure(["model"], model, loss_fn, make_batch("nanogpt", seed=3), 1)
+    measured = tags.STABILIZATION_CRITERION in found.scalars
+    said = any("stabilisation criterion takes exact" in n for n in notes)
+    assert (measured, said) == (products == "exact", products == "finite_difference")
