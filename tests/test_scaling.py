@@ -55,7 +55,12 @@ def test_fit_slopes_gives_the_student_t_interval_of_the_per_seed_slopes():
 
 @pytest.mark.parametrize(
     ("exponents", "verdict"),
-    [((1.0, 1.1, 0.9), "grows"), ((-1.0, -1.2, -0.8), "shrinks"), ((1.0, -1.0, 0.2), "no trend detected")],
+    [
+        ((1.0, 1.1, 0.9), "grows"),
+        ((-1.0, -1.2, -0.8), "shrinks"),
+        ((1.0, -1.0, 0.2), "no trend detected"),
+        ((-0.3, 0.0, -0.2), "no trend detected"),  # the interval just reaches above 0
+    ],
 )
 def test_verdicts_follow_the_interval(exponents, verdict):
     x = np.array([1.0, 2.0, 4.0])
