@@ -131,14 +131,16 @@ class Run:
     trained: Curvature
     train_loss: float  # mean of the last 20 training steps
     held_out: float  # ViT: test accuracy; GPT: validation loss (nats/char)
-    seconds: float  # training and both measurements
+    seconds: float  # training and both measurements, wall clock
+    cpu_seconds: float  # the same, this process's CPU time (on one thread: the cost on an idle machine)
 
 
 @dataclass
 class ScalingResult:
     grid: Grid
     runs: dict[str, list[Run]]  # family name -> runs
-    seconds: dict[str, float]
+    seconds: dict[str, float]  # family name -> wall-clock seconds
+    cpu_seconds: dict[str, float]  # family name -> CPU seconds of this process
 
     def find(self, family: str, config: tuple[int, int, float], seed: int) -> Run:
         for run in self.runs[family]:
@@ -229,7 +231,7 @@ def run_family(family: Family, grid: Grid, log=print) -> list[Run]:
         batch = family.curvature_batch(seed, smallest, grid.curvature_batch[family.name])
         initial: dict[tuple[int, int], Curvature] = {}
         for width, depth, fraction in grid.configs():
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             torch.manual_seed(seed)
             model = family.model(width, depth)
             if (width, depth) not in initial:
@@ -249,6 +251,7 @@ def run_family(family: Family, grid: Grid, log=print) -> list[Run]:
                     train_loss=train_loss,
                     held_out=family.held_out(model),
                     seconds=time.perf_counter() - start,
+                    cpu_seconds=time.process_time() - cpu,
                 )
             )
             log(f"  {family.name} seed {seed} d={width} L={depth} f={fraction:g}: {runs[-1].seconds:.1f} s")
@@ -263,12 +266,13 @@ def run(quick: bool = False, grid: Grid | None = None, log=print) -> ScalingResu
         raise ValueError(f"fractions must lie in (0, 1]; got {grid.fractions}.")
     if len(grid.seeds) < 2:
         log("one seed: the slopes get no interval (pass at least two seeds for one)")
-    runs, seconds = {}, {}
+    runs, seconds, cpu = {}, {}, {}
     for name, family in FAMILIES.items():
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         runs[name] = run_family(family(), grid, log)
         seconds[name] = time.perf_counter() - start
-    return ScalingResult(grid, runs, seconds)
+        cpu[name] = time.process_time() - cpu_start
+    return ScalingResult(grid, runs, seconds, cpu)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,14 +1,14 @@
 """Reproduce the papers' claims with one command: figures and a "paper claims vs ours" report.
 
-    python experiments/reproduce_papers.py            # full run, about 1.5-2 minutes on 2 CPU cores
-    python experiments/reproduce_papers.py --quick    # smaller grids and model, ~15-20 s, into a temp dir
+    python experiments/reproduce_papers.py            # full run, about 10 minutes of CPU time on 1 thread
+    python experiments/reproduce_papers.py --quick    # smaller grids and models, ~1 minute, into a temp dir
     python experiments/reproduce_papers.py --out DIR  # write DIR/reproduction.md and DIR/images/repro_*.png
 
 The full run rewrites the committed ``docs/reproduction.md`` and ``docs/images/repro_*.png``; ``--quick``
 writes into a new temporary folder (printed at the end) unless ``--out`` is given, so that a smoke run
 never replaces the committed report with a smaller, noisier one.
 
-Seven experiments, each in its own module next to this file:
+Eight experiments, each in its own module next to this file:
 
 1. ``repro_attention``: [O] Hessian-block norms of one self-attention layer against the input scale: log-log
    slopes, the value/query ratio at small scale, the scale where the query block overtakes the value block.
@@ -26,6 +26,9 @@ Seven experiments, each in its own module next to this file:
    live criterion against samples seen (also runnable alone: it then rewrites only its own section).
 7. ``repro_block_bound``: [P] Thm 5-6 during training: one post-norm layer at ``L = 128, d = 64``, the
    full-block bound evaluated matrix-free next to the measured Hessian of the layer.
+8. ``repro_scaling``: per-block λ_max and trace against width, depth and data-set size on the digits ViT
+   and the character GPT, at initialisation and trained, with log-log slopes and intervals over seeds
+   (``scaling_report`` writes its section).
 
 Every number of ours in the report is measured in the run that writes it (the papers' numbers are quoted and
 marked), and the commentary is generated from those numbers (its verdicts change if the numbers do). No
@@ -59,9 +62,11 @@ import repro_attention
 import repro_block_bound
 import repro_layernorm
 import repro_live_bounds
+import repro_scaling
 import repro_stabilization
 import repro_theorem7
 import repro_vit
+import scaling_report
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"  # where the full run's committed report lives
 FIGURES = {
@@ -72,6 +77,8 @@ FIGURES = {
     "layernorm": "repro_layernorm.png",
     "stabilization": repro_stabilization.FIGURE,
     "block_bound": "repro_block_bound.png",
+    "scaling_vit": scaling_report.figure_name("vit"),
+    "scaling_gpt": scaling_report.figure_name("gpt"),
 }
 
 
@@ -726,7 +733,7 @@ def layernorm_section(res: repro_layernorm.LayerNormScaling, seconds: float) -> 
 
 
 def reproduce(quick: bool = False, out: str | Path = "docs") -> dict:
-    """Run the seven experiments, write ``out/images/repro_*.png`` and ``out/reproduction.md``.
+    """Run the eight experiments, write ``out/images/repro_*.png`` and ``out/reproduction.md``.
 
     Returns the raw results, the written paths and the timings (for the tests).
     """
@@ -740,45 +747,50 @@ def reproduce(quick: bool = False, out: str | Path = "docs") -> dict:
     att_summary = repro_attention.summary(att)
     repro_attention.plot(att, att_summary, str(out / "images" / FIGURES["attention"]))
     timings["attention"] = time.perf_counter() - t
-    print(f"[1/7] attention scaling: {timings['attention']:.1f} s", flush=True)
+    print(f"[1/8] attention scaling: {timings['attention']:.1f} s", flush=True)
 
     t = time.perf_counter()
     vit = repro_vit.run(quick=quick)
     repro_vit.plot(vit, str(out / "images" / FIGURES["vit"]))
     timings["vit"] = time.perf_counter() - t
-    print(f"[2/7] ViT blocks: {timings['vit']:.1f} s", flush=True)
+    print(f"[2/8] ViT blocks: {timings['vit']:.1f} s", flush=True)
 
     t = time.perf_counter()
     thm7 = repro_theorem7.run(quick=quick)
     repro_theorem7.plot(thm7, str(out / "images" / FIGURES["theorem7"]))
     timings["theorem7"] = time.perf_counter() - t
-    print(f"[3/7] Theorem 7: {timings['theorem7']:.1f} s", flush=True)
+    print(f"[3/8] Theorem 7: {timings['theorem7']:.1f} s", flush=True)
 
     t = time.perf_counter()
     live = repro_live_bounds.run(quick=quick)
     live_summary = repro_live_bounds.summary(live)
     repro_live_bounds.plot(live, str(out / "images" / FIGURES["live_bounds"]))
     timings["live_bounds"] = time.perf_counter() - t
-    print(f"[4/7] Thm 1 during training: {timings['live_bounds']:.1f} s", flush=True)
+    print(f"[4/8] Thm 1 during training: {timings['live_bounds']:.1f} s", flush=True)
 
     t = time.perf_counter()
     ln = repro_layernorm.run(quick=quick)
     repro_layernorm.plot(ln, str(out / "images" / FIGURES["layernorm"]))
     timings["layernorm"] = time.perf_counter() - t
-    print(f"[5/7] LayerNorm placement and temperature: {timings['layernorm']:.1f} s", flush=True)
+    print(f"[5/8] LayerNorm placement and temperature: {timings['layernorm']:.1f} s", flush=True)
 
     t = time.perf_counter()
     stab = repro_stabilization.run(quick=quick)
     repro_stabilization.plot(stab, str(out / "images" / FIGURES["stabilization"]))
     timings["stabilization"] = time.perf_counter() - t
-    print(f"[6/7] [KG] stabilisation: {timings['stabilization']:.1f} s", flush=True)
+    print(f"[6/8] [KG] stabilisation: {timings['stabilization']:.1f} s", flush=True)
 
     t = time.perf_counter()
     block = repro_block_bound.run(quick=quick)
     block_summary = repro_block_bound.summary(block)
     repro_block_bound.plot(block, str(out / "images" / FIGURES["block_bound"]))
     timings["block_bound"] = time.perf_counter() - t
-    print(f"[7/7] full-block bound during training: {timings['block_bound']:.1f} s", flush=True)
+    print(f"[7/8] full-block bound during training: {timings['block_bound']:.1f} s", flush=True)
+    scaling = repro_scaling.run(quick=quick, log=lambda _line: None)
+    for family in scaling.runs:
+        scaling_report.plot(scaling, family, out / "images" / FIGURES[f"scaling_{family}"])
+    timings["scaling"] = time.perf_counter() - t
+    print(f"[8/8] curvature against width, depth and data: {timings['scaling']:.1f} s", flush=True)
 
     timings["total"] = time.perf_counter() - start
     command = "python experiments/reproduce_papers.py" + (" --quick" if quick else "")
@@ -822,6 +834,11 @@ def reproduce(quick: bool = False, out: str | Path = "docs") -> dict:
             layernorm_section(ln, timings["layernorm"]),
             repro_stabilization.section(stab, timings["stabilization"], command),
             repro_block_bound.section(block, block_summary, timings["block_bound"], FIGURES["block_bound"]),
+            scaling_report.section(
+                scaling,
+                timings["scaling"],
+                "## 8. Per-block curvature against width, depth and data-set size (ViT, character GPT)",
+            ),
         ]
     )
     report = out / "reproduction.md"
@@ -837,6 +854,7 @@ def reproduce(quick: bool = False, out: str | Path = "docs") -> dict:
         "layernorm": ln,
         "stabilization": stab,
         "block_bound": block,
+        "scaling": scaling,
         "timings": timings,
         "report": report,
         "figures": [out / "images" / name for name in FIGURES.values()],

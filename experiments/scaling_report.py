@@ -136,7 +136,7 @@ def config_table(result: ScalingResult, family: str) -> list[str]:
     fam = FAMILIES[family]
     lines = [
         f"| width | depth | {fam.size_unit} | training loss | {fam.held_out_name} | λ_max, init "
-        "| λ_max, trained | seconds |",
+        "| λ_max, trained | CPU s |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for config in result.grid.configs():
@@ -147,7 +147,7 @@ def config_table(result: ScalingResult, family: str) -> list[str]:
             f"| {config[0]} | {config[1]} | {runs[0].size} | {np.mean([r.train_loss for r in runs]):.3f} "
             f"| {np.mean([r.held_out for r in runs]):.3f} | {_fmt(np.mean(init))} [{_fmt(min(init))}, "
             f"{_fmt(max(init))}] | {_fmt(np.mean(trained))} [{_fmt(min(trained))}, {_fmt(max(trained))}] "
-            f"| {np.mean([r.seconds for r in runs]):.1f} |"
+            f"| {np.mean([r.cpu_seconds for r in runs]):.1f} |"
         )
     return lines
 
@@ -248,9 +248,12 @@ def section(
             "smallest training subset, so that it belongs to every training set. Per kind, over layers: the",
             "largest λ_max (that of the block-diagonal restriction) and the summed trace. Slopes are",
             "least-squares fits of log(value) against log(size), one per seed, summarised by their mean and",
-            f"95% Student-t interval over the {seeds} seeds; ↑ / ↓ mark an interval above / below 0.",
+            f"95% Student-t interval over the {seeds} seeds; ↑ / ↓ mark an interval above / below 0; a",
+            'trace negative in every run gets the slope of its magnitude ("of −y"), one that changes sign',
+            "gets none. The entries' slope is that of the number of parameters measured.",
             "At initialisation the data axis is a single model, the same weights measured on the same batch.",
-            f"({seconds:.0f} s{', `' + command + '`' if command else ''}.)",
+            f"({seconds:.0f} s of wall-clock time, {sum(result.cpu_seconds.values()):.0f} s of CPU time",
+            "on one thread" + (f"; `{command}`.)" if command else ".)"),
         ),
         "",
     ]
@@ -258,8 +261,9 @@ def section(
         fam = FAMILIES[family]
         unconverged = sum(r.init.unconverged + r.trained.unconverged for r in result.runs[family])
         lines += [
-            f"**{fam.title}** ({result.seconds[family]:.0f} s; mean over seeds, λ_max of all layer blocks as",
-            f"mean [range]; {unconverged} block measurements stopped at {g.max_iter} Lanczos steps):",
+            f"**{fam.title}** ({result.cpu_seconds[family]:.0f} CPU s; mean over seeds, λ_max of all layer",
+            f"blocks as mean [range]; {unconverged} block measurements stopped at {g.max_iter} Lanczos",
+            "steps):",
             "",
             *config_table(result, family),
             "",
@@ -322,8 +326,8 @@ def _conclusions(result: ScalingResult) -> list[str]:
     lines += [
         "| Hessian-norm bounds grow with width and sequence length | [P] Thm 1 and the scaling discussion "
         f"| width, all layer blocks, trained: {'; '.join(width_cells)} | not a test: a bound that grows "
-        "allows any slope below its own; [P]'s bounds are evaluated against measured blocks in section 4, "
-        "not on these models |",
+        "allows any slope below its own; [P]'s bounds are evaluated against measured blocks in "
+        "docs/reproduction.md §4, not on these models |",
     ]
     data_cells = []
     for family in result.runs:
@@ -332,7 +336,8 @@ def _conclusions(result: ScalingResult) -> list[str]:
     lines += [
         "| the loss landscape changes by ~1/k with the data-set size k | [P] Thm 7 "
         f"| data, all layer blocks, trained: {'; '.join(data_cells)} | not comparable: Thm 7 bounds "
-        "L_(k+1) − L_k at fixed weights (section 3); here the weights are trained on k samples |",
+        "L_(k+1) − L_k at fixed weights (docs/reproduction.md §3); here the weights are trained on k "
+        "samples |",
         "",
     ]
     return lines

@@ -145,6 +145,7 @@ def test_quick_pipeline_writes_report_and_figures(tmp_path):
         "## 5.",
         "## 6. [KG]",
         "## 7. [P] Theorems 5-6",
+        "## 8. Per-block curvature",
     )
     for heading in headings:
         assert heading in text
@@ -162,6 +163,9 @@ def test_quick_pipeline_writes_report_and_figures(tmp_path):
     for ratio_q, ratio_k in reproduce_papers.repro_vit.value_query_ratios(out["vit"].init).values():
         assert ratio_q > 1 and ratio_k > 1
     assert out["vit"].test_accuracy > out["vit"].init_accuracy + 0.3  # it did train
+    # Scaling: every family and configuration measured, and the verdicts come with their intervals.
+    assert set(out["scaling"].runs) == {"vit", "gpt"} and "| axis | kind |" in text
+    assert "no trend detected" in text or "grows" in text or "shrinks" in text
 
 
 @pytest.mark.slow

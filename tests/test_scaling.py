@@ -192,9 +192,10 @@ def _synthetic(width_exponent: float, noise: float) -> repro_scaling.ScalingResu
                     0.5,
                     0.9,
                     1.0,
+                    1.0,
                 )
             )
-    return repro_scaling.ScalingResult(grid, {"vit": runs}, {"vit": 1.0})
+    return repro_scaling.ScalingResult(grid, {"vit": runs}, {"vit": 1.0}, {"vit": 1.0})
 
 
 def test_report_verdicts_follow_the_fits():
