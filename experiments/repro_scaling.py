@@ -32,8 +32,10 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +47,8 @@ from scaling_families import FAMILIES, Family
 from scaling_fits import SlopeFit, fit_magnitude
 
 from lightning_hessian import analyze, find_blocks
+
+LossFn = Callable[[nn.Module, Any], Any]
 
 #: Block kinds measured (the embeddings, the head and the final norm are left out: not per layer).
 KINDS = ("query", "key", "value", "attn_out", "norm", "ffn_in", "ffn_out")
@@ -167,11 +171,24 @@ def _size(run: Run, axis: str) -> int:
     return {"width": run.width, "depth": run.depth, "data": run.size}[axis]
 
 
-def measure(model: nn.Module, loss_fn, batch, grid: Grid, seed: int) -> Curvature:
-    """λ_max and trace of every layer block of the kinds in ``KINDS``, aggregated per kind and layer.
+def measure(model: nn.Module, loss_fn: LossFn, batch: Any, grid: Grid, seed: int) -> Curvature:
+    r"""λ_max and trace of every layer block of the kinds in ``KINDS``, aggregated per kind and layer.
 
-    Two blocks of one kind in one layer (the two LayerNorms) are merged like layers are: the largest λ_max
-    (that of their block-diagonal restriction), the summed trace.
+    For blocks :math:`b_1, \dots, b_m` merged into one entry (the two LayerNorms of a layer; over layers in
+    :meth:`Curvature.overall`), the entry describes the block-diagonal restriction
+    :math:`\mathrm{diag}(H_{b_1 b_1}, \dots, H_{b_m b_m})`: its λ_max is :math:`\max_i \lambda_{\max}(H_{b_i
+    b_i})` and its trace :math:`\sum_i \mathrm{tr}(H_{b_i b_i})`. λ_max by Lanczos, the trace by Hutch++
+    (Meyer et al., 2021), both from :func:`lightning_hessian.analyze`, which leaves the model as found.
+
+    Args:
+        model: the model, measured in eval mode.
+        loss_fn: ``loss_fn(model, batch) -> (loss, logits)``.
+        batch: the curvature batch.
+        grid: the Lanczos tolerance and step limit and the Hutch++ budget.
+        seed: the estimators' seed.
+
+    Returns:
+        Per kind, λ_max and trace per layer, the entries measured, the loss and the unconverged blocks.
     """
     blocks = [b for b in find_blocks(model) if b.kind in KINDS and b.layer is not None]
     report = analyze(
@@ -197,7 +214,7 @@ def measure(model: nn.Module, loss_fn, batch, grid: Grid, seed: int) -> Curvatur
     return Curvature(top, trace, params, report.loss, unconverged)
 
 
-def train(model: nn.Module, family: Family, data, grid: Grid, seed: int) -> float:
+def train(model: nn.Module, family: Family, data: Any, grid: Grid, seed: int) -> float:
     """AdamW (betas 0.9 / 0.99, weight decay 0.05), linear warmup over 10% of the steps, then cosine decay to
     0; one recipe for every size. Returns the mean training loss of the last 20 steps."""
     gen = torch.Generator().manual_seed(seed + 1)  # apart from the subset's permutation
@@ -222,7 +239,7 @@ def train(model: nn.Module, family: Family, data, grid: Grid, seed: int) -> floa
     return float(np.mean(recent))
 
 
-def run_family(family: Family, grid: Grid, log=print) -> list[Run]:
+def run_family(family: Family, grid: Grid, log: Callable[[str], None] = print) -> list[Run]:
     """Every configuration and seed of one family; the initial measurement is shared by the configurations
     with the same architecture (same seed: same weights, same batch)."""
     smallest = min(grid.fractions)
@@ -258,7 +275,7 @@ def run_family(family: Family, grid: Grid, log=print) -> list[Run]:
     return runs
 
 
-def run(quick: bool = False, grid: Grid | None = None, log=print) -> ScalingResult:
+def run(quick: bool = False, grid: Grid | None = None, log: Callable[[str], None] = print) -> ScalingResult:
     """The whole experiment: both families, every configuration and seed of ``grid`` (default: the full
     grid, or ``QUICK`` with ``quick``)."""
     grid = grid or (QUICK if quick else Grid())

@@ -28,7 +28,7 @@ Eight experiments, each in its own module next to this file:
    full-block bound evaluated matrix-free next to the measured Hessian of the layer.
 8. ``repro_scaling``: per-block λ_max and trace against width, depth and data-set size on the digits ViT
    and the character GPT, at initialisation and trained, with log-log slopes and intervals over seeds
-   (``scaling_report`` writes its section).
+   (``scaling_figures`` and ``scaling_report`` write its figures and section).
 
 Every number of ours in the report is measured in the run that writes it (the papers' numbers are quoted and
 marked), and the commentary is generated from those numbers (its verdicts change if the numbers do). No
@@ -66,6 +66,7 @@ import repro_scaling
 import repro_stabilization
 import repro_theorem7
 import repro_vit
+import scaling_figures
 import scaling_report
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"  # where the full run's committed report lives
@@ -77,8 +78,8 @@ FIGURES = {
     "layernorm": "repro_layernorm.png",
     "stabilization": repro_stabilization.FIGURE,
     "block_bound": "repro_block_bound.png",
-    "scaling_vit": scaling_report.figure_name("vit"),
-    "scaling_gpt": scaling_report.figure_name("gpt"),
+    "scaling_vit": scaling_figures.figure_name("vit"),
+    "scaling_gpt": scaling_figures.figure_name("gpt"),
 }
 
 
@@ -788,7 +789,7 @@ def reproduce(quick: bool = False, out: str | Path = "docs") -> dict:
     print(f"[7/8] full-block bound during training: {timings['block_bound']:.1f} s", flush=True)
     scaling = repro_scaling.run(quick=quick, log=lambda _line: None)
     for family in scaling.runs:
-        scaling_report.plot(scaling, family, out / "images" / FIGURES[f"scaling_{family}"])
+        scaling_figures.plot(scaling, family, out / "images" / FIGURES[f"scaling_{family}"])
     timings["scaling"] = time.perf_counter() - t
     print(f"[8/8] curvature against width, depth and data: {timings['scaling']:.1f} s", flush=True)
 
