@@ -12,9 +12,11 @@ initialisation, the data order, the training subset and the estimators' probes a
 so it says how reproducible a slope is, not whether :math:`y` follows a power law: with three sizes a
 slope is a summary of the trend, nothing more.
 
-Verdicts: an interval above 0 "grows", below 0 "shrinks", containing 0 "no trend detected" (which is not
-evidence of no trend when the interval is wide). A quantity that can change sign (a trace) gets the slope of
-its magnitude when every value has the same sign, and no slope otherwise.
+Verdicts: an interval inside ``±FLAT`` "flat" (the seeds agree that any trend is negligible: over an 8x
+range of sizes, less than a 23% change), otherwise an interval above 0 "grows", below 0 "shrinks",
+containing 0 "no trend detected" (which is not evidence of no trend when the interval is wide). A
+quantity that can change sign (a trace) gets the slope of its magnitude when every value has the same
+sign, and no slope otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from scipy import stats
 
 #: Confidence level of the intervals.
 LEVEL = 0.95
+#: Slopes smaller in magnitude than this are negligible (8**0.1 = 1.23).
+FLAT = 0.1
 
 
 @dataclass(frozen=True)
@@ -44,9 +48,11 @@ class SlopeFit:
 
     @property
     def verdict(self) -> str:
-        """``"grows"``, ``"shrinks"``, ``"no trend detected"``, or ``"one seed: no interval"``."""
+        """``"flat"``, ``"grows"``, ``"shrinks"``, ``"no trend detected"``, or ``"one seed: no interval"``."""
         if self.seeds < 2:
             return "one seed: no interval"
+        if -FLAT < self.low and self.high < FLAT:
+            return "flat"
         if self.low > 0:
             return "grows"
         if self.high < 0:

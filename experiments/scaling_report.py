@@ -15,6 +15,7 @@ import torch
 from repro_scaling import AXES, KINDS, STATES, ScalingResult
 from scaling_families import FAMILIES
 from scaling_figures import LABELS, figure_name, plot
+from scaling_fits import FLAT
 
 
 def _paragraph(*parts: str) -> str:
@@ -42,7 +43,7 @@ def _slope_cell(result: ScalingResult, family: str, axis: str, state: str, kind:
     fit = result.slope(family, axis, state, kind, stat)
     if fit is None:
         return "changes sign"
-    verdict = {"grows": " ↑", "shrinks": " ↓"}.get(fit.verdict, "")
+    verdict = {"grows": " ↑", "shrinks": " ↓", "flat": " ≈"}.get(fit.verdict, "")
     return fit.text() + verdict
 
 
@@ -163,7 +164,9 @@ def section(
             "smallest training subset, so that it belongs to every training set. Per kind, over layers: the",
             "largest λ_max (that of the block-diagonal restriction) and the summed trace. Slopes are",
             "least-squares fits of log(value) against log(size), one per seed, summarised by their mean and",
-            f"95% Student-t interval over the {seeds} seeds; ↑ / ↓ mark an interval above / below 0; a",
+            f"95% Student-t interval over the {seeds} seeds; ↑ / ↓ mark an interval above / below 0, ≈ one",
+            f"inside ±{FLAT:g} (flat: the seeds agree that any trend is negligible, a change below",
+            f"{8**FLAT - 1:.0%} over an 8x range); a",
             'trace negative in every run gets the slope of its magnitude ("of −y"), one that changes sign',
             "gets none. The entries' slope is that of the number of parameters measured.",
             "At initialisation the data axis is a single model, the same weights measured on the same batch.",

@@ -60,13 +60,17 @@ def test_fit_slopes_gives_the_student_t_interval_of_the_per_seed_slopes():
         ((-1.0, -1.2, -0.8), "shrinks"),
         ((1.0, -1.0, 0.2), "no trend detected"),
         ((-0.3, 0.0, -0.2), "no trend detected"),  # the interval just reaches above 0
+        ((0.03, 0.01, 0.02), "flat"),  # grows, but by a negligible amount
+        ((-0.03, -0.01, -0.02), "flat"),
     ],
 )
 def test_verdicts_follow_the_interval(exponents, verdict):
     x = np.array([1.0, 2.0, 4.0])
     fit = scaling_fits.fit_slopes(x, np.array([x**e for e in exponents]))
     assert fit.verdict == verdict
-    assert (fit.low > 0 or fit.high < 0) == (verdict != "no trend detected")
+    if verdict != "flat":
+        assert (fit.low > 0 or fit.high < 0) == (verdict != "no trend detected")
+    assert (max(abs(fit.low), abs(fit.high)) < scaling_fits.FLAT) == (verdict == "flat")
 
 
 def test_one_seed_has_no_interval_and_bad_input_says_what_to_do():
