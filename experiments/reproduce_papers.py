@@ -28,7 +28,8 @@ Eight experiments, each in its own module next to this file:
    full-block bound evaluated matrix-free next to the measured Hessian of the layer.
 8. ``repro_scaling``: per-block λ_max and trace against width, depth and data-set size on the digits ViT
    and the character GPT, at initialisation and trained, with log-log slopes and intervals over seeds
-   (``scaling_figures`` and ``scaling_report`` write its figures and section).
+   (``scaling_figures`` and ``scaling_report`` write its figures and section; also runnable alone: it then
+   rewrites only its own section).
 
 Every number of ours in the report is measured in the run that writes it (the papers' numbers are quoted and
 marked), and the commentary is generated from those numbers (its verdicts change if the numbers do). No
@@ -835,11 +836,7 @@ def reproduce(quick: bool = False, out: str | Path = "docs") -> dict:
             layernorm_section(ln, timings["layernorm"]),
             repro_stabilization.section(stab, timings["stabilization"], command),
             repro_block_bound.section(block, block_summary, timings["block_bound"], FIGURES["block_bound"]),
-            scaling_report.section(
-                scaling,
-                timings["scaling"],
-                "## 8. Per-block curvature against width, depth and data-set size (ViT, character GPT)",
-            ),
+            scaling_report.section(scaling, timings["scaling"], command),
         ]
     )
     report = out / "reproduction.md"

@@ -213,10 +213,22 @@ def test_report_verdicts_follow_the_fits():
         scaling_report.value_dominance(result, "vit", "init")
         == (sum(r.depth for r in result.runs["vit"]),) * 3
     )
-    text = scaling_report.section(result, 1.0, "## test")
-    assert "0 (one model)" in text and "↑" in text
+    text = scaling_report.section(result, 1.0, "cmd")
+    assert "0 (one model)" in text and "↑" in text and text.endswith(scaling_report.END + "\n")
     flat = _synthetic(width_exponent=0.0, noise=0.5)
     assert scaling_report.verdicts(flat, "vit", "trained")["width"].get("grows") is None
+
+
+def test_write_section_replaces_only_its_own_section(tmp_path):
+    report = tmp_path / "reproduction.md"
+    report.write_text(
+        f"# Page\n\n## 6. Other\n\n{scaling_report.HEADING}\nOLD\n{scaling_report.END}\n\n## 8. Next\n"
+    )
+    new = f"{scaling_report.HEADING}\n\n{scaling_report.BEGIN}\nNEW\n{scaling_report.END}\n"
+    scaling_report.write_section(new, report)
+    assert report.read_text() == f"# Page\n\n## 6. Other\n\n{new}\n## 8. Next\n"
+    scaling_report.write_section(new, tmp_path / "fresh.md")  # a new results folder: the section alone
+    assert (tmp_path / "fresh.md").read_text() == new
 
 
 # --- the whole quick run ------------------------------------------------------------------------------------
@@ -225,7 +237,7 @@ def test_report_verdicts_follow_the_fits():
 @pytest.mark.slow
 def test_quick_run_writes_report_figures_and_numbers(tmp_path):
     repro_scaling.main(["--quick", "--out", str(tmp_path)])
-    text = (tmp_path / "scaling.md").read_text()
+    text = (tmp_path / "reproduction.md").read_text()
     assert "| axis | kind |" in text and "[O] Fig. 1" in text and "Thm 7" in text
     for family in ("vit", "gpt"):
         assert (tmp_path / "images" / f"repro_scaling_{family}.png").stat().st_size > 10_000
