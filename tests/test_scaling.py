@@ -215,6 +215,11 @@ def test_report_verdicts_follow_the_fits():
     )
     text = scaling_report.section(result, 1.0, "cmd")
     assert "0 (one model)" in text and "↑" in text and text.endswith(scaling_report.END + "\n")
+    rho, _, n = scaling_report.loss_correlation(result, "vit")  # every training loss is equal: no ranking
+    assert n == len(result.runs["vit"]) and np.isnan(rho)
+    for rank, run in enumerate(sorted(result.runs["vit"], key=lambda r: r.trained.overall("all", "top"))):
+        run.train_loss = float(-rank)  # loss falls as λ_max grows
+    assert scaling_report.loss_correlation(result, "vit")[0] == pytest.approx(-1.0)
     flat = _synthetic(width_exponent=0.0, noise=0.5)
     assert scaling_report.verdicts(flat, "vit", "trained")["width"].get("grows") is None
 
