@@ -19,7 +19,7 @@ from scaling_figures import LABELS, figure_name, plot
 from scaling_fits import FLAT
 from scipy import stats
 
-HEADING = "## 7. Per-block curvature against width, depth and data-set size (ViT, character GPT)"
+HEADING = "## 8. Per-block curvature against width, depth and data-set size (ViT, character GPT)"
 BEGIN, END = "<!-- repro_scaling: begin -->", "<!-- repro_scaling: end -->"
 
 
@@ -292,9 +292,11 @@ def _conclusions(result: ScalingResult) -> list[str]:
 
 
 def write_section(text: str, report: Path) -> None:
-    """Replace this experiment's section of ``report`` (from its heading to its end marker), or append it."""
+    """Replace this experiment's section of ``report`` (from its heading, whatever its number, to its end
+    marker), or append it."""
     old = report.read_text() if report.exists() else ""
-    pattern = re.compile(re.escape(HEADING) + r".*?" + re.escape(END) + r"\n", re.S)
+    title = HEADING.split(". ", 1)[1]
+    pattern = re.compile(r"## \d+\. " + re.escape(title) + r".*?" + re.escape(END) + r"\n", re.S)
     new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
     report.write_text(new.lstrip("\n"))
 

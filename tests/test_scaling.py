@@ -226,12 +226,11 @@ def test_report_verdicts_follow_the_fits():
 
 def test_write_section_replaces_only_its_own_section(tmp_path):
     report = tmp_path / "reproduction.md"
-    report.write_text(
-        f"# Page\n\n## 6. Other\n\n{scaling_report.HEADING}\nOLD\n{scaling_report.END}\n\n## 8. Next\n"
-    )
+    older = scaling_report.HEADING.replace("## 8.", "## 5.")  # written before other sections came first
+    report.write_text(f"# Page\n\n## 6. Other\n\n{older}\nOLD\n{scaling_report.END}\n\n## 9. Next\n")
     new = f"{scaling_report.HEADING}\n\n{scaling_report.BEGIN}\nNEW\n{scaling_report.END}\n"
     scaling_report.write_section(new, report)
-    assert report.read_text() == f"# Page\n\n## 6. Other\n\n{new}\n## 8. Next\n"
+    assert report.read_text() == f"# Page\n\n## 6. Other\n\n{new}\n## 9. Next\n"
     scaling_report.write_section(new, tmp_path / "fresh.md")  # a new results folder: the section alone
     assert (tmp_path / "fresh.md").read_text() == new
 
