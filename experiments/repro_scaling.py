@@ -1,6 +1,6 @@
 """Per-block curvature against width, depth and data-set size, on the digits ViT and the character GPT.
 
-    python experiments/repro_scaling.py            # 3 seeds, ~4.5 min of CPU time on one thread; rewrites its
+    python experiments/repro_scaling.py            # 3 seeds, ~3.5 min of CPU time on one thread; rewrites its
                                                    # section of docs/reproduction.md and its two figures
     python experiments/repro_scaling.py --quick    # 2 seeds, a smaller grid, fewer steps (~15 s of CPU time),
                                                    # into a new temporary folder
