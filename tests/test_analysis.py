@@ -13,11 +13,12 @@ import pytest
 import torch
 from _dense import dense_gauss_newton, dense_hessian
 from _models import criterion, forward_fn, loss_fn, make_batch, make_model
+from _reports import block
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
-from lightning_hessian import Batches, analyze, find_blocks, model_block, tags
+from lightning_hessian import Batches, CurvatureReport, analyze, find_blocks, model_block, tags
 from lightning_hessian import analysis as analysis_module
 from lightning_hessian._context import curvature_context
 from lightning_hessian.estimators import lanczos
@@ -365,6 +366,22 @@ def test_report_scalars_use_the_shared_tags():
     assert tags.parse_block_tag(tags.block_tag("a.b.0.q", "trace")) == ("a.b.0.q", "trace")
 
 
+def test_negative_ratio_is_zero_without_negative_curvature():
+    """``negative_ratio`` = max(0, -λ_min) / λ_max lies in [0, ∞): 0 for a positive definite block, not a
+    negative number; left out where λ_max <= 0 (no scale to compare with)."""
+    report = CurvatureReport(
+        blocks={
+            "convex": block("convex", "ffn_in", 4.0, smallest=0.5),
+            "saddle": block("saddle", "ffn_out", 4.0, smallest=-1.0),
+            "concave": block("concave", "head", -1.0, smallest=-3.0),
+        }
+    )
+    scalars = report.scalars()
+    assert scalars[tags.block_tag("convex", "negative_ratio")] == 0.0, "a ratio below 0 was not clamped"
+    assert scalars[tags.block_tag("saddle", "negative_ratio")] == 0.25
+    assert tags.block_tag("concave", "negative_ratio") not in scalars
+
+
 def test_preconditioned_sharpness_matches_dense():
     model = make_model("mha", torch.float64)
     batch = make_batch("mha", dtype=torch.float64)
@@ -435,3 +452,26 @@ def test_gradient_start_at_a_stationary_point_falls_back_to_random():
     report = analyze(model, quadratic, None, blocks=None, full=True, tol=1e-10, trace=False)
     assert report.full.top_eigenvalue == pytest.approx(12.0)  # 2 x the largest weight
     assert report.full.min_eigenvalue == pytest.approx(2.0)
+
+
+def test_gradient_start_leans_towards_the_gradient():
+    """``start="gradient"`` starts Lanczos at g/|g| + r/|r|, cos² ≈ 1/2 with g. On a quadratic whose gradient
+    is the top eigenvector, one Lanczos step gives the start's Rayleigh quotient: about λ_max/2 from the
+    gradient start, about the mean eigenvalue from a random start."""
+    curvatures = torch.tensor([100.0] + [1.0] * 49, dtype=torch.float64)  # Hessian diag(curvatures)
+    target = torch.zeros(50, dtype=torch.float64)
+    model = nn.Linear(50, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(target)
+        model.weight[0, 0] = 1.0  # gradient = 100 e_0, the top eigenvector
+
+    def quadratic(m, batch):
+        return 0.5 * (curvatures * (m.weight[0] - target) ** 2).sum()
+
+    def one_step(start: str) -> float:
+        kwargs = dict(blocks=None, full=True, max_iter=1, smallest=False, trace=False, start=start)
+        return analyze(model, quadratic, None, **kwargs).full.top_eigenvalue
+
+    gradient, random = one_step("gradient"), one_step("random")
+    assert 30.0 < gradient < 70.0, f"the gradient start's Rayleigh quotient {gradient:.3g} is not near 50"
+    assert random < 10.0  # mean eigenvalue 2.98: a start that ignores the gradient lands here

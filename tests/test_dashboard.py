@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 from _models import loss_fn, make_batch, make_model
+from _reports import block
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.tensorboard import SummaryWriter
@@ -31,6 +33,7 @@ from lightning_hessian.dashboard import (
     TEXT_ALERTS,
     TEXT_LATEST,
     CurvatureDashboard,
+    _spectral_density_figure,
 )
 
 STEPS = (10, 20, 30)
@@ -378,6 +381,29 @@ def test_density_floor_handles_tensor_and_degenerate_densities(report, tmp_path)
     tb = TensorBoardLogger(tmp_path)
     _log_passes(CurvatureDashboard(), [tb], [broken], alerts={})
     assert IMAGE_SPECTRAL_DENSITY in _events(tb).Tags()["images"]
+
+
+def test_an_all_zero_density_is_neither_drawn_nor_tracked():
+    """A density that is zero everywhere (nothing to draw on a log scale) gets no panel, and the density over
+    time follows the sharpest block that has one instead of the whole model."""
+    report = CurvatureReport(
+        blocks={
+            "q": block("q", "query", 4.0, smallest=-1.0, density=True),
+            "k": block("k", "key", 9.0, smallest=-1.0, density=True),
+            "v": block("v", "value", 2.0, smallest=-1.0, density=True),
+        },
+        full=block("model", "model", 12.0, smallest=-1.0, density=True),
+    )
+    for b in (report.full, report.blocks["k"]):
+        b.density = (b.density[0], torch.zeros_like(b.density[1]))
+    fig = _spectral_density_figure(Figure, 10, report)
+    assert [ax.get_title() for ax in fig.axes if ax.axison] == ["q (query)", "v (value)"]
+    dashboard = CurvatureDashboard()
+    dashboard.log_pass([], 10, report.scalars(), report, [], [])
+    assert [d["block"] for d in dashboard.state_dict()["densities"]] == ["q"], "tracked an all-zero density"
+    for b in report:
+        b.density = (b.density[0], torch.zeros_like(b.density[1]))
+    assert _spectral_density_figure(Figure, 20, report) is None
 
 
 def test_rebinning_keeps_narrow_densities_visible():

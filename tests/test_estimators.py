@@ -135,6 +135,22 @@ def test_lanczos_warm_start_needs_fewer_steps():
     assert warm[0].converged and warm[0].steps < cold[0].steps
 
 
+def test_lanczos_warm_start_orthogonal_to_the_top_eigenvector_still_finds_it():
+    """A warm start inside an invariant subspace (a previous pass's vectors when the top eigenvector has
+    changed) spans only that subspace; the seeded random part of the start brings the rest of the spectrum
+    back into the Krylov space, so the top eigenvalue is still found."""
+    spectrum = torch.tensor([10.0, 3.0, 2.0, *torch.linspace(-1.0, 1.0, 47).tolist()], dtype=torch.float64)
+    n = spectrum.numel()
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    a = (q * spectrum) @ q.T
+    op = DenseBlockOperator([(a + a.T) / 2])
+    guess = q[:, 1] + q[:, 2]  # eigenvectors of 3 and 2: orthogonal to that of 10
+    (warm,) = lanczos(op, 1, smallest=True, tol=1e-8, max_iter=n, init=[guess])
+    assert warm.converged
+    assert warm.eigenvalues[0].item() == pytest.approx(10.0, rel=1e-8), "missed the top eigenvalue"
+    assert warm.min_eigenvalue == pytest.approx(-1.0, rel=1e-8)
+
+
 def test_lanczos_is_deterministic_and_seeded():
     op, _ = mixed_operator()
     first, again, other = lanczos(op, 2), lanczos(op, 2), lanczos(op, 2, seed=1)
