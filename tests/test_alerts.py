@@ -445,8 +445,21 @@ def test_argument_validation(make, match):
         make()
 
 
-def test_severities_unchanged():
-    assert SEVERITIES == ("info", "warning", "critical")
+def test_severities_rise_from_info_to_critical_through_a_cooldown():
+    """Within a cooldown an alert fires only if it is more severe than the last one of its rule and tag:
+    info < warning < critical (the order of SEVERITIES)."""
+    script = {0: "info", 10: "warning", 20: "warning", 30: "critical", 40: "info", 50: "critical"}
+
+    class Scripted(AlertRule):
+        name = "scripted"
+
+        def check(self, history):
+            return [self._alert(history, "scripted", Q_TOP, severity=script[history[-1].step])]
+
+    manager = AlertManager([Scripted(cooldown=1000)])
+    fired = [[a.severity for a in manager.update(PassRecord(step, {}))] for step in script]
+    assert fired == [["info"], ["warning"], [], ["critical"], [], []]
+    assert manager.counts == dict.fromkeys(SEVERITIES, 1)
 
 
 def test_negative_curvature_skips_blocks_negligible_next_to_the_model():
