@@ -60,9 +60,9 @@ def model_report(
 ) -> CurvatureReport:
     """A report with the blocks of ``_models``' ``family`` and seeded made-up statistics.
 
-    Every block has a positive λ_max (log-uniform in [0.02, 1]), a negative λ_min and a positive trace;
-    the whole model (``full``) and the first ``densities`` blocks carry a spectral density (each density
-    panel costs about 0.3 s to draw, so only a few have one).
+    Every block has a positive λ_max (log-uniform in [0.02, 1]), a negative λ_min and a positive trace.
+    With ``densities > 0`` the whole model (``full``) and the first ``densities`` blocks carry a spectral
+    density (each panel of the density figure costs a few tenths of a second to draw: only a few have one).
     """
     gen = torch.Generator().manual_seed(seed)
     found = find_blocks(make_model(family))
@@ -83,8 +83,8 @@ def model_report(
     whole = None
     if full:
         numel = sum(b.numel for b in found)
-        whole = block("model", "model", 2.5, numel=numel, smallest=-1.5, trace=20.0, density=True)
-    settings = {"top_k": 1, "smallest": True, "trace": True, "density": densities > 0 or full}
+        whole = block("model", "model", 2.5, numel=numel, smallest=-1.5, trace=20.0, density=densities > 0)
+    settings = {"top_k": 1, "smallest": True, "trace": True, "density": densities > 0}
     return CurvatureReport(
         blocks=blocks, full=whole, loss=2.3, seconds=1.0, matvecs=20 * (len(blocks) + full), settings=settings
     )

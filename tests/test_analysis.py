@@ -3,10 +3,8 @@ promise to leave the model alone; clear errors on bad input."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ import torch
 from _dense import dense_gauss_newton, dense_hessian
 from _models import criterion, forward_fn, loss_fn, make_batch, make_model
 from _reports import block
+from _scripts import importing_from
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
@@ -75,10 +74,8 @@ def test_default_settings_are_accurate():
 
 def _char_gpt():
     """``examples/train_char_gpt.py``'s nanoGPT (d=32, 2 layers, vocab 65) at initialisation, in float64."""
-    path = Path(__file__).parents[1] / "examples" / "train_char_gpt.py"
-    spec = importlib.util.spec_from_file_location("_train_char_gpt", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with importing_from("examples"):
+        import train_char_gpt as module
     torch.manual_seed(0)
     model = module.GPT(65, 16, dim=32, depth=2, heads=4).double()
     batch = (torch.randint(0, 65, (4, 16)), torch.randint(0, 65, (4, 16)))

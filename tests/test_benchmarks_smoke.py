@@ -8,31 +8,30 @@ hessian-eigenthings and curvlinops and the rendering of what they measured, not 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
+from _scripts import importing_from
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 for peer in ("pyhessian", "hessian_eigenthings", "curvlinops", "scipy"):
     pytest.importorskip(peer)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _models import ModelSpec  # noqa: E402
-from peers import common  # noqa: E402
-from peers.blocks import measure_blocks  # noqa: E402
-from peers.density import OURS as OURS_DENSITY  # noqa: E402
-from peers.density import measure_density  # noqa: E402
-from peers.hvp import OURS_HVP, measure_hvp  # noqa: E402
-from peers.references import dense_hessian, reference_tops  # noqa: E402
-from peers.render.blocks import render_blocks  # noqa: E402
-from peers.render.costs import render_hvp  # noqa: E402
-from peers.render.spectra import render_density, render_trace  # noqa: E402
-from peers.render.top_eigenvalue import render_top_eigenvalue  # noqa: E402
-from peers.top_eigenvalue import measure_top_eigenvalue  # noqa: E402
-from peers.trace import measure_trace  # noqa: E402
+with importing_from("benchmarks"):  # its own _models, not the tests' one
+    from _models import ModelSpec
+    from peers import common
+    from peers.blocks import measure_blocks
+    from peers.density import OURS as OURS_DENSITY
+    from peers.density import measure_density
+    from peers.hvp import OURS_HVP, measure_hvp
+    from peers.references import dense_hessian, reference_tops
+    from peers.render.blocks import render_blocks
+    from peers.render.costs import render_hvp
+    from peers.render.spectra import render_density, render_trace
+    from peers.render.top_eigenvalue import render_top_eigenvalue
+    from peers.top_eigenvalue import measure_top_eigenvalue
+    from peers.trace import measure_trace
 
 # d=8, 1 layer: 525 parameters, a dense Hessian in well under a second.
 MICRO = ModelSpec("micro", 8, 2, 1, 8, 6, 3, 4, 4, torch.float64)

@@ -13,15 +13,14 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 import torch
-from _models import loss_fn, make_batch, make_model
-from _reports import block
+from _reports import block, model_report
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_hessian import CurvatureReport, analyze, tags
+from lightning_hessian import CurvatureReport, tags
 from lightning_hessian.alerts import Alert, PassRecord
 from lightning_hessian.dashboard import (
     IMAGE_ATTENTION,
@@ -62,8 +61,8 @@ CATEGORIES = {
 
 @pytest.fixture(scope="module")
 def report() -> CurvatureReport:
-    model, batch = make_model("encoder"), make_batch("encoder")
-    return analyze(model, loss_fn, batch, full=True, density=True, density_steps=10)
+    """The encoder's blocks, made-up numbers; densities for the whole model and two blocks."""
+    return model_report("encoder", densities=2)
 
 
 def _scaled(report: CurvatureReport, factor: float) -> CurvatureReport:
@@ -272,9 +271,8 @@ def test_figures_off(report, tmp_path):
 
 
 def test_report_without_optional_statistics(tmp_path):
-    model, batch = make_model("encoder"), make_batch("encoder")
-    minimal = analyze(
-        model, loss_fn, batch, blocks=["head", "embed"], smallest=False, trace=False, max_iter=8
+    minimal = CurvatureReport(
+        blocks={"head": block("head", "head", 0.7), "embed": block("embed", "embedding", 0.07)}
     )
     empty = CurvatureReport(blocks={})
     tb = TensorBoardLogger(tmp_path)

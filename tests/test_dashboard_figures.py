@@ -1,4 +1,5 @@
-"""The figures that need no TensorBoard settings: drawn from real passes, read back from the event files."""
+"""The figures that need no TensorBoard settings: drawn from hand-built reports, read back from the event
+files."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ import math
 
 import numpy as np
 import pytest
-from _models import loss_fn, make_batch, make_model
+from _reports import model_report
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_hessian import CurvatureReport, analyze, tags
+from lightning_hessian import CurvatureReport, tags
 from lightning_hessian.alerts import Alert, PassRecord
 from lightning_hessian.dashboard import (
     HOW_TO_READ,
@@ -33,7 +34,8 @@ CRITICAL = "#d62728"
 
 @pytest.fixture(scope="module")
 def report() -> CurvatureReport:
-    return analyze(make_model("encoder"), loss_fn, make_batch("encoder"), full=True)
+    """The encoder's blocks (two layers of query / key / value / attn_out / FFN / norms), made-up numbers."""
+    return model_report("encoder", densities=0)
 
 
 def _history(report: CurvatureReport) -> list[PassRecord]:

@@ -163,7 +163,7 @@ def _events(tmp_path: Path):
 def test_hessian_monitor_under_ddp_spawn(tmp_path, fresh_port):
     """Two gloo processes started by Lightning train with the callback: no hang, one event file, the
     stability scalars logged."""
-    from test_callback import TinyTransformer
+    from _lightning import TinyTransformer
 
     from lightning_hessian import HessianMonitor, tags
 
@@ -182,7 +182,7 @@ def _nan_on_rank_one(module, batch):
 
 def _ddp_worker(rank: int, port: int, out: str, monitor, max_steps: int) -> None:
     """One process of a ``strategy="ddp"`` run launched from outside, as torchrun or SLURM would."""
-    from test_callback import TinyTransformer
+    from _lightning import TinyTransformer
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0", LOCAL_RANK=str(rank)
@@ -242,7 +242,7 @@ def _out_of_memory_on_rank_one(module, batch):
 
 def _warning_worker(rank: int, port: int, out: str, monitor) -> None:
     """A ``strategy="ddp"`` process (short collective timeout) that records its warnings and final step."""
-    from test_callback import TinyTransformer
+    from _lightning import TinyTransformer
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0", LOCAL_RANK=str(rank)

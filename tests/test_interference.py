@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from _lightning import SEQ, VOCAB, TinyTransformer, fit, logged_metrics, pass_steps
 from _models import loss_fn, make_batch, make_model
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
-from test_callback import SEQ, VOCAB, TinyTransformer, fit, logged_metrics, pass_steps
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

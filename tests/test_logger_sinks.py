@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from _lightning import fit
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from test_callback import fit
 
 from lightning_hessian import HessianMonitor, tags
 from lightning_hessian.alerts import ThresholdRule

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _lightning import assert_same_training, fit
 from lightning.pytorch.callbacks import TQDMProgressBar
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_callback import assert_same_training, fit
 
 from lightning_hessian import HessianMonitor, tags
 from lightning_hessian.alerts import ThresholdRule

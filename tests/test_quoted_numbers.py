@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from _scripts import ROOT, importing_from
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_hessian.run_data import read_run
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
-sys.path.insert(0, str(DOCS))
-
-import quoted_numbers  # noqa: E402
+DOCS = ROOT / "docs"
+with importing_from("docs"):
+    import quoted_numbers
 
 
 @pytest.fixture

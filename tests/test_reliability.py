@@ -12,18 +12,18 @@ import os
 import sys
 import typing
 import warnings
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from _lightning import SEQ, TinyTransformer, fit, logged_metrics, pass_steps
 from _models import loss_fn, make_batch, make_model
+from _scripts import importing_from
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_callback import SEQ, TinyTransformer, fit, logged_metrics, pass_steps
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
@@ -702,8 +702,8 @@ def test_alert_warnings_do_not_grow_the_warnings_registry(tmp_path):
 
 def test_soak_smoke(tmp_path):
     """benchmarks/soak.py on a few steps: the table, the fit and the file are produced."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import soak
+    with importing_from("benchmarks"):
+        import soak
 
     result = soak.run(steps=12, every=3, out=tmp_path / "soak.md", warmup_passes=1)
     text = (tmp_path / "soak.md").read_text()

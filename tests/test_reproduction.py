@@ -6,22 +6,21 @@ whole ``--quick`` pipeline, with the ViT, the figures and the report, runs once 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _scripts import ROOT, importing_from
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-sys.path.insert(0, str(EXPERIMENTS))
-
-import repro_attention  # noqa: E402
-import repro_block_bound  # noqa: E402
-import repro_layernorm  # noqa: E402
-import repro_live_bounds  # noqa: E402
-import repro_stabilization  # noqa: E402
-import repro_theorem7  # noqa: E402
-import reproduce_papers  # noqa: E402
+EXPERIMENTS = ROOT / "experiments"
+with importing_from("experiments"):
+    import repro_attention
+    import repro_block_bound
+    import repro_layernorm
+    import repro_live_bounds
+    import repro_stabilization
+    import repro_theorem7
+    import reproduce_papers
 
 # Importing the example (for its ViT) imports Lightning, whose dependencies warn about torch.jit.script.
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")

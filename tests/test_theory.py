@@ -439,7 +439,7 @@ def test_a_violated_bound_in_the_proven_setting_is_a_critical_alert(tmp_path, mo
 def test_live_theory_as_a_normaliser_with_an_unproven_target(tmp_path):
     """With cross-entropy through a deeper model the bounds are not proven: ratios are logged, no bound_ratio,
     and the user is told once why."""
-    from test_callback import TinyTransformer
+    from _lightning import TinyTransformer
 
     monitor = HessianMonitor(every_n_steps=3, theory_target=lambda b: b[0], figures=False)
     with pytest.warns(UserWarning, match="not proven") as record:
@@ -496,7 +496,7 @@ def test_compiled_models_are_compared_under_their_own_names():
 
 
 def test_training_mode_forward_leaves_normalisation_statistics_alone():
-    from test_callback import TinyTransformer
+    from _lightning import TinyTransformer
 
     module = TinyTransformer()
     tokens = torch.randint(13, (8, 6))
