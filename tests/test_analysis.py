@@ -39,6 +39,7 @@ def relative(a: float, b: float, scale: float | None = None) -> float:
     return abs(a - b) / (abs(b) if scale is None else scale)
 
 
+@pytest.mark.slow  # each family's dense Hessians take 10-15 s
 @pytest.mark.parametrize("family", ["encoder", "vit", "gpt2", "llama"])
 def test_eigenvalues_and_traces_match_dense(family):
     model = make_model(family, torch.float64)

@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 for peer in ("pyhessian", "hessian_eigenthings", "curvlinops", "scipy"):
     pytest.importorskip(peer)
+pytestmark = pytest.mark.slow  # a benchmark's smoke test
 
 with importing_from("benchmarks"):  # its own _models, not the tests' one
     from _models import ModelSpec

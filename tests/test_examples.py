@@ -10,6 +10,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 pytest.importorskip("sklearn")
+pytestmark = pytest.mark.slow  # each runs a script in a subprocess
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SCRIPTS = ("train_vit_digits.py", "train_char_gpt.py")
@@ -41,7 +42,6 @@ def scalar_tags(logdir: Path) -> set[str]:
     return found
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_example_fast_mode(runs, script: str) -> None:
     result, logdir = runs[script]
@@ -65,7 +65,6 @@ def test_describe_blocks_example() -> None:
     assert result.stdout.count("warning: find_blocks") == 2  # names only: both fused weights refused
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("loop", ["plain", "fabric"])
 def test_plain_loop_example(tmp_path, loop: str) -> None:
     command = [sys.executable, str(EXAMPLES / "plain_loop.py"), "--fast", "--logdir", str(tmp_path / "runs")]
@@ -78,7 +77,6 @@ def test_plain_loop_example(tmp_path, loop: str) -> None:
     assert {"stability/update_curvature", "stability/sharpness", "monitor/overhead", "train/loss"} <= found
 
 
-@pytest.mark.slow
 def test_hf_trainer_example(tmp_path) -> None:
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")

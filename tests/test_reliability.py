@@ -700,6 +700,7 @@ def test_alert_warnings_do_not_grow_the_warnings_registry(tmp_path):
     assert remembered_monitor_warnings() == before
 
 
+@pytest.mark.slow  # runs benchmarks/soak.py: about 20 s
 def test_soak_smoke(tmp_path):
     """benchmarks/soak.py on a few steps: the table, the fit and the file are produced."""
     with importing_from("benchmarks"):
