@@ -16,6 +16,7 @@ from lightning_hessian import HessianMonitor, tags
 from lightning_hessian.alerts import ThresholdRule
 
 
+@pytest.mark.slow  # two runs and four passes with densities: about 20 s
 def test_training_is_bitwise_unchanged(tmp_path):
     """Dropout, BatchNorm, gradient accumulation, AdamW, a shuffling DataLoader: same weights and metrics."""
     plain, plain_module = fit(tmp_path / "plain", accumulate=2)
@@ -66,6 +67,7 @@ def test_stability_ratios_follow_the_live_optimizer(tmp_path):
     assert tags.PRECONDITIONED_RATIO in trainer.callback_metrics
 
 
+@pytest.mark.slow  # three passes drawing every figure: about 20 s
 def test_tensorboard_event_files(tmp_path):
     monitor = HessianMonitor(every_n_steps=3, trace=True, density=True)
     trainer, _ = fit(tmp_path, [monitor], max_steps=6, logger="tb")
