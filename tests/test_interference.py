@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from _lightning import SEQ, VOCAB, TinyTransformer, fit, logged_metrics, pass_steps
+from _lightning import SEQ, VOCAB, TinyTransformer, assert_same_training, fit, logged_metrics, pass_steps
 from _models import loss_fn, make_batch, make_model
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from torch import nn
@@ -497,8 +497,6 @@ def test_finite_difference_passes_leave_training_bitwise_alone(tmp_path, monkeyp
     """Dropout, BatchNorm, gradient accumulation, AdamW: full passes and every budget tier with
     finite-difference products leave weights, buffers, logged metrics (so the random streams) and the
     optimizer state bitwise as without the monitor."""
-    from test_callback import assert_same_training
-
     from lightning_hessian import CurvatureTracker
 
     plain = fit(tmp_path / "plain", accumulate=2)

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from _lightning import TinyTransformer, fit
 from _models import loss_fn, make_batch, make_model
-from test_callback import TinyTransformer, fit
 
 from lightning_hessian import CurvatureTracker, HessianMonitor, find_blocks, tags
 from lightning_hessian import products as backends

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
-
-# The spawned workers inherit sys.path, on which other tests put benchmarks/ (with its own _models) first.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lightning as L
 import pytest
