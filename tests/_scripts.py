@@ -26,9 +26,11 @@ def importing_from(folder: str) -> Iterator[None]:
 
     On entry ``folder`` goes first on ``sys.path``, and the modules of ``tests/`` that share a name with a
     module of ``folder`` (``_models``) leave ``sys.modules``, so the scripts get their own. On exit
-    ``sys.path`` is restored (also where a script edited it itself) and those names are bound to the tests'
-    modules again; the scripts keep their references to what they imported. Other modules imported in the
-    block stay in ``sys.modules`` (a second import returns the same module).
+    ``sys.path`` is restored (also where a script edited it itself) with ``folder`` appended last, where it
+    shadows nothing but a script's later import of a sibling inside a function still finds it; the shared
+    names are bound to the tests' modules again, and the scripts keep their references to what they
+    imported. Other modules imported in the block stay in ``sys.modules`` (a second import returns the same
+    module).
 
     Args:
         folder: a folder of the repository, e.g. ``"benchmarks"``.
@@ -49,7 +51,7 @@ def importing_from(folder: str) -> Iterator[None]:
     try:
         yield
     finally:
-        sys.path[:] = saved
+        sys.path[:] = [*saved, str(path)] if str(path) not in saved else saved
         for name in [name for name in sys.modules if _take(name)]:  # the folder's own copies
             del sys.modules[name]
         sys.modules.update(held)

@@ -7,25 +7,21 @@ Hessians from ``torch.func``, the report's verdicts against synthetic results wi
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from _dense import dense_hessian
+from _scripts import importing_from
 from scipy import stats
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-sys.path.insert(0, str(EXPERIMENTS))
+from lightning_hessian import find_blocks
 
-import repro_scaling  # noqa: E402
-import scaling_families  # noqa: E402
-import scaling_fits  # noqa: E402
-import scaling_report  # noqa: E402
-
-from lightning_hessian import find_blocks  # noqa: E402
+with importing_from("experiments"):
+    import repro_scaling
+    import scaling_families
+    import scaling_fits
+    import scaling_report
 
 # Importing the examples (for their models) imports Lightning, whose dependencies warn about torch.jit.script.
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
