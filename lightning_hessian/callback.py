@@ -37,7 +37,7 @@ from typing_extensions import override
 from lightning_hessian import tags
 from lightning_hessian._rng import isolated_rng
 from lightning_hessian._side_effects import TrainingStepGuard
-from lightning_hessian.alerts import Alert, AlertManager, AlertRule, PassRecord, as_record
+from lightning_hessian.alerts import SEVERITIES, Alert, AlertManager, AlertRule, PassRecord, as_record
 from lightning_hessian.analysis import analyze
 from lightning_hessian.batches import Batches, batch_size
 from lightning_hessian.block_theory import BlockBoundComparison, compare_block_bound
@@ -59,7 +59,7 @@ __all__ = ["HessianMonitor"]
 _DATA_MODES = ("fixed", "current")
 _ON_ERROR = ("warn", "raise")
 _STOP_ON = (None, "warning", "critical")
-_SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
+_SEVERITY_RANK = {severity: rank for rank, severity in enumerate(SEVERITIES)}
 _LOG = logging.getLogger("lightning_hessian")
 _HISTORY = 1000  # measurements kept for the alert rules and the dashboards (a budget mode makes many)
 #: The scalars put into ``trainer.callback_metrics`` (for EarlyStopping / ModelCheckpoint).

@@ -35,7 +35,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_hessian import dashboard_figures, tags
-from lightning_hessian.alerts import Alert, PassRecord
+from lightning_hessian.alerts import SEVERITIES, Alert, PassRecord
 from lightning_hessian.blocks import KINDS
 from lightning_hessian.formatting import format_number
 from lightning_hessian.logger_sinks import LoggerSink, TensorBoardSink, sink_for
@@ -90,7 +90,7 @@ _FLOOR = 1e-6  # densities are clipped at this fraction of their peak before tak
 _GRID_POINTS = 200  # eigenvalue grid of the density-over-time heatmap
 _ATTENTION = ("query", "key", "value", "attn_out")
 _NORM_FFN = ("norm", "ffn_in", "ffn_out")
-_SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
+_SEVERITY_ORDER = {severity: rank for rank, severity in enumerate(reversed(SEVERITIES))}  # most severe first
 
 
 class _Density(NamedTuple):
