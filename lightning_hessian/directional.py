@@ -89,7 +89,7 @@ from lightning_hessian.batches import as_batches, batch_size
 from lightning_hessian.errors import NonFiniteLossError, PassFailedElsewhere
 from lightning_hessian.finite_difference import STEP_FLOOR, accumulation_dtype
 from lightning_hessian.loss_calls import LossFn
-from lightning_hessian.sharded import reshard
+from lightning_hessian.sharded import is_sharded, reshard
 
 __all__ = ["DirectionalCurvature", "directional_curvature"]
 # c of the step rule: the best of 0.01-1 on the test models along Adam-like updates (module docstring)
@@ -408,6 +408,12 @@ def directional_curvature(
     if not params:
         raise ValueError("The model has no trainable parameters: nothing to measure.")
     steps = None if update is None else _vectors(update, params, "update", complete=False)
+    if preconditioner is not None and is_sharded(model):
+        raise ValueError(
+            "preconditioner= needs the whole gradient, which an FSDP2-sharded model does not have on one "
+            "process: measure the update curvature and critical sharpness without it (CurvatureTracker "
+            "does), or the preconditioned sharpness with track_model."
+        )
     diagonal = None if preconditioner is None else _vectors(preconditioner, params, "preconditioner", True)
     if diagonal is not None and any(_item((d.isnan() | (d <= 0)).any()) for d in diagonal.values()):
         raise ValueError(

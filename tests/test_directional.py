@@ -331,3 +331,16 @@ def test_train_mode_draws_the_same_dropout_masks_at_every_point():
     hv = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, u)), params)
     exact = sum((h * v).sum() for h, v in zip(hv, u)).item() / sum(v.pow(2).sum() for v in u).item()
     assert result.update_curvature == pytest.approx(exact, rel=1e-5)
+
+
+def test_a_preconditioner_on_a_sharded_model_is_refused_with_what_to_do(monkeypatch):
+    """An FSDP2 model holds a shard of the gradient per process: P^-1 g would be wrong, so it is refused."""
+    import lightning_hessian.directional as directional
+
+    model = make_model("nanogpt", torch.float64)
+    batch = make_batch("nanogpt", dtype=torch.float64)
+    precond = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    monkeypatch.setattr(directional, "is_sharded", lambda m: m is model)
+    with pytest.raises(ValueError, match="FSDP2-sharded"):
+        directional_curvature(model, loss_fn, batch, None, preconditioner=precond, lr=1e-3)
+    assert directional_curvature(model, loss_fn, batch, None, lr=1e-3).loss > 0  # without it: measured
