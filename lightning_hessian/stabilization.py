@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from lightning_hessian import tags
 from lightning_hessian._context import curvature_context
-from lightning_hessian.batches import as_batches, map_tensors, split_batch
+from lightning_hessian.batches import as_batches, find_tensors, map_tensors, split_batch
 from lightning_hessian.blocks import model_block
 from lightning_hessian.errors import NonFiniteLossError
 from lightning_hessian.formulas.stabilization import expected_criterion, probe_variance
@@ -106,6 +106,19 @@ def _check_vectors(vectors: Tensor, numel: int) -> Tensor:
     return vectors.detach().to(device="cpu", dtype=torch.float64)
 
 
+def _samples(batch: Any) -> list[tuple[Any, int]]:
+    """The batch's samples one by one (the criterion is a variance over samples)."""
+    try:
+        return split_batch(batch, 1)
+    except ValueError:
+        shapes = [tuple(t.shape) for t in find_tensors(batch)]
+        raise ValueError(
+            "The stabilisation criterion is a variance over the curvature batch's samples, so it splits the "
+            f"batch along the first dimension of its tensors, but they do not share one ({shapes}): give "
+            "every tensor the batch size first, or leave stabilization= off."
+        ) from None
+
+
 def subspace_terms(
     model: nn.Module, loss_fn: LossFn, data: Any, vectors: Tensor, *, mode: str = "eval"
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -135,7 +148,7 @@ def subspace_terms(
     values, gradients, hessians = [], [], []
     with curvature_context(model, mode):
         for batch in as_batches(data):
-            for sample, _ in split_batch(batch, 1):
+            for sample, _ in _samples(batch):
                 sample = map_tensors(sample, lambda t: t.to(device))
                 loss = loss_fn(model, sample)
                 if not (isinstance(loss, Tensor) and loss.numel() == 1):

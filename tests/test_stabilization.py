@@ -7,6 +7,7 @@ import pytest
 import torch
 from _dense import dense_hessian
 from _models import loss_fn, make_batch, make_model
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_hessian import tags
@@ -116,3 +117,15 @@ def test_bad_input_says_what_to_do():
         measure_stabilization(model, loss_fn, batch, u, samples_seen=1, sigma=float("nan"))
     with pytest.raises(ValueError, match="at least 2 samples"):
         measure_stabilization(model, loss_fn, make_batch("mha", batch_size=1, dtype=DT), u, samples_seen=1)
+
+
+def test_a_batch_without_a_shared_first_dimension_gets_an_error_about_the_criterion():
+    model = nn.Linear(3, 1).double()
+    batch = (torch.randn(4, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64))
+
+    def loss(m, b):
+        return ((m(b[0]).squeeze(-1) - b[1][: b[0].shape[0]]) ** 2).mean()
+
+    with pytest.raises(ValueError, match=r"stabilisation criterion .* \(\[\(4, 3\), \(5,\)\]\)") as caught:
+        subspace_terms(model, loss, batch, torch.randn(4, 1, dtype=torch.float64))
+    assert "chunk_size" not in str(caught.value)
