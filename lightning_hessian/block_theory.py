@@ -43,16 +43,16 @@ from . import tags
 from ._context import curvature_context
 from .batches import as_batches, map_tensors
 from .blocks import Block, find_blocks
+from .formatting import format_number
 from .formulas import block_bound as bb
 from .formulas import ffn
 from .report import CurvatureReport
-from .theory import find_attention_layers
+from .theory import find_attention_layers, loss_mismatch
 
 __all__ = ["BlockBoundComparison", "LayerBlockBound", "compare_block_bound"]
 
 _KINDS = {"query": "Q", "key": "K", "value": "V", "ffn_in": "W1", "ffn_out": "W2"}
 _REBUILD_TOL = 1e-4
-_LOSS_TOL = 1e-5
 
 
 @dataclass
@@ -105,13 +105,10 @@ class BlockBoundComparison:
         """A Markdown table, one row per layer, then the skipped layers."""
         rows = ["| layer | σ | measured | bound M_tr | measured / bound |", "|---|---|---:|---:|---:|"]
         for lb in self.layers.values():
-            m = "–" if lb.measured is None else f"{lb.measured:.4g} ({lb.measured_kind})"
-            r = (
-                "–"
-                if lb.measured is None
-                else f"{lb.measured / lb.bound:.3g}{' (proven)' if lb.proven else ''}"
-            )
-            rows.append(f"| `{lb.layer}` | {lb.activation} | {m} | {lb.bound:.4g} | {r} |")
+            m = format_number(lb.measured) + ("" if lb.measured is None else f" ({lb.measured_kind})")
+            r = format_number(None if lb.measured is None else lb.measured / lb.bound)
+            r += " (proven)" if lb.measured is not None and lb.proven else ""
+            rows.append(f"| `{lb.layer}` | {lb.activation} | {m} | {format_number(lb.bound)} | {r} |")
         rows += [f"\n`{name}`: no full-block bound ({why})" for name, why in self.skipped.items()]
         return "\n".join(rows)
 
@@ -315,12 +312,4 @@ def _proven(
     c = cands[0]
     if len(c.outputs) != len(losses) or len(targets) != len(losses):
         return "the layer did not run once per curvature batch"
-    for loss, z, t in zip(losses, c.outputs, targets):
-        if not isinstance(z, Tensor) or z.shape != t.shape:
-            return (
-                f"target shape {tuple(t.shape)} differs from the layer output's {getattr(z, 'shape', None)}"
-            )
-        mse = float(((z.double() - t.double()) ** 2).mean())
-        if not abs(loss - mse) <= _LOSS_TOL * max(abs(mse), 1e-30):
-            return f"the loss ({loss:.6g}) is not the mean-squared error of the layer's output ({mse:.6g})"
-    return c
+    return loss_mismatch(losses, list(zip(c.outputs, targets))) or c

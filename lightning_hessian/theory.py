@@ -76,6 +76,7 @@ from ._context import curvature_context
 from .batches import as_batches, map_tensors
 from .block_selection import cached_blocks
 from .blocks import Block, BlockPart, FusedLayout, display_name, find_blocks, stores_weight_transposed
+from .formatting import format_number
 from .formulas import attention as attn
 from .formulas.gauss_newton import gauss_newton_norms
 from .report import CurvatureReport
@@ -215,7 +216,7 @@ class TheoryComparison:
         ]
 
         def num(x: float | None) -> str:
-            return "–" if x is None or not math.isfinite(x) else f"{x:.4g}"
+            return format_number(x if x is None or math.isfinite(x) else None)
 
         for lt in self.layers.values():
             for n, block in lt.blocks.items():
@@ -642,13 +643,22 @@ def _proven(
         return None, "the layer has an output projection; the bounds are proven without one"
     if len(mses) != len(losses):
         return None, "target(batch) did not give a tensor for every curvature batch"
-    for loss, (y, t) in zip(losses, mses):
-        if y.shape != t.shape:
-            return None, f"target shape {tuple(t.shape)} differs from the layer output's {tuple(y.shape)}"
+    mismatch = loss_mismatch(losses, mses)
+    return (None, mismatch) if mismatch else (layer, None)
+
+
+def loss_mismatch(losses: Sequence[float], outputs_and_targets: Sequence[tuple[Any, Tensor]]) -> str | None:
+    """Why the model's loss is not the mean-squared error of a layer's output against the target on every
+    curvature batch (the papers' proven setting), or ``None`` when it is."""
+    for loss, (y, t) in zip(losses, outputs_and_targets, strict=True):
+        if not isinstance(y, Tensor) or y.shape != t.shape:
+            return (
+                f"target shape {tuple(t.shape)} differs from the layer output's {getattr(y, 'shape', None)}"
+            )
         mse = float(((y.double() - t.double()) ** 2).mean())
         if not abs(loss - mse) <= _LOSS_TOL * max(abs(mse), 1e-30):
-            return None, (
+            return (
                 f"the loss ({loss:.6g}) is not the mean-squared error of the layer's output against the "
                 f"target ({mse:.6g})"
             )
-    return layer, None
+    return None
